@@ -1,0 +1,99 @@
+"""The task interface: one task per training method, driven by ``fit()``.
+
+A task owns the method's loss and its per-batch state (e.g. an annealed temperature); the fit
+loop owns the optimiser, schedule, data, devices, DDP, checkpoints and logging. A training step
+returns named losses: ``"loss"`` (the scalar to back-propagate) plus detached scalars to log.
+
+Methods are chosen by name from ``METHODS``, a plain dict of ``"module:Class"`` strings whose
+modules are imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100  # label of an unlabelled sample (semi-supervised pools), ignored by CE
+
+METHODS: dict[str, str] = {
+    "baseline": "kdedge.train.tasks.baseline:BaselineTask",
+    "hne": "kdedge.train.tasks.hne:HNETask",
+    "ahbf": "kdedge.train.tasks.ahbf:AHBFTask",
+    "multiexit": "kdedge.train.tasks.multiexit:MultiExitTask",
+}
+
+
+@dataclass
+class NoOptions:
+    """A method without loss options."""
+
+
+class Task:
+    """Base class of a training method.
+
+    Subclasses set ``name``, ``Config`` (a dataclass: the ``loss:`` section of a recipe) and
+    ``families`` (model registry names or family tags the method can train; empty = any), and
+    implement ``training_step``.
+
+    Args:
+        cfg: an instance of ``Config``, already validated.
+        num_classes: number of classes of the dataset.
+        epochs: total number of training epochs (for ramp-ups).
+        steps_per_epoch: optimiser steps per epoch on this process.
+    """
+
+    name: ClassVar[str] = "task"
+    Config: ClassVar[type] = NoOptions
+
+    def __init__(self, cfg: Any, *, num_classes: int, epochs: int, steps_per_epoch: int) -> None:
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` with a clear message if this method cannot train ``model``."""
+
+    def training_step(self, model: nn.Module, x: Tensor, y: Tensor, epoch: float) -> dict[str, Tensor]:
+        """One batch. ``y == IGNORE_INDEX`` marks unlabelled samples; ``epoch`` is fractional.
+
+        Returns ``{"loss": scalar with grad, ...}``; other entries are logged (detached scalars).
+        ``model`` may be wrapped in DDP: call ``model(x)``, reach attributes via ``unwrap(model)``.
+        """
+        raise NotImplementedError
+
+    def log_values(self) -> dict[str, float]:
+        """Per-epoch values to log besides the losses (e.g. the current temperature)."""
+        return {}
+
+    def evaluate(self, model: nn.Module, loader: Any, device: Any) -> dict[str, Any]:
+        """Metrics on a loader; must contain ``"accuracy"`` (of the deployed prediction)."""
+        from kdedge.train.evaluate import evaluate_model
+
+        return evaluate_model(model, loader, device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state restored on ``--resume`` (e.g. the annealed temperature)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP / compiled wrapper."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # type: ignore[union-attr]
+        model = model.module  # type: ignore[assignment]
+    return model
+
+
+def get_task_class(name: str) -> type[Task]:
+    from kdedge.models import UnknownNameError, suggest
+
+    if name not in METHODS:
+        raise UnknownNameError(f"unknown method {name!r}; {suggest(name, METHODS)}")
+    module_name, _, cls_name = METHODS[name].partition(":")
+    return getattr(importlib.import_module(module_name), cls_name)

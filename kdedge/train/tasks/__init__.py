@@ -1,0 +1,1 @@
+"""One module per training method; see ``kdedge.train.task.METHODS``."""
