@@ -1,0 +1,192 @@
+"""The ``data:`` section of a recipe (:class:`DataConfig`) and what a model carries about its
+input (:class:`DatasetInfo`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+class DataError(ValueError):
+    """Bad data configuration or a dataset on disk that cannot be read; the message names the fix."""
+
+
+# name -> "module:reader". A reader turns (cfg, seed) into a RawData (sources.py); its module is
+# imported only when that dataset is asked for, so validating a config imports nothing heavy.
+DATASETS: dict[str, str] = {
+    "mnist5k": "kdedge.train.data.sources:read_mnist5k",
+    "digits": "kdedge.train.data.sources:read_digits",
+    "synthetic": "kdedge.train.data.sources:read_synthetic",
+    "cifar10": "kdedge.train.data.cifar:read_cifar10",
+    "cifar100": "kdedge.train.data.cifar:read_cifar100",
+    "imagefolder": "kdedge.train.data.imagefolder:read_imagefolder",
+}
+NEEDS_ROOT = ("cifar10", "cifar100", "imagefolder")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DataError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise DataError(f"data.{name} must be a fraction in [0, 1), got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section of a recipe. Every field has a default; ``validate()`` runs on creation.
+
+    Args:
+        name: ``mnist5k`` | ``digits`` | ``cifar10`` | ``cifar100`` | ``imagefolder`` | ``synthetic``.
+        root: directory for cifar10 / cifar100 / imagefolder; kdedge never downloads.
+        val_fraction: share of the training pool (everything but the test split) held out for
+            validation, stratified by class.
+        test_fraction: share held out for testing where a dataset has no official test split
+            (mnist5k, digits, synthetic), stratified. This split is the same for every seed.
+        per_class: low-data setting: keep this many labelled training images per class; the rest
+            of the training pool becomes the unlabelled pool.
+        unlabelled: train on the labelled images plus the unlabelled pool (label -100).
+        batch_size: training batch size (per process under DDP).
+        eval_batch_size: batch size for validation and test.
+        augment: train-time augmentation (pad-crop, plus a horizontal flip for natural images;
+            RandomResizedCrop + flip for imagefolder).
+        num_workers: DataLoader worker processes.
+        image_size: imagefolder: the square input size (required). Other datasets: resize their
+            images to this size once at load time (omit to keep the native size).
+        synthetic_classes, synthetic_size, synthetic_channels, synthetic_samples: shape of the
+            ``synthetic`` dataset (class-dependent patterns plus noise, generated from the seed).
+
+    Example:
+        >>> DataConfig(name="digits", per_class=20, unlabelled=True)
+    """
+
+    name: str = "mnist5k"
+    root: str | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    per_class: int | None = None
+    unlabelled: bool = False
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    augment: bool = True
+    num_workers: int = 0
+    image_size: int | None = None
+    synthetic_classes: int = 4
+    synthetic_size: int = 8
+    synthetic_channels: int = 1
+    synthetic_samples: int = 256
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`DataError` naming the first bad field and how to fix it."""
+        if self.name not in DATASETS:
+            from kdedge.models import suggest
+
+            raise DataError(f"unknown dataset {self.name!r}; {suggest(str(self.name), DATASETS)}")
+        _check_fraction("val_fraction", self.val_fraction)
+        _check_fraction("test_fraction", self.test_fraction)
+        if self.per_class is not None:
+            _check_int("per_class", self.per_class, 1)
+        if self.unlabelled and self.per_class is None:
+            raise DataError("data.unlabelled needs data.per_class: the unlabelled pool is the training pool beyond "
+                            "per_class labelled images per class")
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("eval_batch_size", self.eval_batch_size, 1)
+        _check_int("num_workers", self.num_workers, 0)
+        if self.image_size is not None:
+            _check_int("image_size", self.image_size, 4)
+        if self.name in NEEDS_ROOT and not self.root:
+            raise DataError(f"dataset {self.name!r} needs data.root (a directory you already have; "
+                            "kdedge never downloads)")
+        if self.name == "imagefolder" and self.image_size is None:
+            raise DataError("dataset 'imagefolder' needs data.image_size (the square input size, e.g. 224)")
+        if self.name == "synthetic":
+            _check_int("synthetic_classes", self.synthetic_classes, 2)
+            _check_int("synthetic_size", self.synthetic_size, 4)
+            if self.synthetic_channels not in (1, 3):
+                raise DataError(f"data.synthetic_channels must be 1 or 3, got {self.synthetic_channels!r}")
+            _check_int("synthetic_samples", self.synthetic_samples, 4 * self.synthetic_classes)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about its input; travels into the bundle manifest.
+
+    A raw image (uint8, the dataset's native value range) becomes the model input by
+    ``x = (raw * scale - mean) / std`` per channel, after, when ``resize`` is set, a bilinear
+    resize of the shorter side to ``resize`` and a center crop to ``input_size``.
+    :func:`kdedge.train.data.preprocess` implements exactly this rule with numpy.
+
+    Args:
+        name: dataset name.
+        num_classes: number of classes.
+        in_channels: 1 (grey) or 3 (RGB).
+        input_size: (H, W) of the model input.
+        mean, std: per channel, in the scaled range (``raw * scale``).
+        scale: maps raw values to [0, 1] (1/255, or 1/16 for ``digits``).
+        channel_order: ``"L"`` or ``"RGB"``.
+        class_names: one name per class index.
+        resize: shorter-side size before the center crop; None = raw images are already
+            ``input_size``.
+    """
+
+    name: str
+    num_classes: int
+    in_channels: int
+    input_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float
+    channel_order: str
+    class_names: tuple[str, ...]
+    resize: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.channel_order not in ("L", "RGB"):
+            raise DataError(f"DatasetInfo.channel_order must be 'L' or 'RGB', got {self.channel_order!r}")
+        if self.in_channels != len(self.channel_order) or len(self.mean) != self.in_channels \
+                or len(self.std) != self.in_channels:
+            raise DataError(f"DatasetInfo: in_channels={self.in_channels}, channel_order={self.channel_order!r}, "
+                            f"{len(self.mean)} means and {len(self.std)} stds must agree")
+        if len(self.class_names) != self.num_classes:
+            raise DataError(f"DatasetInfo: {len(self.class_names)} class names for {self.num_classes} classes")
+        if not all(math.isfinite(s) and s > 0 for s in self.std) or not self.scale > 0:
+            raise DataError(f"DatasetInfo: std {self.std} and scale {self.scale} must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        d = asdict(self)
+        for key in ("input_size", "mean", "std", "class_names"):
+            d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DatasetInfo:
+        """Inverse of :meth:`to_dict`; a missing or unknown key raises :class:`DataError`."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise DataError(f"dataset info has unknown keys {unknown}; expected {names}")
+        missing = [n for n in names if n not in d and n != "resize"]
+        if missing:
+            raise DataError(f"dataset info lacks keys {missing}")
+        size = tuple(int(v) for v in d["input_size"])
+        if len(size) != 2:
+            raise DataError(f"dataset info input_size must be [H, W], got {d['input_size']!r}")
+        return cls(
+            name=str(d["name"]),
+            num_classes=int(d["num_classes"]),
+            in_channels=int(d["in_channels"]),
+            input_size=(size[0], size[1]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            scale=float(d["scale"]),
+            channel_order=str(d["channel_order"]),
+            class_names=tuple(str(v) for v in d["class_names"]),
+            resize=None if d.get("resize") is None else int(d["resize"]),
+        )
