@@ -19,6 +19,10 @@ from torch import Tensor, nn
 
 
 def _check_input(name: str, input_size: Sequence[int] | None, min_size: int) -> None:
+    if input_size is not None and (
+        isinstance(input_size, (int, str)) or len(input_size) != 2 or any(int(s) < 1 for s in input_size)
+    ):
+        raise ValueError(f"{name}: input_size must be an (H, W) pair of positive sizes, got {input_size!r}")
     if input_size is not None and min(input_size) < min_size:
         raise ValueError(
             f"{name} needs inputs of at least {min_size}x{min_size}, got {tuple(input_size)}; "
@@ -46,6 +50,12 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
+
+
+def _check_positive(name: str, **values: float) -> None:
+    for key, v in values.items():
+        if not v > 0:
+            raise ValueError(f"{name}: {key} must be positive, got {v!r}")
 
 
 def make_cifar_layer(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -125,6 +135,7 @@ def _cifar_resnet(depth: int) -> Callable[..., CifarResNet]:
     def build(num_classes: int = 10, in_channels: int = 3, input_size: Sequence[int] | None = None,
               width: int = 16) -> CifarResNet:
         _check_input(f"resnet{depth}", input_size, 8)
+        _check_positive(f"resnet{depth}", num_classes=num_classes, in_channels=in_channels, width=width)
         return CifarResNet(depth, num_classes, in_channels, width)
 
     build.__name__ = f"resnet{depth}"
@@ -224,6 +235,7 @@ def mobilenetv2(num_classes: int = 10, in_channels: int = 3, input_size: Sequenc
     if cifar is None:
         cifar = input_size is not None and min(input_size) < 64
     _check_input("mobilenetv2", input_size, 8 if cifar else 32)
+    _check_positive("mobilenetv2", num_classes=num_classes, in_channels=in_channels, width_mult=width_mult)
     return MobileNetV2(num_classes, width_mult, in_channels, cifar, dropout)
 
 
@@ -258,7 +270,8 @@ def _tv_resnet(arch: str) -> Callable[..., TorchvisionBackbone]:
     def build(num_classes: int = 1000, in_channels: int = 3, input_size: Sequence[int] | None = None) -> TorchvisionBackbone:
         import torchvision
 
-        _check_input(arch, input_size, 32)
+        _check_input(f"tv_{arch}", input_size, 32)
+        _check_positive(arch, num_classes=num_classes, in_channels=in_channels)
         m = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
         if in_channels != 3:
             m.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
@@ -282,6 +295,7 @@ def tv_mobilenet_v2(num_classes: int = 1000, in_channels: int = 3, input_size: S
     import torchvision
 
     _check_input("tv_mobilenet_v2", input_size, 32)
+    _check_positive("tv_mobilenet_v2", num_classes=num_classes, in_channels=in_channels, width_mult=width_mult)
     m = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=width_mult)
     if in_channels != 3:
         c = m.features[0][0]
@@ -319,6 +333,7 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, input_size: Sequence[
               width: int = 16) -> SmallCNN:
     """A 3-block CNN (width, 2·width, 4·width channels) for tiny inputs."""
     _check_input("small_cnn", input_size, 4)
+    _check_positive("small_cnn", num_classes=num_classes, in_channels=in_channels)
     if width < 1:
         raise ValueError(f"small_cnn width must be >= 1, got {width}")
     return SmallCNN(num_classes, in_channels, width)

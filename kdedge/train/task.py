@@ -47,6 +47,9 @@ class Task:
 
     name: ClassVar[str] = "task"
     Config: ClassVar[type] = NoOptions
+    # The model used when a user names the method but no model (``kdedge train --method X``);
+    # ``{"name": registry name, "args": {...}}``; it should train on small inputs (28x28, 8x8).
+    default_model: ClassVar[dict] = {"name": "small_cnn", "args": {}}
 
     def __init__(self, cfg: Any, *, num_classes: int, epochs: int, steps_per_epoch: int) -> None:
         self.cfg = cfg

@@ -1,0 +1,1 @@
+"""The ``kdedge`` command line: one thin typer module per command."""

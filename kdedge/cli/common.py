@@ -1,0 +1,68 @@
+"""What every command shares: one-line errors, JSON output, the rich consoles."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+out = Console()                      # results (tables); --json output goes to plain stdout
+err = Console(stderr=True)           # progress and errors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Exceptions that mean "bad input or unusable environment": one line, exit 2, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
+                                                IsADirectoryError, ImportError, KeyError, OSError)
+
+
+class NotYetAvailable(RuntimeError):
+    """A command whose capability is not built yet."""
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip() or e.__class__.__name__
+    if isinstance(e, KeyError):
+        text = f"missing key {text}"
+    if isinstance(e, ImportError) and getattr(e, "name", None):
+        text = f"{text} (install the extra that provides it, e.g. pip install 'kdedge[train]')"
+    first, *rest = text.splitlines()
+    return first if not rest else first + " (" + "; ".join(r.strip() for r in rest if r.strip())[:500] + ")"
+
+
+def handle_errors(fn: F) -> F:
+    """Run a command; turn expected failures into one clear line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if os.environ.get("KDEDGE_DEBUG"):  # developers: full tracebacks
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except NotYetAvailable as e:
+            fail(str(e), code=3)
+        except KeyboardInterrupt:
+            fail("interrupted; files already written are intact (training resumes with --resume)", code=130)
+        except FloatingPointError as e:
+            fail(one_line(e), code=1)
+        except USER_ERRORS as e:
+            fail(one_line(e), code=2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()

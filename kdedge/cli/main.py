@@ -1,0 +1,45 @@
+"""The ``kdedge`` entry point. Each command lives in its own module and imports heavy
+libraries (torch, onnxruntime) only when it runs, so ``kdedge --help`` is instant."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="kdedge",
+    help="Train distilled anytime networks, export them sliced into stages, and run them on the "
+    "device under latency, power or energy budgets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# command name -> (module, short help). Modules define `command` and `HELP`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("kdedge.cli.train", "Train a model (baseline, hne, ahbf, multiexit)."),
+    "eval": ("kdedge.cli.eval", "Accuracy per stage of a run or a bundle."),
+    "export": ("kdedge.cli.export", "Slice a trained run into stages and write a verified bundle."),
+    "run": ("kdedge.cli.run", "Run a bundle on inputs under a deadline / confidence budget."),
+    "profile": ("kdedge.cli.profile", "Measure latency (and energy) per stage of a bundle on this device."),
+    "inspect": ("kdedge.cli.inspect", "Show a bundle's manifest: stages, members, FLOPs, accuracy, files."),
+    "doctor": ("kdedge.cli.doctor", "What this machine can train on and run."),
+}
+
+
+def _register() -> None:
+    for name, (module_name, short) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        app.command(name, help=getattr(module, "HELP", short), short_help=short)(module.command)
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""``kdedge run``: not built yet."""
+
+from __future__ import annotations
+
+from kdedge.cli.pending import _pending
+
+HELP = "Not available yet in this version of kdedge."
+command = _pending("run", "run")

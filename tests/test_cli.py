@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kdedge.cli.main import COMMANDS, app
+
+runner = CliRunner()
+TINY = ["--set", "data.batch_size=32", "--set", "model.args.width=4", "--set", "train.device=cpu"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_help_lists_every_command() -> None:
+    res = invoke("--help")
+    assert res.exit_code == 0
+    for name in ("train", "eval", "export", "run", "profile", "inspect", "doctor"):
+        assert name in res.output
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_each_command_has_help_with_an_example(name: str) -> None:
+    res = invoke(name, "--help")
+    assert res.exit_code == 0, res.output
+    import importlib
+
+    module = importlib.import_module(COMMANDS[name][0])
+    if "Not available yet" not in module.HELP:
+        assert "Example" in module.HELP and f"kdedge {name}" in module.HELP
+
+
+def test_one_epoch_training_run_and_eval(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = invoke("train", "--data", "synthetic", "--epochs", "1", "--out", str(out), "--json", *TINY)
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert result["status"] == "finished"
+    res = invoke("eval", str(out), "--json", "--split", "val")
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.stdout)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["split"] == "val"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("KDEDGE_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "kdedge.cli.main", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "--data", "nosuchdata", "--epochs", "1"], "unknown dataset"),
+        (["train", "--method", "hnee", "--epochs", "1"], "did you mean 'hne'"),
+        (["train", "--epochs", "-2"], "--epochs must be at least 1"),
+        (["train", "--set", "optim.lrr=1"], "did you mean 'lr'"),
+        (["train", "--model", "resnet33"], "did you mean"),
+        (["train", "--data", "cifar10", "--data-root", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    proc = run_cli(*args, "--out", str(tmp_path / "r"), "--quiet")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert needle in proc.stderr, proc.stderr
+    assert len([line for line in proc.stderr.strip().splitlines() if line.strip()]) <= 3
+
+
+def test_malformed_yaml_and_unwritable_out(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: 2\n")
+    proc = run_cli("train", "--config", str(bad), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+    locked = tmp_path / "locked"
+    locked.write_text("a file, not a directory")
+    proc = run_cli("train", "--data", "synthetic", "--out", str(locked), *TINY)
+    assert proc.returncode == 2 and "not a directory" in proc.stderr
+    assert locked.read_text() == "a file, not a directory"
+
+
+def test_doctor_json() -> None:
+    res = invoke("doctor", "--json")
+    assert res.exit_code == 0, res.output
+    facts = json.loads(res.stdout)
+    assert facts["python"] and "providers" in facts["onnxruntime"]
+    assert "CPUExecutionProvider" in facts["onnxruntime"]["providers"]
+    assert "onnx" in facts["targets"]
+
+
+def test_eval_missing_path() -> None:
+    res = invoke("eval", "/nonexistent/run")
+    assert res.exit_code == 2

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdedge.config import ConfigError, apply_override, dump_yaml, load_config, read_yaml, resolve
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_resolve() -> None:
+    cfg = resolve({})
+    assert cfg.method == "baseline"
+    assert cfg.train.epochs == 10
+    assert cfg.data.name == "mnist5k"
+
+
+def test_recipe_and_overrides(tmp_path: Path) -> None:
+    p = write(tmp_path, "method: baseline\nseed: 3\noptim: {lr: 0.2, milestones: [5, 8], schedule: step}\ntrain: {epochs: 9}\n")
+    cfg = load_config(p, ["optim.lr=0.05", "train.epochs=2", "model.args.width=8", "optim.milestones=[1]"])
+    assert cfg.seed == 3
+    assert cfg.optim.lr == 0.05
+    assert cfg.optim.milestones == [1]
+    assert cfg.train.epochs == 2
+    assert cfg.model.args == {"width": 8}
+
+
+def test_round_trip_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config(None, ["optim.grad_clip=1.5", "data.per_class=20"])
+    p = write(tmp_path, dump_yaml(cfg))
+    again = resolve(read_yaml(p))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.lrr=0.1", "did you mean 'lr'"),
+        ("trian.epochs=3", "did you mean 'train'"),
+        ("data.batchsize=3", "did you mean 'batch_size'"),
+        ("train.epochs=-1", "train.epochs must be at least 1"),
+        ("train.epochs=two", "expected an integer"),
+        ("optim.nesterov=3", "expected true or false"),
+        ("method=hnee", "did you mean 'hne'"),
+        ("optim.schedule=step", "needs optim.milestones"),
+        ("noequals", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_fix(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_malformed_yaml_says_where(tmp_path: Path) -> None:
+    p = write(tmp_path, "train: {epochs: 3\nseed: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(p)
+
+
+def test_yaml_tags_are_not_executed(tmp_path: Path) -> None:
+    p = write(tmp_path, "seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_non_mapping_recipe(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/recipe.yaml")
+
+
+def test_override_into_non_section() -> None:
+    raw: dict = {"seed": 1}
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_override(raw, "seed.x=1")
+
+
+def test_every_shipped_recipe_resolves() -> None:
+    recipes = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+    for r in recipes:
+        load_config(r)  # raises on any unknown key or bad value
