@@ -243,6 +243,11 @@ def ahbf(num_classes: int = 10, in_channels: int = 3, input_size: Sequence[int] 
         ...          width=8, branches=3, aux=1)
     """
     kind, spec = _parse_backbone(backbone)
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"ahbf: {key} must be a positive integer, got {value!r}")
+    if input_size is not None and (isinstance(input_size, (int, str)) or len(input_size) != 2):
+        raise ValueError(f"ahbf: input_size must be an (H, W) pair, got {input_size!r}")
     if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
         raise ValueError(f"branches must be an integer >= 1, got {branches!r}")
     if aux is None:
