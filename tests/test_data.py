@@ -182,6 +182,16 @@ def test_loader_order_is_a_function_of_seed_and_epoch() -> None:
     assert list(EpochSampler(50, 3)) == (torch.manual_seed(99), list(EpochSampler(50, 3)))[1]
 
 
+def test_worker_processes_repeat_the_augmented_batches() -> None:
+    s = load_data(_synthetic(), 0)
+    runs = [_epoch(make_loader(s.train, 32, train=True, seed=1, num_workers=2), 1, 3) for _ in range(2)]
+    assert len(runs[0]) == len(s.train) // 32
+    for (x1, y1), (x2, y2) in zip(*runs):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    single = _epoch(make_loader(s.train, 32, train=True, seed=1), 1, 3)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(runs[0], single))  # same order as in one process
+
+
 def test_eval_loader_keeps_order_and_last_batch() -> None:
     s = load_data(_synthetic(), 0)
     loader = make_loader(s.test, 10, train=False)
@@ -280,7 +290,8 @@ def test_cifar10_reads_the_official_layout(tmp_path: Path, parent: bool) -> None
     assert int(s.test[2][1]) == 2
     np.testing.assert_array_equal(preprocess(s.test.raw(2), s.info)[0], s.test[2][0].numpy())
     # the train pool is the five batches in order; batch 2 image 0 is pool index 6
-    np.testing.assert_array_equal(s.train.source.raw(6), written["data_batch_2"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+    first_of_batch2 = written["data_batch_2"][0].reshape(3, 32, 32).transpose(1, 2, 0)
+    np.testing.assert_array_equal(s.train.source.raw(6), first_of_batch2)
 
 
 def test_cifar100_reads_fine_labels(tmp_path: Path) -> None:

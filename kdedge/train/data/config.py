@@ -4,6 +4,7 @@ input (:class:`DatasetInfo`)."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -84,7 +85,7 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise :class:`DataError` naming the first bad field and how to fix it."""
-        if self.name not in DATASETS:
+        if not isinstance(self.name, str) or self.name not in DATASETS:
             from kdedge.models import suggest
 
             raise DataError(f"unknown dataset {self.name!r}; {suggest(str(self.name), DATASETS)}")
@@ -100,6 +101,8 @@ class DataConfig:
         _check_int("num_workers", self.num_workers, 0)
         if self.image_size is not None:
             _check_int("image_size", self.image_size, 4)
+        if self.root is not None and not isinstance(self.root, (str, os.PathLike)):
+            raise DataError(f"data.root must be a directory path, got {self.root!r}")
         if self.name in NEEDS_ROOT and not self.root:
             raise DataError(f"dataset {self.name!r} needs data.root (a directory you already have; "
                             "kdedge never downloads)")
