@@ -1,6 +1,6 @@
 """The input rule a model was trained with, in numpy (plus Pillow when a resize is needed).
 
-This module imports neither torch nor torchvision: the runtime and the bundle apply the same rule
+This module (stdlib + numpy; Pillow for resizes) imports neither torch nor torchvision: the runtime and the bundle apply the same rule
 on a device that has numpy only. The eval transform of every dataset in ``kdedge.train.data``
 produces the same numbers (tests compare them).
 """
@@ -15,10 +15,12 @@ if TYPE_CHECKING:
     from kdedge.train.data.config import DatasetInfo
 
 
-def _error(msg: str) -> ValueError:
-    from kdedge.train.data.config import DataError
+class InputError(ValueError):
+    """An input image/batch that does not fit the model's preprocessing rule."""
 
-    return DataError(msg)
+
+def _error(msg: str) -> ValueError:
+    return InputError(msg)
 
 
 def resized_size(height: int, width: int, short: int) -> tuple[int, int]:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from kdedge.preprocess import InputError
 import torch
 from torchvision.transforms import v2
 
@@ -251,10 +253,10 @@ def test_preprocess_resizes_native_images_like_the_load_time_resize() -> None:
     native = load_digits().images.astype(np.uint8)[s.test.indices[:4]]  # 8x8, before the resize
     expected = torch.stack([s.test[i][0] for i in range(4)]).numpy()
     np.testing.assert_array_equal(preprocess(native, s.info), expected)
-    with pytest.raises(DataError, match="expects 1 channel"):
+    with pytest.raises(InputError, match="expects 1 channel"):
         preprocess(np.zeros((12, 12, 3), np.uint8), s.info)
     plain = load_data(DataConfig(name="digits"), 0).info
-    with pytest.raises(DataError, match="resize them first"):
+    with pytest.raises(InputError, match="resize them first"):
         preprocess(np.zeros((9, 9), np.uint8), plain)
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 from kdedge.train.data.config import DATASETS, DataConfig, DataError, DatasetInfo
 from kdedge.train.data.datasets import ImageDataset
 from kdedge.train.data.loaders import EpochSampler, ShardSampler, make_loader
-from kdedge.train.data.preprocess import preprocess
+from kdedge.preprocess import preprocess
 from kdedge.train.data.splits import TEST_SPLIT_SEED, Splits, load_data
 
 __all__ = [

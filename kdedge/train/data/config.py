@@ -3,13 +3,14 @@ input (:class:`DatasetInfo`)."""
 
 from __future__ import annotations
 
+from kdedge.preprocess import InputError
 import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad data configuration or a dataset on disk that cannot be read; the message names the fix."""
 
 

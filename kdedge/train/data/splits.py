@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from kdedge.train.data.config import DATASETS, DataConfig, DataError, DatasetInfo
 from kdedge.train.data.datasets import ImageDataset, build_transforms
-from kdedge.train.data.preprocess import resize_center_crop
+from kdedge.preprocess import resize_center_crop
 from kdedge.train.data.sources import RawData, TensorSource
 
 TEST_SPLIT_SEED = 0
