@@ -52,7 +52,7 @@ def fake_tool(tmp_path: Path, name: str) -> str:
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
     exe = bindir / name
-    exe.write_text(f"#!{sys.executable}\n" + (FIX / "tools" / f"{name}.py").read_text())
+    exe.write_text(f"#!{sys.executable} -S\n" + (FIX / "tools" / f"{name}.py").read_text())
     exe.chmod(0o755)
     return str(exe)
 
