@@ -1,0 +1,509 @@
+"""The bundle: a directory holding a schema-versioned ``manifest.json`` and one file per stage.
+
+This module reads and checks bundles. It imports numpy, jsonschema and the standard library
+only (no torch): the device runtime opens bundles with it. ``kdedge.export`` writes bundles
+with the same schema and helpers. Every field is documented in ``docs/bundle.md``.
+
+Opening a bundle checks, in this order: ``manifest.json`` parses; ``format`` is
+``kdedge-bundle``; ``schema_version`` is one this kdedge reads (a newer one fails with a
+message naming the kdedge version to upgrade to); the manifest validates against
+``kdedge/schemas/manifest.schema.json`` and the wiring rules JSON Schema cannot express
+(bindings point backwards, tensor names follow the naming convention, the default combine rule
+is supported); every file the manifest lists exists inside the bundle and has the recorded
+sha256.
+
+Example:
+    >>> b = open_bundle("model.kdedge")
+    >>> [s.name for s in b.stages], b.combine_default
+    (['stage0', 'stage1'], 'mean_logits')
+    >>> b.file(b.stages[0], "onnx")
+    PosixPath('model.kdedge/onnx/stage0.onnx')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import numpy as np
+
+FORMAT = "kdedge-bundle"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+INPUT = "input"
+COMBINE_RULES = ("mean_logits", "mean_probs", "last")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# The kdedge release that introduced each schema version; a reader too old for a bundle
+# names the release to upgrade to (the writer's own version is recorded too, as a fallback).
+SCHEMA_INTRODUCED_IN = {1: "0.1.0"}
+
+_SAFE = re.compile(r"[^A-Za-z0-9_]")
+_BINDING = re.compile(r"^stage(0|[1-9][0-9]*):(.+)$")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used: missing, malformed, tampered with, or of another format."""
+
+
+class BundleVersionError(BundleError):
+    """A bundle written with a newer manifest schema than this kdedge reads."""
+
+
+class ChecksumError(BundleError):
+    """A bundle file whose content differs from the sha256 recorded in the manifest."""
+
+
+# ---------------------------------------------------------------------------------------------
+# naming convention and checksums
+
+
+def safe_name(text: str) -> str:
+    """``text`` with every character outside ``[A-Za-z0-9_]`` replaced by ``_``."""
+    return _SAFE.sub("_", text)
+
+
+def tensor_name(binding: str) -> str:
+    """Graph tensor name of an input binding: ``"input"`` stays, ``"stageK:NAME"`` becomes
+    ``"stageK__NAME"`` (NAME made safe). Output ``NAME`` of stage K has the same name, so an
+    output can be fed to a later stage's input without renaming.
+
+    Example:
+        >>> tensor_name("stage0:f1"), tensor_name("input")
+        ('stage0__f1', 'input')
+    """
+    if binding == INPUT:
+        return INPUT
+    m = _BINDING.match(binding)
+    if m is None:
+        raise BundleError(f"bad binding {binding!r}: expected 'input' or 'stageK:NAME'")
+    return f"stage{m.group(1)}__{safe_name(m.group(2))}"
+
+
+def output_tensor_name(graph: str, output: str) -> str:
+    """Graph tensor name of output ``output`` of stage or prefix ``graph``: ``graph__output``."""
+    return f"{graph}__{safe_name(output)}"
+
+
+def sha256_path(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file; of a directory (e.g. a CoreML ``.mlpackage``): the sha256 of
+    the lines ``"<relative posix path>\\0<sha256 of that file>\\n"`` over its files, sorted by path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}\0{sha256_path(f)}\n".encode())
+        return h.hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def path_bytes(path: str | Path) -> int:
+    """Size in bytes of a file, or the total size of the files of a directory."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------
+# combine rules (the formulas of docs/bundle.md, in numpy)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax over the last axis, in float64."""
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def combine(rule: str, logits: Sequence[np.ndarray], members: Sequence[int]) -> np.ndarray:
+    """Class probabilities after the completed stages ``0..k`` (``len(logits) == k + 1``).
+
+    - ``mean_logits``: softmax(Σ_j logits_j / Σ_j members_j)
+    - ``mean_probs``: mean_j softmax(logits_j / members_j)
+    - ``last``: softmax(logits_k / members_k)
+
+    ``logits_j`` is stage j's logits output: the SUM of the logits of its ``members_j`` members.
+    """
+    if not len(logits):
+        raise ValueError("combine needs at least one completed stage")
+    if len(logits) != len(members):
+        raise ValueError(f"combine: {len(logits)} logits arrays for {len(members)} member counts")
+    if rule == "mean_logits":
+        return softmax(np.sum([np.asarray(l, np.float64) for l in logits], axis=0) / float(sum(members)))
+    if rule == "mean_probs":
+        return np.mean([softmax(np.asarray(l, np.float64) / m) for l, m in zip(logits, members)], axis=0)
+    if rule == "last":
+        return softmax(np.asarray(logits[-1], np.float64) / members[-1])
+    raise ValueError(f"unknown combine rule {rule!r}; known: {', '.join(COMBINE_RULES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# typed views of the manifest
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One stage file for one target."""
+
+    path: str
+    sha256: str
+    bytes: int
+    precision: str
+    extra: dict[str, Any] = field(default_factory=dict)  # target-specific facts (opset, exporter)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One graph input or output: ``tensor`` is its name inside the stage file.
+
+    Inputs carry ``binding`` (``"input"`` or ``"stageK:NAME"``); outputs carry ``name`` (the
+    stage's output name).
+    """
+
+    tensor: str
+    shape: tuple[int | None, ...]
+    dtype: str
+    binding: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """A stage (or fused prefix) of the bundle, in execution order."""
+
+    name: str
+    index: int
+    files: dict[str, FileEntry]
+    inputs: tuple[TensorEntry, ...]
+    outputs: tuple[TensorEntry, ...]
+    logits: str
+    members: int
+    members_total: int
+    macs: int
+    params: int
+    accuracy: dict[str, float]
+    last_stage: int
+
+    @property
+    def logits_tensor(self) -> str:
+        """Graph tensor name of the logits output."""
+        for o in self.outputs:
+            if o.name == self.logits:
+                return o.tensor
+        raise BundleError(f"{self.name}: logits output {self.logits!r} is not among its outputs")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], index: int) -> StageEntry:
+        files = {
+            t: FileEntry(f["path"], f["sha256"], int(f["bytes"]), f["precision"],
+                         {k: v for k, v in f.items() if k not in ("path", "sha256", "bytes", "precision")})
+            for t, f in d["files"].items()
+        }
+        inputs = tuple(TensorEntry(i["tensor"], tuple(i["shape"]), i["dtype"], binding=i["binding"]) for i in d["inputs"])
+        outputs = tuple(TensorEntry(o["tensor"], tuple(o["shape"]), o["dtype"], name=o["name"]) for o in d["outputs"])
+        return cls(name=d["name"], index=index, files=files, inputs=inputs, outputs=outputs, logits=d["logits"],
+                   members=int(d["members"]), members_total=int(d["members_total"]), macs=int(d["macs"]),
+                   params=int(d["params"]), accuracy=dict(d.get("accuracy", {})),
+                   last_stage=int(d.get("last_stage", index)))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """An opened, checked bundle. ``manifest`` is the raw JSON dict (see docs/bundle.md)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    stages: tuple[StageEntry, ...]
+    prefixes: tuple[StageEntry, ...]
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.manifest["schema_version"])
+
+    @property
+    def family(self) -> str:
+        return str(self.manifest["family"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["classes"])
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        """``(None, C, H, W)``."""
+        return tuple(self.manifest["input"]["shape"])
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return dict(self.manifest["preprocessing"])
+
+    @property
+    def combine_default(self) -> str:
+        return str(self.manifest["combine"]["default"])
+
+    @property
+    def combine_supported(self) -> tuple[str, ...]:
+        return tuple(self.manifest["combine"]["supported"])
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.manifest["targets"])
+
+    @property
+    def profiles_dir(self) -> Path:
+        return self.path / "profiles"
+
+    def file(self, stage: StageEntry, target: str) -> Path:
+        """Absolute path of ``stage``'s file for ``target``."""
+        if target not in stage.files:
+            raise BundleError(f"bundle {self.path} has no {target!r} file for {stage.name}; "
+                              f"it holds: {', '.join(sorted(stage.files)) or 'none'}")
+        return self.path / stage.files[target].path
+
+    def members_after(self, k: int) -> int:
+        """Ensemble members averaged after stages 0..k."""
+        return self.stages[k].members_total
+
+
+# ---------------------------------------------------------------------------------------------
+# schema and checks
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict[str, Any]:
+    """The manifest JSON schema (``kdedge/schemas/manifest.schema.json``)."""
+    path = Path(__file__).resolve().parent.parent / "schemas" / "manifest.schema.json"
+    return json.loads(path.read_text())
+
+
+def _kdedge_version() -> str:
+    try:
+        from kdedge import __version__
+
+        return __version__
+    except Exception:  # pragma: no cover - a broken install still opens bundles
+        return "unknown"
+
+
+def check_version(manifest: dict[str, Any], where: str = "bundle") -> int:
+    """Check ``format`` and ``schema_version`` before anything else; return the version."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{where} is not a kdedge bundle manifest (format {got!r}, expected {FORMAT!r})")
+    version = manifest.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise BundleError(f"{where}: schema_version must be a positive integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        need = SCHEMA_INTRODUCED_IN.get(version) or manifest.get("kdedge_version") or "a newer release"
+        raise BundleVersionError(
+            f"{where} uses manifest schema version {version}, this kdedge {_kdedge_version()} reads up to "
+            f"{SCHEMA_VERSION}; upgrade kdedge to {need} or later (pip install -U 'kdedge>={need}')")
+    return version
+
+
+def _check_wiring(manifest: dict[str, Any]) -> None:
+    """Rules the JSON schema cannot express; raise BundleError naming the first violation."""
+    supported = manifest["combine"]["supported"]
+    if manifest["combine"]["default"] not in supported:
+        raise BundleError(f"combine.default {manifest['combine']['default']!r} is not in combine.supported {supported}")
+    if len(set(supported)) != len(supported):
+        raise BundleError(f"combine.supported lists a rule twice: {supported}")
+    targets = manifest["targets"]
+    in_shape = manifest["input"]["shape"]
+    if len(manifest["preprocessing"]["mean"]) != in_shape[1] or len(manifest["preprocessing"]["std"]) != in_shape[1]:
+        raise BundleError(f"preprocessing mean/std need {in_shape[1]} values (input channels)")
+    if list(manifest["preprocessing"]["input_size"]) != list(in_shape[2:]):
+        raise BundleError(f"preprocessing.input_size {manifest['preprocessing']['input_size']} differs from "
+                          f"input.shape {in_shape}")
+    produced: dict[str, dict[str, str]] = {}  # stage name -> output name -> tensor name
+    total = 0
+    for kind in ("stages", "prefixes"):
+        for k, s in enumerate(manifest[kind]):
+            expected = f"{'stage' if kind == 'stages' else 'prefix'}{k}"
+            if s["name"] != expected:
+                raise BundleError(f"{kind}[{k}] is named {s['name']!r}, expected {expected!r}")
+            missing = [t for t in targets if t not in s["files"]]
+            if missing:
+                raise BundleError(f"{s['name']} has no file for target(s) {missing} listed in targets")
+            if sorted(s["accuracy"]) != sorted(supported):
+                raise BundleError(f"{s['name']}: accuracy must give one value per supported rule {supported}")
+            out_names = [o["name"] for o in s["outputs"]]
+            if s["logits"] not in out_names:
+                raise BundleError(f"{s['name']}: logits {s['logits']!r} is not among its outputs {out_names}")
+            if len(set(out_names)) != len(out_names):
+                raise BundleError(f"{s['name']}: duplicate output names {out_names}")
+            for o in s["outputs"]:
+                if o["tensor"] != output_tensor_name(s["name"], o["name"]):
+                    raise BundleError(f"{s['name']}: output {o['name']!r} has tensor name {o['tensor']!r}, "
+                                      f"expected {output_tensor_name(s['name'], o['name'])!r}")
+            for i in s["inputs"]:
+                b = i["binding"]
+                if i["tensor"] != tensor_name(b):
+                    raise BundleError(f"{s['name']}: input {b!r} has tensor name {i['tensor']!r}, "
+                                      f"expected {tensor_name(b)!r}")
+                if b == INPUT:
+                    continue
+                if kind == "prefixes":
+                    raise BundleError(f"{s['name']}: a prefix reads only 'input', not {b!r}")
+                src, _, name = b.partition(":")
+                if src not in produced or name not in produced[src]:
+                    raise BundleError(f"{s['name']} input {b!r} is not produced by an earlier stage")
+            if kind == "stages":
+                produced[s["name"]] = {o["name"]: o["tensor"] for o in s["outputs"]}
+                total += s["members"]
+                if s["members_total"] != total:
+                    raise BundleError(f"{s['name']}: members_total {s['members_total']} != {total} "
+                                      "(sum of members of stages 0..k)")
+            else:
+                last = s["last_stage"]
+                if last >= len(manifest["stages"]):
+                    raise BundleError(f"{s['name']}: last_stage {last} is beyond the last stage")
+                want = manifest["stages"][last]["members_total"]
+                if s["members"] != want or s["members_total"] != want:
+                    raise BundleError(f"{s['name']}: members {s['members']} differs from the {want} members "
+                                      f"of stages 0..{last}")
+    for k, s in enumerate(manifest["stages"]):
+        if s.get("last_stage", k) != k:
+            raise BundleError(f"{s['name']}: last_stage must be {k}")
+    _check_paths(manifest)
+
+
+def _listed_files(manifest: dict[str, Any]) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """(what, target or None for reports, file entry) for every checksummed file of the manifest."""
+    out: list[tuple[str, str | None, dict[str, Any]]] = []
+    for kind in ("stages", "prefixes"):
+        for s in manifest[kind]:
+            for target, f in s["files"].items():
+                out.append((f"{s['name']} ({target})", target, f))
+    for name, f in manifest.get("reports", {}).items():
+        out.append((f"report {name}", None, f))
+    return out
+
+
+def _check_paths(manifest: dict[str, Any]) -> None:
+    seen: dict[str, str] = {}
+    for what, _, f in _listed_files(manifest):
+        p = PurePosixPath(f["path"])
+        if p.is_absolute() or ".." in p.parts or f["path"] in ("", ".") or "\\" in f["path"]:
+            raise BundleError(f"{what}: file path {f['path']!r} must be relative to the bundle, without '..'")
+        if f["path"] in seen:
+            raise BundleError(f"{what} and {seen[f['path']]} name the same file {f['path']!r}")
+        seen[f["path"]] = what
+
+
+def validate_manifest(manifest: dict[str, Any], where: str = "manifest") -> None:
+    """Check a manifest dict: format and version, the JSON schema, then the wiring rules.
+
+    Raises:
+        BundleVersionError: a newer schema version.
+        BundleError: anything else, naming the first problem.
+    """
+    check_version(manifest, where)
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        loc = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise BundleError(f"{where} does not match the bundle schema at {loc}: {e.message}{more}")
+    _check_wiring(manifest)
+
+
+def verify_files(path: Path, manifest: dict[str, Any], targets: Sequence[str] | None = None) -> None:
+    """Check that every listed file exists inside ``path`` with its recorded size and sha256.
+
+    Args:
+        targets: check only the stage files of these targets (reports are always checked);
+            None checks every file.
+    """
+    root = path.resolve()
+    for what, target, f in _listed_files(manifest):
+        if targets is not None and target is not None and target not in targets:
+            continue
+        full = (path / f["path"]).resolve()
+        if root not in full.parents:
+            raise BundleError(f"{what}: {f['path']!r} points outside the bundle")
+        if not full.exists():
+            raise BundleError(f"bundle {path} is incomplete: {what} file {f['path']} is missing")
+        digest = sha256_path(full)
+        if digest != f["sha256"]:
+            raise ChecksumError(f"bundle {path}: {what} file {f['path']} has sha256 {digest[:12]}…, the manifest "
+                                f"records {f['sha256'][:12]}…; the file was modified or damaged, re-export the bundle")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and validate ``path/manifest.json`` (no file checksums)."""
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"bundle {path} does not exist")
+    if not path.is_dir():
+        raise BundleError(f"{path} is not a bundle directory (a bundle is a directory with {MANIFEST})")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{path} is not a complete bundle: {MANIFEST} is missing (an interrupted export?)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON: {e}") from None
+    validate_manifest(manifest, where=f"bundle {path}")
+    return manifest
+
+
+def open_bundle(path: str | Path, *, targets: Sequence[str] | None = None, verify: bool = True) -> Bundle:
+    """Open a bundle directory: validate the manifest and check every file's sha256.
+
+    Args:
+        path: the bundle directory.
+        targets: check only these targets' stage files (None: all). A target the bundle lacks
+            raises.
+        verify: check checksums (leave True; False is for tools that repair bundles).
+
+    Returns:
+        a :class:`Bundle`.
+
+    Raises:
+        BundleVersionError: the bundle needs a newer kdedge.
+        ChecksumError: a file differs from its recorded sha256.
+        BundleError: anything else wrong, with a one-line message.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if targets is not None:
+        missing = [t for t in targets if t not in manifest["targets"]]
+        if missing:
+            raise BundleError(f"bundle {path} has no files for target(s) {missing}; it holds "
+                              f"{', '.join(manifest['targets'])}; export it with --target {missing[0]}")
+    if verify:
+        verify_files(path, manifest, targets)
+    return Bundle(
+        path=path,
+        manifest=manifest,
+        stages=tuple(StageEntry.from_dict(s, k) for k, s in enumerate(manifest["stages"])),
+        prefixes=tuple(StageEntry.from_dict(s, k) for k, s in enumerate(manifest["prefixes"])),
+    )
+
+
+__all__ = [
+    "Bundle", "BundleError", "BundleVersionError", "COMBINE_RULES", "ChecksumError", "FORMAT", "FileEntry",
+    "MANIFEST", "PRECISIONS", "SCHEMA_VERSION", "StageEntry", "TensorEntry", "check_version", "combine",
+    "load_schema", "open_bundle", "output_tensor_name", "path_bytes", "read_manifest", "safe_name", "sha256_path",
+    "softmax", "tensor_name", "validate_manifest", "verify_files",
+]

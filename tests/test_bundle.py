@@ -1,0 +1,243 @@
+"""The bundle reader (kdedge.runtime.bundle): schema, versions, wiring, checksums, combine rules.
+
+The bundles here are written by hand, as a program in another language would write them
+from docs/bundle.md, so the reader is tested independently of the exporter.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kdedge.runtime.bundle import (
+    Bundle,
+    BundleError,
+    BundleVersionError,
+    ChecksumError,
+    combine,
+    open_bundle,
+    output_tensor_name,
+    sha256_path,
+    tensor_name,
+    validate_manifest,
+)
+
+
+def _file(root: Path, rel: str, data: bytes, **extra: Any) -> dict[str, Any]:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(data)
+    return {"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **extra}
+
+
+def _io(binding: str, tensor: str, shape: list[Any]) -> dict[str, Any]:
+    return {"binding": binding, "tensor": tensor, "shape": shape, "dtype": "float32"}
+
+
+def _out(name: str, tensor: str, shape: list[Any]) -> dict[str, Any]:
+    return {"name": name, "tensor": tensor, "shape": shape, "dtype": "float32"}
+
+
+def write_bundle(root: Path) -> dict[str, Any]:
+    """A two-stage bundle (members 1 and 2, stage1 reads stage0's feature) and one prefix."""
+    root.mkdir(parents=True)
+    (root / "profiles").mkdir()
+    acc = {"mean_logits": 0.5, "last": 0.4}
+    stages = [
+        {"name": "stage0", "files": {"onnx": _file(root, "onnx/stage0.onnx", b"graph zero", precision="fp32")},
+         "inputs": [_io("input", "input", [None, 3, 4, 4])],
+         "outputs": [_out("logits", "stage0__logits", [None, 5]), _out("feat.a", "stage0__feat_a", [None, 2, 4, 4])],
+         "logits": "logits", "members": 1, "members_total": 1, "macs": 100, "params": 10, "accuracy": acc,
+         "last_stage": 0},
+        {"name": "stage1", "files": {"onnx": _file(root, "onnx/stage1.onnx", b"graph one", precision="int8")},
+         "inputs": [_io("stage0:feat.a", "stage0__feat_a", [None, 2, 4, 4])],
+         "outputs": [_out("logits", "stage1__logits", [None, 5])],
+         "logits": "logits", "members": 2, "members_total": 3, "macs": 200, "params": 20, "accuracy": acc,
+         "last_stage": 1},
+    ]
+    prefixes = [
+        {"name": "prefix0", "files": {"onnx": _file(root, "onnx/prefix0.onnx", b"prefix zero", precision="fp32")},
+         "inputs": [_io("input", "input", [None, 3, 4, 4])], "outputs": [_out("logits", "prefix0__logits", [None, 5])],
+         "logits": "logits", "members": 1, "members_total": 1, "macs": 100, "params": 10, "accuracy": acc,
+         "last_stage": 0},
+    ]
+    manifest = {
+        "format": "kdedge-bundle", "schema_version": 1, "kdedge_version": "0.1.0", "family": "test",
+        "model": {"class": "Hand", "meta": {}}, "classes": ["a", "b", "c", "d", "e"],
+        "input": {"name": "input", "shape": [None, 3, 4, 4], "dtype": "float32", "layout": "NCHW"},
+        "preprocessing": {"dataset": "none", "input_size": [4, 4], "resize": None, "scale": 1 / 255,
+                          "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "channel_order": "RGB"},
+        "combine": {"default": "mean_logits", "supported": ["mean_logits", "last"]},
+        "targets": ["onnx"], "stages": stages, "prefixes": prefixes,
+        "evaluation": {"split": "val", "n": 10},
+        "verification": {"passed": True, "target": "onnx", "atol": 1e-4, "rtol": 1e-3, "min_top1_agreement": 0.99,
+                         "n": 10, "max_abs_error": 0.0, "max_rel_error": 0.0, "worst_ratio": 0.0, "min_top1": 1.0,
+                         "report": "reports/verify.json"},
+        "quantization": None,
+        "reports": {"verify": _file(root, "reports/verify.json", b'{"passed": true}\n')},
+        "provenance": {"created": "2025-01-01T00:00:00+00:00", "kdedge": "0.1.0", "python": "3.11", "torch": None,
+                       "onnx": None, "onnxruntime": None, "opset": 18, "exporter": "dynamo", "run_dir": None,
+                       "config": None},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def rewrite(root: Path, manifest: dict[str, Any]) -> None:
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_hand_written_bundle_opens(tmp_path: Path) -> None:
+    write_bundle(tmp_path / "b")
+    b = open_bundle(tmp_path / "b")
+    assert isinstance(b, Bundle)
+    assert [s.name for s in b.stages] == ["stage0", "stage1"] and [p.name for p in b.prefixes] == ["prefix0"]
+    assert b.combine_default == "mean_logits" and b.combine_supported == ("mean_logits", "last")
+    assert b.input_shape == (None, 3, 4, 4) and b.num_classes == 5 and b.members_after(1) == 3
+    assert b.file(b.stages[1], "onnx") == tmp_path / "b" / "onnx" / "stage1.onnx"
+    s1 = b.stages[1]
+    assert s1.inputs[0].binding == "stage0:feat.a" and s1.inputs[0].tensor == "stage0__feat_a"
+    assert s1.logits_tensor == "stage1__logits" and s1.files["onnx"].precision == "int8"
+    with pytest.raises(BundleError, match="no 'tensorrt' file"):
+        b.file(s1, "tensorrt")
+    with pytest.raises(BundleError, match="export it with --target tensorrt"):
+        open_bundle(tmp_path / "b", targets=["tensorrt"])
+
+
+def test_newer_schema_names_the_release_to_upgrade_to(tmp_path: Path) -> None:
+    m = write_bundle(tmp_path / "b")
+    m["schema_version"] = 2
+    m["kdedge_version"] = "0.7.0"
+    m["something_new"] = {"the": "future"}
+    rewrite(tmp_path / "b", m)
+    with pytest.raises(BundleVersionError, match=r"schema version 2.*upgrade kdedge to 0\.7\.0 or later"):
+        open_bundle(tmp_path / "b")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda m: m.update(format="something-else"), "not a kdedge bundle manifest"),
+    (lambda m: m.update(schema_version="1"), "schema_version must be a positive integer"),
+    (lambda m: m.pop("stages"), "'stages' is a required property"),
+    (lambda m: m["stages"][0].update(members=0), "at stages/0/members"),
+    (lambda m: m["input"].update(shape=[1, 3, 4, 4]), "at input/shape/0"),
+    (lambda m: m.update(extra_field=1), "Additional properties"),
+    (lambda m: m["combine"].update(default="last", supported=["mean_logits"]), "combine.default 'last' is not in"),
+    (lambda m: m["stages"][1]["inputs"][0].update(binding="stage1:feat.a", tensor="stage1__feat_a"),
+     "not produced by an earlier stage"),
+    (lambda m: m["stages"][1]["inputs"][0].update(tensor="feat"), "expected 'stage0__feat_a'"),
+    (lambda m: m["stages"][1]["outputs"][0].update(tensor="logits"), "expected 'stage1__logits'"),
+    (lambda m: m["stages"][1].update(members_total=2), "members_total 2 != 3"),
+    (lambda m: m["prefixes"][0].update(members=3, members_total=3), "differs from the 1 members"),
+    (lambda m: m["stages"][0].update(accuracy={"mean_logits": 0.5}), "one value per supported rule"),
+    (lambda m: m["stages"][0].update(name="first"), "at stages/0/name"),
+    (lambda m: m["stages"][0]["files"]["onnx"].update(path="../outside.onnx"), "without '..'"),
+    (lambda m: m["stages"][0]["files"]["onnx"].update(path="/etc/passwd"), "at stages/0/files/onnx/path"),
+    (lambda m: m["preprocessing"].update(mean=[0.5]), "mean/std need 3 values"),
+])
+def test_invalid_manifests_fail_with_one_clear_line(tmp_path: Path, mutate: Any, message: str) -> None:
+    m = write_bundle(tmp_path / "b")
+    mutate(m)
+    rewrite(tmp_path / "b", m)
+    with pytest.raises(BundleError, match=message) as info:
+        open_bundle(tmp_path / "b")
+    assert "\n" not in str(info.value)
+
+
+def test_tampered_and_missing_files(tmp_path: Path) -> None:
+    write_bundle(tmp_path / "b")
+    (tmp_path / "b" / "onnx" / "stage1.onnx").write_bytes(b"graph 0ne")  # same size, other bytes
+    with pytest.raises(ChecksumError, match="stage1 \\(onnx\\).*modified or damaged"):
+        open_bundle(tmp_path / "b")
+    assert open_bundle(tmp_path / "b", verify=False).stages[1].name == "stage1"
+    write_bundle(tmp_path / "c")
+    (tmp_path / "c" / "reports" / "verify.json").unlink()
+    with pytest.raises(BundleError, match="report verify file reports/verify.json is missing"):
+        open_bundle(tmp_path / "c")
+
+
+def test_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="does not exist"):
+        open_bundle(tmp_path / "nope")
+    (tmp_path / "partial").mkdir()
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        open_bundle(tmp_path / "partial")
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        open_bundle(tmp_path / "garbage")
+
+
+def test_validate_manifest_accepts_a_copy_and_does_not_mutate(tmp_path: Path) -> None:
+    m = write_bundle(tmp_path / "b")
+    before = copy.deepcopy(m)
+    validate_manifest(m)
+    assert m == before
+
+
+def test_tensor_names() -> None:
+    assert tensor_name("input") == "input"
+    assert tensor_name("stage3:feat.1") == "stage3__feat_1"
+    assert output_tensor_name("stage3", "feat.1") == tensor_name("stage3:feat.1")
+    with pytest.raises(BundleError, match="expected 'input' or 'stageK:NAME'"):
+        tensor_name("prefix0:logits")
+
+
+def test_sha256_of_directories_is_stable(tmp_path: Path) -> None:
+    d = tmp_path / "pkg.mlpackage"
+    (d / "Data").mkdir(parents=True)
+    (d / "Data" / "w.bin").write_bytes(b"weights")
+    (d / "Manifest.json").write_text("{}")
+    first = sha256_path(d)
+    assert first == sha256_path(d) and len(first) == 64
+    (d / "Data" / "w.bin").write_bytes(b"weightz")
+    assert sha256_path(d) != first
+
+
+def test_combine_rules_match_the_torch_contract() -> None:
+    import torch
+
+    from kdedge.models.stages import combine_torch
+
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(size=(6, 5)).astype(np.float32) * 3 for _ in range(3)]
+    members = [1, 2, 4]
+    for rule in ("mean_logits", "mean_probs", "last"):
+        for k in range(1, 4):
+            ours = combine(rule, logits[:k], members[:k])
+            ref = combine_torch(rule, [torch.from_numpy(l) for l in logits[:k]], members[:k]).numpy()
+            np.testing.assert_allclose(ours, ref, atol=1e-6)
+            np.testing.assert_allclose(ours.sum(-1), 1.0, atol=1e-9)
+    # the formulas of docs/bundle.md, written out
+    np.testing.assert_allclose(combine("mean_logits", logits[:2], [1, 2]),
+                               _softmax((logits[0] + logits[1]) / 3.0), atol=1e-9)
+    np.testing.assert_allclose(combine("mean_probs", logits[:2], [1, 2]),
+                               (_softmax(logits[0]) + _softmax(logits[1] / 2)) / 2, atol=1e-9)
+    np.testing.assert_allclose(combine("last", logits[:2], [1, 2]), _softmax(logits[1] / 2), atol=1e-9)
+    with pytest.raises(ValueError, match="unknown combine rule"):
+        combine("vote", logits, members)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_reader_imports_without_torch(tmp_path: Path) -> None:
+    write_bundle(tmp_path / "b")
+    code = ("import sys; sys.modules['torch'] = None\n"  # any torch import now raises ImportError
+            "from kdedge.runtime.bundle import open_bundle\n"
+            f"b = open_bundle({str(tmp_path / 'b')!r}); print(len(b.stages))\n"
+            "assert 'onnx' not in sys.modules\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "2"
