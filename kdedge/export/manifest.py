@@ -1,0 +1,177 @@
+"""Writing a bundle: the manifest dict, provenance, and the atomic bundle directory.
+
+A bundle is built in a hidden temporary directory next to its destination
+(``.NAME.partial-PID-XXXX``), every file and directory is fsynced, and only then is it renamed
+to its name, so an interrupted export leaves at most a hidden partial directory and never a
+half bundle under the bundle's name. An existing bundle is replaced only with ``force=True``,
+and then the old one is moved aside only once the new one is complete, and deleted after the
+new one is in place (if the final rename fails, the old one is moved back).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from kdedge.export.errors import ExportError
+from kdedge.runtime.bundle import FORMAT, MANIFEST, SCHEMA_VERSION, path_bytes, sha256_path, validate_manifest
+
+
+def package_version(name: str) -> str | None:
+    """The installed version; a module's own ``__version__`` when imported (it names the build, e.g. +cu130)."""
+    mod = sys.modules.get(name)
+    if isinstance(getattr(mod, "__version__", None), str):
+        return str(mod.__version__)
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def file_entry(root: Path, rel: str, **extra: Any) -> dict[str, Any]:
+    """``{"path", "sha256", "bytes", **extra}`` of the file ``root/rel``."""
+    full = root / rel
+    return {"path": rel, "sha256": sha256_path(full), "bytes": path_bytes(full), **extra}
+
+
+def provenance(*, opset: int | None, exporter: str | None, run_dir: str | None, config: dict[str, Any] | None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Versions of the tools that made the bundle, the training run and when."""
+    from kdedge import __version__
+
+    out = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "kdedge": __version__,
+        "python": platform.python_version(),
+        "torch": package_version("torch"),
+        "onnx": package_version("onnx"),
+        "onnxruntime": package_version("onnxruntime"),
+        "onnxscript": package_version("onnxscript"),
+        "opset": opset,
+        "exporter": exporter,
+        "run_dir": run_dir,
+        "config": config,
+        "host": platform.platform(),
+    }
+    for k, v in (extra or {}).items():
+        out.setdefault(k, v)
+    return out
+
+
+def _jsonable(obj: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(obj, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{what} is not JSON-serialisable ({e}); pass plain dicts, lists, strings and numbers") from None
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_bundle_dir(path: Path) -> bool:
+    """``path`` holds a kdedge manifest (of any schema version)."""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_destination(out: Path, force: bool) -> None:
+    """Refuse an existing path without ``force``, and anything but a bundle or an empty directory with it."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise ExportError(f"bundle path {out} exists; pass --force (force=True) to replace it, or choose another --out")
+    if out.is_symlink() or not out.is_dir() or not (is_bundle_dir(out) or not any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not a kdedge bundle; refusing to replace it even with --force")
+
+
+class BundleDir:
+    """The temporary directory a bundle is built in; :meth:`commit` puts it in place.
+
+    Example:
+        >>> with BundleDir("model.kdedge", force=False) as bd:
+        ...     (bd.tmp / "onnx").mkdir(); ...
+        ...     bd.commit()
+    """
+
+    def __init__(self, out: str | Path, force: bool) -> None:
+        self.out = Path(out).absolute()
+        self.force = force
+        check_destination(self.out, force)
+        self.tmp = Path("")
+        self.committed = False
+
+    def __enter__(self) -> BundleDir:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-{os.getpid()}-", dir=self.out.parent))
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        path = self.tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+    def commit(self, manifest: dict[str, Any]) -> Path:
+        """Validate and write the manifest, fsync everything, and rename into place."""
+        manifest = _jsonable(manifest, "the manifest")
+        try:
+            validate_manifest(manifest, where="the new manifest")
+        except ValueError as e:
+            raise ExportError(f"internal error: the manifest being written is invalid: {e}") from None
+        self.write_json(MANIFEST, manifest)  # written last: a directory without it is never a bundle
+        _fsync_tree(self.tmp)
+        check_destination(self.out, self.force)  # something may have appeared meanwhile
+        old = None
+        if self.out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-{os.getpid()}-", dir=self.out.parent))
+            os.rmdir(old)
+            os.rename(self.out, old)
+        try:
+            os.rename(self.tmp, self.out)
+        except OSError:
+            if old is not None:
+                os.rename(old, self.out)
+            raise
+        self.committed = True
+        _fsync_dir(self.out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+
+def base_manifest() -> dict[str, Any]:
+    from kdedge import __version__
+
+    return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "kdedge_version": __version__}

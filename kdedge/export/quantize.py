@@ -1,0 +1,191 @@
+"""Static INT8 (QDQ) stage graphs with onnxruntime's quantization tools, behind an accuracy gate.
+
+Each FP32 stage file goes through ``quant_pre_process`` (shape inference and graph
+optimisation) and ``quantize_static`` (QDQ format, signed 8-bit activations and per-channel
+weights, MinMax calibration). A stage is calibrated on its *real* inputs: the calibration
+images, and the carried tensors that the earlier FP32 stages compute from them.
+
+The gate: with the chosen precisions, the accuracy of the combined prediction after every
+stage, under every supported rule, is measured on the validation images and compared with the
+FP32 bundle's. A stage that loses more than ``max_drop`` points fails the export, or, with
+``keep_fp32``, stays FP32 (recorded in the manifest) and the chain is measured again. Stages
+are decided in order, so a stage is judged with the precisions already chosen before it.
+Fused prefixes read only the input and are judged on their own. No silent INT8 collapse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from kdedge.export.errors import ExportError
+from kdedge.export.metrics import chain_accuracy
+from kdedge.export.ortrun import OrtChain, RunGraph
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _reader(feeds: Iterable[dict[str, np.ndarray]]) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._it = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    return _Reader()
+
+
+def stage_feeds(chain: OrtChain, k: int, images: Iterable[tuple[np.ndarray, Any]]) -> Iterator[dict[str, np.ndarray]]:
+    """The inputs of stage k on each calibration batch: the image and the carried tensors that
+    stages 0..k-1 of ``chain`` (FP32) compute from it."""
+    g = chain.graphs[k]
+    for x, _ in images:
+        feeds: dict[str, np.ndarray] = {"input": np.ascontiguousarray(x, np.float32)}
+        for j in range(k):
+            feeds.update(chain.run_one(j, feeds))
+        yield {t: feeds[t] for t in g.inputs}
+
+
+def quantize_file(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]]) -> None:
+    """FP32 ONNX ``src`` -> QDQ INT8 ``dst``, calibrated on ``feeds`` (one dict per batch)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    pre = dst.with_name(dst.stem + ".pre.onnx")
+    try:
+        with _quiet():
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+            quantize_static(str(pre), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+    except ExportError:
+        raise
+    except Exception as e:  # onnxruntime's tools raise many types
+        raise ExportError(f"INT8 quantization of {src.stem} failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); export with --precision fp32") from None
+    finally:
+        pre.unlink(missing_ok=True)
+        for extra in dst.parent.glob(dst.stem + ".pre*"):
+            extra.unlink(missing_ok=True)
+
+
+def quantize_graphs(stage_graphs: list[RunGraph], prefix_graphs: list[RunGraph], out_dir: Path, *,
+                    calib: Iterable[tuple[np.ndarray, Any]], val: Iterable[tuple[np.ndarray, np.ndarray]],
+                    rules: list[str], fp32_stage_acc: list[dict[str, float]], fp32_prefix_acc: list[float],
+                    max_drop: float, keep_fp32: bool,
+                    progress: Callable[[str], None] | None = None) -> tuple[dict[str, RunGraph], dict[str, Any]]:
+    """Quantize every graph, gate accuracy, choose a precision per graph.
+
+    Args:
+        stage_graphs, prefix_graphs: the FP32 graphs (verified).
+        out_dir: where the INT8 files go (``<name>.int8.onnx``).
+        calib: calibration batches (training images).
+        val: validation batches.
+        rules: the supported combine rules.
+        fp32_stage_acc, fp32_prefix_acc: accuracies of the FP32 graphs on ``val``.
+        max_drop: largest accuracy loss allowed, in percentage points.
+        keep_fp32: keep FP32 for a graph that fails the gate instead of failing.
+
+    Returns:
+        (graph name -> the chosen graph (its ``path`` is the INT8 or the FP32 file),
+        the ``int8`` section of the verification report, with ``precision`` per graph).
+
+    Raises:
+        ExportError: a graph fails the gate and ``keep_fp32`` is False, or a stage still fails
+            with FP32 because its carried inputs come from INT8 stages.
+    """
+    say = progress or (lambda _m: None)
+    fp32_chain = OrtChain(stage_graphs)
+    int8: dict[str, RunGraph] = {}
+    for k, g in enumerate(stage_graphs):
+        say(f"quantize {g.name}")
+        dst = out_dir / f"{g.name}.int8.onnx"
+        quantize_file(g.path, dst, stage_feeds(fp32_chain, k, calib))
+        int8[g.name] = replace(g, path=dst)
+    for g in prefix_graphs:
+        say(f"quantize {g.name}")
+        dst = out_dir / f"{g.name}.int8.onnx"
+        quantize_file(g.path, dst, ({"input": np.ascontiguousarray(x, np.float32)} for x, _ in calib))
+        int8[g.name] = replace(g, path=dst)
+
+    precision = {g.name: "int8" for g in [*stage_graphs, *prefix_graphs]}
+    rows: list[dict[str, Any]] = []
+    passes = 0
+    while True:
+        passes += 1
+        say(f"measure INT8 accuracy (pass {passes})")
+        chain = OrtChain([int8[g.name] if precision[g.name] == "int8" else g for g in stage_graphs])
+        acc, _, n = chain_accuracy(chain, val, rules)
+        failing = None
+        rows = []
+        for k, g in enumerate(stage_graphs):
+            for r in rules:
+                drop = 100.0 * (fp32_stage_acc[k][r] - acc[k][r])
+                ok = drop <= max_drop
+                rows.append({"graph": g.name, "rule": r, "fp32": fp32_stage_acc[k][r], "int8": acc[k][r],
+                             "drop": drop, "precision": precision[g.name], "passed": ok})
+                if not ok and failing is None:
+                    failing = k
+        if failing is None:
+            break
+        name = stage_graphs[failing].name
+        if keep_fp32 and precision[name] == "int8":
+            precision[name] = "fp32"
+            continue
+        worst = max((r for r in rows if r["graph"] == name), key=lambda r: r["drop"])
+        report = {"max_drop": max_drop, "keep_fp32": keep_fp32, "n": n, "passed": False, "rows": rows}
+        if precision[name] == "fp32":
+            why = (f"{name} loses {worst['drop']:.2f} points even in FP32 because the tensors it reads come from "
+                   f"INT8 stages; export with --precision fp32 or calibrate on more images")
+        else:
+            why = (f"INT8 {name} loses {worst['drop']:.2f} points ({worst['rule']}: {100 * worst['fp32']:.2f}% -> "
+                   f"{100 * worst['int8']:.2f}%), more than the allowed {max_drop:g}; keep FP32 for it with "
+                   f"--int8-keep-fp32, allow more with --int8-max-drop, or export with --precision fp32")
+        raise ExportError(why, report=report)
+
+    if prefix_graphs:
+        say("measure INT8 accuracy (prefixes)")
+        pchain = OrtChain([int8[g.name] for g in prefix_graphs])
+        correct = np.zeros(len(prefix_graphs), np.int64)
+        for x, y in val:
+            for i, lg in enumerate(pchain.logits(pchain.run_each(x))):
+                correct[i] += int((lg.argmax(-1) == y).sum())
+        pacc = [float(c / n) for c in correct]
+        for i, g in enumerate(prefix_graphs):
+            drop = 100.0 * (fp32_prefix_acc[i] - pacc[i])
+            ok = drop <= max_drop
+            if not ok and keep_fp32:
+                precision[g.name] = "fp32"
+            rows.append({"graph": g.name, "rule": "fused", "fp32": fp32_prefix_acc[i], "int8": pacc[i], "drop": drop,
+                         "precision": precision[g.name], "passed": ok or keep_fp32})
+            if not ok and not keep_fp32:
+                raise ExportError(
+                    f"INT8 {g.name} loses {drop:.2f} points ({100 * fp32_prefix_acc[i]:.2f}% -> {100 * pacc[i]:.2f}%), "
+                    f"more than the allowed {max_drop:g}; keep FP32 for it with --int8-keep-fp32, allow more with "
+                    "--int8-max-drop, or export with --precision fp32",
+                    report={"max_drop": max_drop, "keep_fp32": keep_fp32, "passed": False, "rows": rows})
+    for r in rows:  # a graph kept in FP32 passes with its FP32 accuracy
+        r["precision"] = precision[r["graph"]]
+    chosen = {g.name: (int8[g.name] if precision[g.name] == "int8" else g) for g in [*stage_graphs, *prefix_graphs]}
+    return chosen, {"max_drop": max_drop, "keep_fp32": keep_fp32, "n": n, "passed": True, "passes": passes,
+                    "precision": precision, "rows": rows}
