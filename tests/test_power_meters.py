@@ -47,6 +47,16 @@ def write_tree(root: Path, fixture: str) -> Path:
     return root
 
 
+def poke(path: Path, value: int) -> None:
+    """Change a fake attribute in place, in one write: a sampling thread may read it at any time,
+    and ``write_text`` would let it see the file empty between truncation and write."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, f"{value:>24d}\n".encode(), 0)
+    finally:
+        os.close(fd)
+
+
 def fake_tool(tmp_path: Path, name: str) -> str:
     """An executable ``tmp_path/bin/name`` running the fixture script with this interpreter."""
     bindir = tmp_path / "bin"
@@ -126,6 +136,12 @@ class AnalyticMeter(PollingMeter):
     def _begin_window(self) -> None:
         super()._begin_window()
         self.window_start = self._t0 - self.origin
+        self.stamps: list[float] = []
+
+    def _add_sample(self, t: float, rails: Any) -> None:
+        super()._add_sample(t, rails)
+        if self._t0 is not None:
+            self.stamps.append(t - self.origin)
 
     def exact(self, seconds: float, scale: float = 1.0) -> float:
         t0, t1 = self.window_start, self.window_start + seconds
@@ -145,9 +161,11 @@ def test_polling_meter_matches_the_exact_integral(a: float, b: float) -> None:
     assert r.rails["VDD_SOC"] == pytest.approx(meter.exact(r.seconds, 0.25), rel=1e-4)
     assert r.mean_watts == pytest.approx(r.joules / r.seconds)
     assert r.source == "analytic" and "VDD_IN" in r.note
-    # The reported period is the measured one: close to what was asked on an idle thread.
-    assert r.period_s is not None and 0.0015 < r.period_s < 0.006
-    assert r.samples >= 0.12 / 0.006
+    # The reported period is the measured one (late samples on a busy machine included).
+    inside = [t for t in meter.stamps if meter.window_start <= t <= meter.window_start + r.seconds]
+    assert r.samples == len(inside) >= 10
+    assert r.period_s == pytest.approx((inside[-1] - inside[0]) / (len(inside) - 1))
+    assert r.period_s >= 0.002 * 0.9
 
 
 def test_polling_meter_start_stop_errors() -> None:
@@ -225,7 +243,7 @@ def test_sysfs_meter_follows_a_power_step(tmp_path: Path) -> None:
     meter = JetsonSysfsMeter(root=str(root), period_s=0.002, total_rail="VDD_IN")
     meter.start()
     time.sleep(0.05)
-    curr.write_text("2240\n")  # input power doubles
+    poke(curr, 2240)  # input power doubles
     time.sleep(0.05)
     r = meter.stop()
     low, high = 5.072 * 1.120, 5.072 * 2.240
@@ -292,7 +310,7 @@ def test_rapl_several_wraps_in_one_window_need_the_guard_reads(tmp_path: Path) -
     value = wrap - 1_000_000
     for _ in range(3):  # three full wraps, each seen by the guard thread
         value = (value + wrap // 2) % wrap
-        pkg.write_text(f"{value}\n")
+        poke(pkg, value)
         time.sleep(0.1)
     r = meter.stop()
     assert r.rails["package-0"] == pytest.approx(3 * (wrap // 2) * 1e-6)

@@ -176,7 +176,8 @@ def test_power_mode_restores_mode_and_clocks(nano: Board) -> None:
         "nvpmodel -m 1",
         "jetson_clocks --restore FILE",
     ]
-    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("kdedge-clocks-*"))
+    stored = next(ln.split()[-1] for ln in nano.log.read_text().splitlines() if "--store" in ln)
+    assert not os.path.exists(stored)  # the temporary clocks file is removed
 
 
 def test_sweep_visits_every_mode_then_restores(nano: Board) -> None:
