@@ -185,7 +185,11 @@ def main() -> None:
             for m in meters.values():
                 m.close()
 
-    machine = f"{cpu_name()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, numpy {np.__version__}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    machine = (
+        f"{cpu_name()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
+        f"numpy {np.__version__}, load average {load:.1f} at the end"
+    )
     print(f"machine: {machine}")
     print(f"command: {' '.join([os.path.relpath(sys.executable)] + sys.argv)}")
     print(
@@ -193,7 +197,10 @@ def main() -> None:
         f"one sensor read (3 rails) = {cost:.1f} µs"
     )
     print()
-    print("| meter | period (ms) | actual period (ms) | median without (ms) | median with (ms) | overhead (median) | overhead (p90) |")
+    print(
+        "| meter | period (ms) | actual period (ms) | median without (ms) | median with (ms) "
+        "| overhead (median) | overhead (p90) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for key, r in results.items():
         if key == "control":
