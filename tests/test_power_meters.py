@@ -485,6 +485,21 @@ def test_jtop_meter_with_a_fake_client() -> None:
     assert set(r.rails) == {"VDD_CPU_GPU_CV", "VDD_SOC", "VDD_IN"}
 
 
+def test_jtop_service_going_away_is_reported() -> None:
+    class Dying(FakeJtop):
+        updates = 0
+
+        def ok(self) -> bool:
+            self.updates += 1
+            return super().ok() and self.updates < 4
+
+    meter = JtopMeter(period_s=0.01, jtop_factory=Dying)
+    meter.start()
+    time.sleep(0.1)
+    with pytest.raises(PowerError, match="jtop service stopped sending data"):
+        meter.stop()
+
+
 def test_jtop_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "jtop", None)
     with pytest.raises(PowerError, match="pip3 install -U jetson-stats"):

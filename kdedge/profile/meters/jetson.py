@@ -360,10 +360,13 @@ class JtopMeter(StreamMeter):
 
     def _pump(self) -> None:
         try:
-            while self._client is not None and self._client.ok():
-                rails = self.rails_from_power(self._client.power)
+            client = self._client
+            while client is not None and client.ok():
+                rails = self.rails_from_power(client.power)
                 if rails:
                     self._add_sample(clock(), rails)
+            if self._client is not None:  # not closed by us: the service went away
+                raise PowerError("the jtop service stopped sending data (is jtop.service still running?)")
         except BaseException as err:
             self._fail(err)
 
