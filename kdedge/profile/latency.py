@@ -1,0 +1,480 @@
+"""Latency profiles: measure every stage and fused prefix of a bundle on this device, store the
+statistics in the bundle, and hand the matching profile to the deadline policy.
+
+A profile is ``BUNDLE/profiles/<device>-<setting>.json`` (written atomically), keyed by
+:func:`kdedge.profile.modes.device_id` and the setting name of
+:func:`kdedge.profile.modes.current_setting` (``cpu-2t-performance``; the nvpmodel mode on a
+Jetson). Profiles are not among the bundle's checksummed files, so adding one never breaks
+``open_bundle``'s verification; instead each profile records a *fingerprint* of the stage files
+it measured (their sha256 from the manifest), and a profile whose fingerprint differs from the
+bundle's is refused as stale.
+
+Statistics per graph and batch size, as trtexec reports them, after warm-up: ``min``, ``mean``,
+``median``, ``p90``, ``p95``, ``p99``, ``max`` (percentiles by the nearest-rank-above rule, so a
+p99 is a latency that was actually observed), plus ``n``. Stages are timed inside the runner's
+own stage loop (what the deadline policy will see), fused prefixes alone, and ``chain`` is the
+end-to-end time of a full runner call. Rounds interleave the graphs so that drift hits all alike.
+
+Profile JSON (version 1)::
+
+    {"format": "kdedge-profile", "version": 1, "device": "...", "setting": "cpu-2t",
+     "setting_detail": {...}, "target": "onnx", "threads": 2, "options": {...},
+     "bundle": {"fingerprint": "...", "family": "hne", "path": "..."},
+     "created": "...", "versions": {...}, "runs": 200, "warmup": 20, "batches": [1, 32],
+     "graphs": {"stage0": {"1": {"latency_ms": {"min": ..., ..., "n": 200}}, "32": {...}}, ...}}
+
+A graph/batch entry may hold other metrics next to ``latency_ms`` (the power work adds
+``energy_mj``); :meth:`LatencyProfile.stat` reads any of them.
+
+Example:
+    >>> prof, path, png = profile_bundle("hne.kdedge", batches=(1, 32), threads=2)
+    >>> prof.stat("stage1", 1, "p99")
+    0.41
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+FORMAT = "kdedge-profile"
+VERSION = 1
+STATS = ("min", "mean", "median", "p90", "p95", "p99", "max")
+CHAIN = "chain"
+
+__all__ = [
+    "CHAIN", "FORMAT", "ForeignProfileError", "LatencyProfile", "MissingProfileError", "ProfileError", "STATS",
+    "StaleProfileError", "VERSION", "bundle_fingerprint", "check_profile", "current_key", "format_table",
+    "measure_profile", "plot_accuracy_latency", "profile_bundle", "profile_filename", "resolve_profile",
+    "summarize", "write_profile",
+]
+
+
+class ProfileError(ValueError):
+    """A latency profile that is missing, unreadable or cannot be used here."""
+
+
+class MissingProfileError(ProfileError):
+    """No profile for this device and setting."""
+
+
+class StaleProfileError(ProfileError):
+    """A profile measured on other stage files than the bundle's current ones."""
+
+
+class ForeignProfileError(ProfileError):
+    """A profile measured on another device, setting or target."""
+
+
+def summarize(samples_ms: Sequence[float]) -> dict[str, float]:
+    """min, mean, median, p90, p95, p99, max and n of latency samples (ms).
+
+    Percentiles take the nearest observed value at or above the rank (numpy ``method="higher"``).
+    """
+    a = np.asarray(samples_ms, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no latency samples to summarise")
+    out = {"min": float(a.min()), "mean": float(a.mean()), "median": float(np.median(a))}
+    for p in (90, 95, 99):
+        out[f"p{p}"] = float(np.percentile(a, p, method="higher"))
+    out["max"] = float(a.max())
+    out["n"] = int(a.size)
+    return out
+
+
+def bundle_fingerprint(bundle: Any, target: str) -> str:
+    """sha256 over the names and recorded sha256 of the bundle's stage and prefix files for ``target``.
+
+    The manifest's checksums are verified against the files when the bundle is opened, so this
+    changes exactly when a stage file does (a re-export, another precision).
+    """
+    h = hashlib.sha256()
+    for e in (*bundle.stages, *bundle.prefixes):
+        f = e.files.get(target)
+        h.update(f"{e.name}\0{target}\0{f.sha256 if f else '-'}\n".encode())
+    return h.hexdigest()
+
+
+def profile_filename(device: str, setting: str) -> str:
+    return f"{device}-{setting}.json"
+
+
+@lru_cache(maxsize=1)
+def _device_id() -> str:
+    from kdedge.profile.modes import device_id
+
+    return device_id()
+
+
+def current_key(threads: int) -> tuple[str, str, dict[str, Any]]:
+    """(device id, setting name, setting details) of this machine for ``threads`` CPU threads."""
+    from kdedge.profile.modes import current_setting
+
+    setting = current_setting(threads=threads)
+    return _device_id(), setting.name, setting.to_dict()
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    """A loaded profile (``data`` is the JSON dict; ``path`` where it came from, if a file)."""
+
+    data: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def device(self) -> str:
+        return str(self.data["device"])
+
+    @property
+    def setting(self) -> str:
+        return str(self.data["setting"])
+
+    @property
+    def target(self) -> str:
+        return str(self.data["target"])
+
+    @property
+    def threads(self) -> int:
+        return int(self.data["threads"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.data["bundle"]["fingerprint"])
+
+    @property
+    def batches(self) -> list[int]:
+        return sorted(int(b) for b in self.data["batches"])
+
+    @property
+    def graphs(self) -> list[str]:
+        return list(self.data["graphs"])
+
+    def where(self) -> str:
+        return str(self.path) if self.path is not None else f"profile {self.device}-{self.setting}"
+
+    def _entry(self, graph: str, batch: int) -> dict[str, Any]:
+        g = self.data["graphs"].get(graph)
+        if g is None:
+            raise ProfileError(f"{self.where()} has no measurements of {graph}; it has {', '.join(self.graphs)}")
+        if str(batch) in g:
+            return g[str(batch)]
+        measured = sorted(int(b) for b in g)
+        above = [b for b in measured if b >= batch]
+        if above:  # latency grows with the batch: the next larger measured batch is an upper bound
+            return g[str(above[0])]
+        top = measured[-1]
+        scale = batch / top  # beyond the largest measured batch: scale proportionally (documented)
+        return {m: {k: (v * scale if k != "n" else v) for k, v in s.items()} for m, s in g[str(top)].items()}
+
+    def stat(self, graph: str, batch: int, stat: str = "p99", metric: str = "latency_ms") -> float:
+        """A statistic of ``graph`` at ``batch``: the measured batch, else the next larger measured
+        one, else the largest scaled proportionally.
+
+        Raises:
+            ProfileError: unknown graph, statistic or metric (e.g. ``energy_mj`` before the
+                power work measures it).
+        """
+        if stat not in STATS:
+            raise ProfileError(f"unknown statistic {stat!r}; known: {', '.join(STATS)}")
+        entry = self._entry(graph, batch)
+        if metric not in entry:
+            have = ", ".join(sorted(entry))
+            raise ProfileError(f"{self.where()} has no {metric} measurements (it has {have}); "
+                               f"measure them with kdedge profile")
+        return float(entry[metric][stat])
+
+    def to_json(self) -> str:
+        return json.dumps(self.data, indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyProfile:
+        """Read and check a profile file.
+
+        Raises:
+            ProfileError: missing, not JSON, another format, a newer version, or fields missing.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise MissingProfileError(f"latency profile {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ProfileError(f"cannot read latency profile {path}: {e}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ProfileError(f"{path} is not a kdedge latency profile (format {data.get('format') if isinstance(data, dict) else None!r})")
+        v = data.get("version")
+        if not isinstance(v, int) or v < 1:
+            raise ProfileError(f"{path}: version must be a positive integer, got {v!r}")
+        if v > VERSION:
+            raise ProfileError(f"{path} is a version {v} profile; this kdedge reads up to version {VERSION}; "
+                               "upgrade kdedge or profile the bundle again")
+        for key in ("device", "setting", "target", "threads", "bundle", "batches", "graphs"):
+            if key not in data:
+                raise ProfileError(f"{path} lacks the field {key!r}; profile the bundle again")
+        if not isinstance(data["bundle"], dict) or "fingerprint" not in data["bundle"]:
+            raise ProfileError(f"{path} lacks bundle.fingerprint; profile the bundle again")
+        return cls(data, path)
+
+
+def check_profile(profile: LatencyProfile, bundle: Any, target: str, device: str, setting: str) -> None:
+    """Refuse a profile of another target, device or setting, or of other stage files.
+
+    Raises:
+        ForeignProfileError, StaleProfileError: with the command that makes a usable one.
+    """
+    redo = f"run `kdedge profile {bundle.path} --target {target} --threads <N>` on this device"
+    if profile.target != target:
+        raise ForeignProfileError(f"{profile.where()} was measured for target {profile.target!r}, the runner "
+                                  f"runs {target!r}; {redo}")
+    if profile.device != device:
+        raise ForeignProfileError(f"{profile.where()} was measured on device {profile.device!r}, this is "
+                                  f"{device!r}: another device's latencies would mislead the deadline policy; {redo}")
+    if profile.setting != setting:
+        raise ForeignProfileError(f"{profile.where()} was measured under setting {profile.setting!r}, this runner "
+                                  f"runs under {setting!r} (threads / governor / power mode); run with the "
+                                  f"profile's setting, or {redo}")
+    if profile.fingerprint != bundle_fingerprint(bundle, target):
+        raise StaleProfileError(f"{profile.where()} is stale: it was measured on other {target} stage files than "
+                                f"this bundle's (the bundle was re-exported since); {redo}")
+
+
+def resolve_profile(bundle: Any, arg: Any, target: str, threads: int) -> LatencyProfile:
+    """The profile a runner uses: ``arg`` is ``"auto"`` (the bundle's profile of this device and
+    setting), a path, a :class:`LatencyProfile`, or None (none given).
+
+    Raises:
+        MissingProfileError, ForeignProfileError, StaleProfileError.
+    """
+    device, setting, _ = current_key(threads)
+    how = f"run `kdedge profile {bundle.path} --target {target} --threads {threads}` first"
+    if arg is None:
+        raise MissingProfileError(f"this policy needs a latency profile and the runner has none; {how}")
+    if isinstance(arg, LatencyProfile):
+        prof = arg
+    elif isinstance(arg, (str, Path)) and str(arg) != "auto":
+        prof = LatencyProfile.load(arg)
+    else:
+        path = Path(bundle.path) / "profiles" / profile_filename(device, setting)
+        if not path.is_file():
+            have = sorted(p.stem for p in (Path(bundle.path) / "profiles").glob("*.json"))
+            others = f"; it has profiles for: {', '.join(have)}" if have else ""
+            raise MissingProfileError(f"bundle {bundle.path} has no latency profile for this device ({device}) and "
+                                      f"setting ({setting}){others}; {how}")
+        prof = LatencyProfile.load(path)
+    check_profile(prof, bundle, target, device, setting)
+    return prof
+
+
+def _versions() -> dict[str, Any]:
+    from importlib import metadata
+
+    out: dict[str, Any] = {"python": platform.python_version(), "numpy": np.__version__}
+    for pkg in ("kdedge", "onnxruntime"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+Progress = Callable[[int, int, str], None]
+
+
+def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int] = (1,), runs: int = 200,
+                    warmup: int = 20, threads: int | None = None, optimization: str = "all",
+                    providers: Sequence[str] | None = None, progress: Progress | None = None,
+                    seed: int = 0) -> LatencyProfile:
+    """Measure every stage (inside the runner's stage loop), every fused prefix and the full chain.
+
+    Args:
+        bundle: a bundle path or an opened Bundle.
+        target: the target to measure.
+        batches: batch sizes.
+        runs: timed rounds per batch size (each round runs the chain once and every prefix once).
+        warmup: untimed rounds first.
+        threads: CPU threads per session (default: the CPUs this process may use).
+        optimization, providers: onnxruntime session settings.
+        progress: called as ``progress(done, total, message)`` after each round.
+        seed: seed of the random input batch (the latency of these graphs does not depend on
+            the values).
+
+    Returns:
+        the :class:`LatencyProfile` (not yet written; see :func:`write_profile`).
+    """
+    from kdedge.runtime.policies import Fixed, Full
+    from kdedge.runtime.runner import Runner
+
+    batches = sorted({int(b) for b in batches})
+    if not batches or batches[0] < 1:
+        raise ValueError(f"batch sizes must be positive integers, got {list(batches)}")
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    rng = np.random.default_rng(seed)
+    with Runner(bundle, target=target, threads=threads, optimization=optimization, providers=providers,
+                profile=None, watchdog=False) as runner:
+        b = runner.bundle
+        device, setting, detail = current_key(runner.threads)
+        full = Full()
+        fixed = [Fixed(j + 1, fused=True) for j in range(runner.num_prefixes)]
+        samples: dict[str, dict[int, list[float]]] = {}
+        total = len(batches) * (runs + warmup)
+        done = 0
+        for n in batches:
+            x = rng.standard_normal((n, *runner.input_shape)).astype(np.float32)
+            for r in range(warmup + runs):
+                res = runner.run(x, full)
+                timed = r >= warmup
+                if timed:
+                    for g, ms in zip(res.graphs, res.stage_ms):
+                        samples.setdefault(g, {}).setdefault(n, []).append(ms)
+                    samples.setdefault(CHAIN, {}).setdefault(n, []).append(float(res.total_ms[0]))
+                for pol in fixed:
+                    res = runner.run(x, pol)
+                    if timed:
+                        samples.setdefault(res.graphs[0], {}).setdefault(n, []).append(res.stage_ms[0])
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"batch {n}")
+        graphs = {g: {str(n): {"latency_ms": summarize(v)} for n, v in per.items()} for g, per in samples.items()}
+        opts = runner.options
+        data = {
+            "format": FORMAT,
+            "version": VERSION,
+            "device": device,
+            "setting": setting,
+            "setting_detail": detail,
+            "target": target,
+            "threads": runner.threads,
+            "options": {"optimization": getattr(opts, "optimization", None),
+                        "providers": list(getattr(opts, "providers", None) or ["CPUExecutionProvider"])},
+            "bundle": {"fingerprint": bundle_fingerprint(b, target), "family": b.family, "path": str(b.path)},
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.platform(),
+            "versions": _versions(),
+            "runs": int(runs),
+            "warmup": int(warmup),
+            "batches": batches,
+            "graphs": graphs,
+        }
+    return LatencyProfile(data)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_profile(bundle: Any, profile: LatencyProfile, path: str | Path | None = None) -> Path:
+    """Write ``profile`` atomically (default ``BUNDLE/profiles/<device>-<setting>.json``)."""
+    out = Path(path) if path is not None else Path(bundle.path) / "profiles" / profile_filename(profile.device,
+                                                                                                profile.setting)
+    text = profile.to_json()
+    _atomic_write(out, lambda p: p.write_text(text, encoding="utf-8"))
+    return out
+
+
+def format_table(profile: LatencyProfile) -> list[dict[str, Any]]:
+    """One row per graph and batch: ``graph``, ``batch`` and the statistics in ms."""
+    rows = []
+    order = {g: i for i, g in enumerate(sorted(profile.graphs, key=lambda g: (g == CHAIN, g.startswith("prefix"),
+                                                                               int("".join(c for c in g if c.isdigit()) or 0))))}
+    for g in sorted(profile.graphs, key=order.__getitem__):
+        for n in sorted(profile.data["graphs"][g], key=int):
+            s = profile.data["graphs"][g][n]["latency_ms"]
+            rows.append({"graph": g, "batch": int(n), **{k: s[k] for k in STATS}, "n": s["n"]})
+    return rows
+
+
+def plot_accuracy_latency(bundle: Any, profile: LatencyProfile, path: str | Path, batch: int | None = None,
+                          stat: str = "median") -> Path | None:
+    """A PNG of accuracy (manifest, default rule) against latency per stage and fused prefix.
+
+    The stage curve puts stage k at the sum of stages 0..k's ``stat`` latency; each fused prefix
+    is a separate point. Returns None (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    n = batch if batch is not None else profile.batches[0]
+    rule = bundle.combine_default
+    xs, ys = [], []
+    acc_total = 0.0
+    for e in bundle.stages:
+        acc_total += profile.stat(e.name, n, stat)
+        xs.append(acc_total)
+        ys.append(100 * e.accuracy.get(rule, math.nan))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(xs, ys, "o-", label=f"stages one by one ({rule})")
+    for k, (a, b_) in enumerate(zip(xs, ys)):
+        ax.annotate(f"{k}: {bundle.stages[k].members_total}m", (a, b_), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7)
+    if bundle.prefixes:
+        px = [profile.stat(p.name, n, stat) for p in bundle.prefixes]
+        py = [100 * p.accuracy.get(rule, math.nan) for p in bundle.prefixes]
+        ax.plot(px, py, "s--", label="fused prefixes (budget mode)", alpha=0.8)
+    ax.set_xlabel(f"latency, {stat} at batch {n} (ms)")
+    ax.set_ylabel(f"accuracy on {bundle.manifest['evaluation']['split']} (%)")
+    ax.set_title(f"{bundle.family}: {profile.device} {profile.setting}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+
+    def save(tmp: Path) -> None:
+        fig.savefig(tmp, format="png")
+
+    try:
+        _atomic_write(out, save)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: Sequence[int] = (1,), runs: int = 200,
+                   warmup: int = 20, threads: int | None = None, optimization: str = "all",
+                   providers: Sequence[str] | None = None, plot: bool = True,
+                   progress: Progress | None = None) -> tuple[LatencyProfile, Path, Path | None]:
+    """Measure a bundle on this device and store the profile (and its PNG) in the bundle.
+
+    Returns:
+        (profile, profile path, PNG path or None).
+
+    Example:
+        >>> prof, path, png = profile_bundle("hne.kdedge", batches=(1, 32))
+    """
+    from kdedge.runtime.bundle import open_bundle
+
+    b = bundle if hasattr(bundle, "manifest") else open_bundle(bundle, targets=[target])
+    prof = measure_profile(b, target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
+                           optimization=optimization, providers=providers, progress=progress)
+    path = write_profile(b, prof)
+    prof = LatencyProfile(prof.data, path)
+    png = plot_accuracy_latency(b, prof, path.with_suffix(".png")) if plot else None
+    return prof, path, png

@@ -1,0 +1,345 @@
+"""Stop policies: before each stage, decide whether (and for which samples) the runner goes on.
+
+A policy is a small object with one decision method, ``decide(ctx) -> Decision``. The runner
+calls it before stage 0 (where a policy may pick a fused prefix graph instead: budget mode)
+and before every later stage, with a :class:`Context`: the stage about to run, the time spent,
+the active batch and (computed on first access) the combined probabilities so far. Stage 0
+always runs, whatever the decision: the runner always returns an answer.
+
+Built in:
+
+- :class:`Full`: every stage.
+- :class:`Fixed`: the first k stages, through the fused prefix graph when the bundle has one.
+- :class:`Deadline`: go on only if the next stage's profiled latency (a high percentile) plus a
+  margin fits in the time left; a watchdog aborts a stage that overruns where the target can.
+- :class:`Confidence`: per sample, stop once the combined max-probability (or top-1 margin)
+  reaches a threshold; samples that are done leave the batch.
+- :class:`AllOf`: several policies at once (a sample goes on only if all say so).
+
+An energy policy reads ``ctx.cost(graph, metric="energy_mj", stat="mean")`` exactly as
+:class:`Deadline` reads latency; it is added once profiles carry energy (docs/runtime.md).
+
+Policies hold no per-call state, so one policy object may serve several threads at once.
+
+Example:
+    >>> class FirstTwo:                          # a user policy: stages 0 and 1 only
+    ...     name, budget_ms, needs_profile = "first-two", None, False
+    ...     def decide(self, ctx):
+    ...         return CONTINUE if ctx.stage < 2 else STOP
+    >>> runner.run(x, policy=FirstTwo())
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "AllOf", "CONTINUE", "Confidence", "Context", "Deadline", "Decision", "Fixed", "Full", "Policy", "STOP",
+    "confidence_of",
+]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do before a stage.
+
+    Args:
+        go: True (every active sample runs the stage), False (stop here), or a boolean mask over
+            the active samples: those True run the stage, the others leave with the answer
+            they have.
+        fused: before stage 0 only: run the fused prefix graph ``prefix{fused}`` instead of the
+            stages, then stop (budget mode).
+        abort_after_ms: abort the stage (where the target can) if it is still running this many
+            milliseconds after the request started; the previous answer is returned.
+    """
+
+    go: bool | np.ndarray = True
+    fused: int | None = None
+    abort_after_ms: float | None = None
+
+
+CONTINUE = Decision(True)
+STOP = Decision(False)
+
+
+class Context:
+    """What a policy knows before a stage. Built by the runner; policies only read it.
+
+    Attributes:
+        stage: index of the stage about to run (0 … num_stages-1).
+        num_stages: stages in the bundle.
+        elapsed_ms: time since the request started.
+        batch: samples still active.
+        members: members averaged so far (0 before stage 0).
+        prefixes: number of fused prefix graphs in the bundle (``prefix0`` …).
+    """
+
+    __slots__ = ("stage", "num_stages", "elapsed_ms", "batch", "members", "prefixes", "_probs_fn", "_probs",
+                 "_cost_fn")
+
+    def __init__(self, stage: int, num_stages: int, elapsed_ms: float, batch: int, members: int, prefixes: int,
+                 probs_fn: Callable[[], np.ndarray] | None, cost_fn: Callable[[str, int, str, str], float]) -> None:
+        self.stage = stage
+        self.num_stages = num_stages
+        self.elapsed_ms = elapsed_ms
+        self.batch = batch
+        self.members = members
+        self.prefixes = prefixes
+        self._probs_fn = probs_fn
+        self._probs: np.ndarray | None = None
+        self._cost_fn = cost_fn
+
+    @property
+    def probs(self) -> np.ndarray | None:
+        """Combined class probabilities [batch, classes] of the active samples after stages
+        0..stage-1 (None before stage 0); computed on first access."""
+        if self._probs is None and self._probs_fn is not None:
+            self._probs = self._probs_fn()
+        return self._probs
+
+    def cost(self, graph: str, stat: str = "p99", metric: str = "latency_ms") -> float:
+        """A profiled cost of ``graph`` (``stage2``, ``prefix1``) at the active batch size, from the
+        latency profile of this device and setting.
+
+        Raises:
+            ProfileError: no usable profile (the message says how to make one), or the profile
+                does not have ``metric``.
+        """
+        return self._cost_fn(graph, self.batch, stat, metric)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """The policy interface.
+
+    Attributes:
+        name: short name for results and reports.
+        budget_ms: the latency budget a result is checked against (``budget_met``), or None.
+        needs_profile: the runner must load the latency profile of this device and setting
+            before the first request (so that a missing or stale one fails early and clearly).
+    """
+
+    name: str
+    budget_ms: float | None
+    needs_profile: bool
+
+    def decide(self, ctx: Context) -> Decision:
+        """The decision before stage ``ctx.stage``."""
+
+
+class Full:
+    """Run every stage."""
+
+    name = "full"
+    budget_ms: float | None = None
+    needs_profile = False
+
+    def decide(self, ctx: Context) -> Decision:
+        return CONTINUE
+
+    def __repr__(self) -> str:
+        return "Full()"
+
+
+class Fixed:
+    """Run the first ``stages`` stages (budget mode).
+
+    Args:
+        stages: how many stages, 1 … the bundle's stage count.
+        fused: use the fused prefix graph ``prefix{stages-1}`` when the bundle has one (faster
+            than the stages one by one; same prediction under ``mean_logits``).
+
+    Raises:
+        ValueError: ``stages`` below 1 or above the bundle's stage count (at the first request).
+    """
+
+    budget_ms: float | None = None
+    needs_profile = False
+
+    def __init__(self, stages: int, fused: bool = True) -> None:
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+            raise ValueError(f"a fixed policy runs at least 1 stage, got stages={stages!r}")
+        self.stages = stages
+        self.fused = fused
+        self.name = f"fixed-{stages}" + ("-fused" if fused else "")
+
+    def decide(self, ctx: Context) -> Decision:
+        if ctx.stage == 0:
+            if self.stages > ctx.num_stages:
+                raise ValueError(f"--stages {self.stages} asks for more stages than the bundle has "
+                                 f"({ctx.num_stages}); use 1..{ctx.num_stages}")
+            if self.fused and self.stages - 1 < ctx.prefixes:
+                return Decision(True, fused=self.stages - 1)
+            return CONTINUE
+        return CONTINUE if ctx.stage < self.stages else STOP
+
+    def __repr__(self) -> str:
+        return f"Fixed({self.stages}, fused={self.fused})"
+
+
+class Deadline:
+    """Go on only while the next stage fits in the time left.
+
+    Before stage k ≥ 1: continue if ``latency(k) + margin_ms <= deadline_ms - elapsed``, where
+    ``latency(k)`` is the profiled ``stat`` (default p99) of stage k at the active batch size on
+    this device and setting. A stage that is started but overruns is aborted by the runner's
+    watchdog at ``deadline_ms - margin_ms`` where the target can abort, and the previous
+    answer is returned. Stage 0 always runs: a deadline shorter than stage 0 still returns stage
+    0's answer, marked as a miss.
+
+    Args:
+        deadline_ms: the per-request latency budget, from the request's start.
+        margin_ms: safety margin for what follows a stage (combination, result) and jitter.
+        stat: which profile statistic predicts a stage: ``p99`` (default), ``p95``, ``p90``,
+            ``median``, ``mean``, ``max``.
+        latencies_ms: explicit per-stage latencies instead of the profile (tests, simulations).
+        watchdog: abort overrunning stages (where the target can).
+    """
+
+    def __init__(self, deadline_ms: float, margin_ms: float = 0.1, stat: str = "p99",
+                 latencies_ms: Sequence[float] | None = None, watchdog: bool = True) -> None:
+        if not (isinstance(deadline_ms, (int, float)) and math.isfinite(deadline_ms) and deadline_ms > 0):
+            raise ValueError(f"the deadline must be a positive number of milliseconds, got {deadline_ms!r}")
+        if not (isinstance(margin_ms, (int, float)) and math.isfinite(margin_ms) and margin_ms >= 0):
+            raise ValueError(f"the deadline margin must be >= 0 ms, got {margin_ms!r}")
+        from kdedge.profile.latency import STATS
+
+        if stat not in STATS:
+            raise ValueError(f"unknown latency statistic {stat!r}; known: {', '.join(STATS)}")
+        self.deadline_ms = float(deadline_ms)
+        self.margin_ms = float(margin_ms)
+        self.stat = stat
+        self.latencies_ms = None if latencies_ms is None else tuple(float(v) for v in latencies_ms)
+        self.watchdog = watchdog
+        self.budget_ms: float | None = self.deadline_ms
+        self.needs_profile = self.latencies_ms is None
+        self.name = f"deadline-{self.deadline_ms:g}ms"
+
+    def latency(self, ctx: Context, k: int) -> float:
+        if self.latencies_ms is not None:
+            if len(self.latencies_ms) != ctx.num_stages:
+                raise ValueError(f"{len(self.latencies_ms)} latencies given for {ctx.num_stages} stages")
+            return self.latencies_ms[k]
+        return ctx.cost(f"stage{k}", self.stat)
+
+    def decide(self, ctx: Context) -> Decision:
+        if ctx.stage == 0:
+            return CONTINUE  # stage 0 always runs, unguarded: it is the answer of last resort
+        left = self.deadline_ms - ctx.elapsed_ms
+        if self.latency(ctx, ctx.stage) + self.margin_ms > left:
+            return STOP
+        return Decision(True, abort_after_ms=self.deadline_ms - self.margin_ms if self.watchdog else None)
+
+    def __repr__(self) -> str:
+        return f"Deadline({self.deadline_ms:g}, margin_ms={self.margin_ms:g}, stat={self.stat!r})"
+
+
+MEASURES = ("max", "margin")
+
+
+def confidence_of(probs: np.ndarray, measure: str = "max") -> np.ndarray:
+    """Per-sample confidence of probabilities [N, K]: the max probability, or the margin between
+    the two largest (``margin``)."""
+    if measure == "max":
+        return probs.max(axis=-1)
+    if measure == "margin":
+        if probs.shape[-1] < 2:
+            return probs.max(axis=-1)
+        top2 = np.partition(probs, -2, axis=-1)[..., -2:]
+        return top2[..., 1] - top2[..., 0]
+    raise ValueError(f"unknown confidence measure {measure!r}; known: {', '.join(MEASURES)}")
+
+
+class Confidence:
+    """Stop, per sample, once the combined prediction is confident enough.
+
+    Before stage k ≥ 1, a sample whose confidence after stages 0..k-1 reaches the threshold of
+    exit k-1 leaves the batch with that answer; the others run stage k.
+
+    Args:
+        threshold: one threshold in [0, 1] for every exit, or one per exit (e.g. fitted on
+            validation data by ``kdedge.runtime.exits.fit_thresholds``; a sample leaves exit k
+            when ``confidence >= threshold[k]``; the last exit's value is not used).
+        measure: ``max`` (max probability) or ``margin`` (top-1 minus top-2 probability).
+    """
+
+    budget_ms: float | None = None
+    needs_profile = False
+
+    def __init__(self, threshold: float | Sequence[float], measure: str = "max") -> None:
+        values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
+        if not values or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"confidence thresholds must be numbers >= 0 (probabilities), got {threshold!r}")
+        if measure not in MEASURES:
+            raise ValueError(f"unknown confidence measure {measure!r}; known: {', '.join(MEASURES)}")
+        self.thresholds = tuple(float(v) for v in values)
+        self.per_exit = not isinstance(threshold, (int, float))
+        self.measure = measure
+        self.name = f"confidence-{measure}" + ("" if self.per_exit else f"-{self.thresholds[0]:g}")
+
+    def threshold(self, exit_index: int, num_stages: int) -> float:
+        if not self.per_exit:
+            return self.thresholds[0]
+        if len(self.thresholds) not in (num_stages - 1, num_stages):
+            raise ValueError(f"{len(self.thresholds)} confidence thresholds for {num_stages} stages; give "
+                             f"{num_stages - 1} or {num_stages}")
+        return self.thresholds[exit_index]
+
+    def decide(self, ctx: Context) -> Decision:
+        if ctx.stage == 0:
+            return CONTINUE
+        th = self.threshold(ctx.stage - 1, ctx.num_stages)
+        probs = ctx.probs
+        assert probs is not None
+        go = confidence_of(probs, self.measure) < th
+        if go.all():
+            return CONTINUE
+        if not go.any():
+            return STOP
+        return Decision(go)
+
+    def __repr__(self) -> str:
+        th = list(self.thresholds) if self.per_exit else self.thresholds[0]
+        return f"Confidence({th!r}, measure={self.measure!r})"
+
+
+class AllOf:
+    """Several policies at once: a sample runs a stage only if every policy lets it; the
+    earliest abort time wins; the budget is the smallest one. Fused prefixes are not used.
+
+    Example:
+        >>> runner.run(x, policy=AllOf(Deadline(5.0), Confidence(0.9)))
+    """
+
+    def __init__(self, *policies: Any) -> None:
+        if not policies:
+            raise ValueError("AllOf needs at least one policy")
+        self.policies = tuple(policies)
+        budgets = [p.budget_ms for p in policies if p.budget_ms is not None]
+        self.budget_ms: float | None = min(budgets) if budgets else None
+        self.needs_profile = any(getattr(p, "needs_profile", False) for p in policies)
+        self.name = "+".join(p.name for p in policies)
+
+    def decide(self, ctx: Context) -> Decision:
+        go: bool | np.ndarray = True
+        abort: float | None = None
+        for p in self.policies:
+            d = p.decide(ctx)
+            if d.abort_after_ms is not None:
+                abort = d.abort_after_ms if abort is None else min(abort, d.abort_after_ms)
+            if d.go is False:
+                if ctx.stage > 0:
+                    return STOP
+                continue
+            if d.go is not True:
+                go = d.go if go is True else (go & d.go)
+        if go is not True and not np.any(go):
+            return STOP
+        return Decision(go, abort_after_ms=abort)
+
+    def __repr__(self) -> str:
+        return f"AllOf({', '.join(repr(p) for p in self.policies)})"

@@ -1,0 +1,484 @@
+"""The anytime runner: run a bundle's stages one by one on the device, stopping when a policy says so.
+
+``Runner(bundle)`` opens the bundle (manifest and checksums verified), creates one session per
+stage for the target, and ``run(x, policy)`` runs stage 0, 1, … in order, feeding each the
+tensors carried from earlier stages and keeping the running combination of the completed
+stages' logits. Before each stage the policy decides whether to go on (for the whole batch or
+per sample); the result says, per sample, which stage the answer came from, how many members it
+averages, how long each stage took and whether the budget was met.
+
+Threads: ``run`` may be called from several threads at once. The runner's shared state is
+read-only after construction (sessions, wiring, the loaded profile) or guarded by a lock (the
+lazily opened prefix sessions, the profile cache, the watchdog); every call keeps its own
+state (the running combination, carried tensors, abort handles), and the preallocated buffers
+of the fast path belong to the calling thread (``threading.local``).
+
+Low overhead: with a target that can bind buffers (onnxruntime's IOBinding), each thread keeps,
+per batch size, output buffers for every stage bound once; a call rebinds only the input array
+and runs the stages back to back with no allocation besides the combination's.
+
+Example:
+    >>> with Runner("hne.kdedge", threads=2) as runner:
+    ...     res = runner.run(x, Deadline(5.0))
+    ...     res[0].label, res[0].stage, res[0].total_ms, res[0].budget_met
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from kdedge.runtime.bundle import INPUT, Bundle, StageEntry, open_bundle
+from kdedge.runtime.combine import Running, check_rule
+from kdedge.runtime.inputs import check_batch
+from kdedge.runtime.policies import Context, Full, Policy
+from kdedge.runtime.sessions import (AbortHandle, OrtOptions, Session, StageAborted, Watchdog, get_session_factory,
+                                     numpy_dtype)
+
+__all__ = ["Result", "Results", "Runner"]
+
+_PLANS_PER_THREAD = 8  # batch sizes whose bound buffers a thread keeps (least recently used dropped)
+
+
+@dataclass(frozen=True)
+class Result:
+    """The answer for one sample.
+
+    Attributes:
+        probs: class probabilities [classes] (float64).
+        label: predicted class index.
+        class_name: its name from the manifest.
+        confidence: the predicted class's probability.
+        stage: the last stage whose output the answer includes (a fused prefix counts as its
+            last stage).
+        members: ensemble members the answer averages.
+        stage_ms: time of each stage this sample went through (the batch's, in order).
+        total_ms: time from the request's start to this sample's answer.
+        budget_met: ``total_ms`` within the policy's budget (True when it has none).
+    """
+
+    probs: np.ndarray
+    label: int
+    class_name: str
+    confidence: float
+    stage: int
+    members: int
+    stage_ms: tuple[float, ...]
+    total_ms: float
+    budget_met: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "class": self.class_name, "confidence": self.confidence, "stage": self.stage,
+                "members": self.members, "stage_ms": list(self.stage_ms), "total_ms": self.total_ms,
+                "budget_met": self.budget_met}
+
+
+@dataclass(frozen=True)
+class Results:
+    """The answers for a batch, as arrays; ``results[i]`` is sample i's :class:`Result`.
+
+    Attributes:
+        probs: [N, classes] float64.
+        stage: [N] last stage included in each answer.
+        members: [N] members averaged.
+        total_ms: [N] time to each sample's answer.
+        budget_met: [N] bool.
+        graphs: the graphs run in this call, in order (``stage0``, ``stage1``… or ``prefix2``).
+        stage_ms: the time of each of them (an aborted stage included).
+        aborted: the graph the watchdog aborted, or None.
+        policy: the policy's name.
+        budget_ms: the policy's budget, or None.
+        classes: class names.
+    """
+
+    probs: np.ndarray
+    stage: np.ndarray
+    members: np.ndarray
+    total_ms: np.ndarray
+    budget_met: np.ndarray
+    graphs: tuple[str, ...]
+    stage_ms: tuple[float, ...]
+    aborted: str | None
+    policy: str
+    budget_ms: float | None
+    classes: tuple[str, ...]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """[N] predicted class indices."""
+        return self.probs.argmax(axis=1)
+
+    def __len__(self) -> int:
+        return int(self.probs.shape[0])
+
+    def __getitem__(self, i: int) -> Result:
+        p = self.probs[i]
+        label = int(p.argmax())
+        stage = int(self.stage[i])
+        fused = bool(self.graphs) and self.graphs[0].startswith("prefix")
+        times = self.stage_ms[:1] if fused else self.stage_ms[: stage + 1]
+        return Result(probs=p, label=label, class_name=self.classes[label], confidence=float(p[label]),
+                      stage=stage, members=int(self.members[i]), stage_ms=tuple(times),
+                      total_ms=float(self.total_ms[i]), budget_met=bool(self.budget_met[i]))
+
+    def __iter__(self) -> Iterator[Result]:
+        return (self[i] for i in range(len(self)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "budget_ms": self.budget_ms, "graphs": list(self.graphs),
+                "stage_ms": list(self.stage_ms), "aborted": self.aborted, "results": [r.to_dict() for r in self]}
+
+
+class _Plan:
+    """One thread's preallocated buffers for one batch size, bound to the sessions once."""
+
+    __slots__ = ("buffers", "calls", "input_calls")
+
+    def __init__(self, sessions: Sequence[Session], entries: Sequence[StageEntry], n: int, input_shape: tuple[int, ...]) -> None:
+        self.buffers: dict[str, np.ndarray] = {INPUT: np.zeros((n, *input_shape), np.float32)}
+        for e in entries:
+            for o in e.outputs:
+                self.buffers[o.tensor] = np.empty((n, *o.shape[1:]), numpy_dtype(o.dtype))
+        self.calls = [s.bind(self.buffers) for s in sessions]
+        self.input_calls = [c for c, e in zip(self.calls, entries) if any(i.tensor == INPUT for i in e.inputs)]
+
+
+def _bindable(sessions: Sequence[Session], entries: Sequence[StageEntry]) -> bool:
+    if not all(getattr(s, "can_bind", False) for s in sessions):
+        return False
+    return all(d is not None for e in entries for t in (*e.inputs, *e.outputs) for d in t.shape[1:])
+
+
+class Runner:
+    """Run a bundle's stages under a policy.
+
+    Args:
+        bundle: a bundle directory or an opened :class:`~kdedge.runtime.bundle.Bundle`.
+        target: which of the bundle's targets to run (``onnx``).
+        threads: CPU threads per session (default: the CPUs this process may use); part of the
+            latency profile's key.
+        optimization: onnxruntime graph optimisation level (``all``, ``extended``, …).
+        providers: onnxruntime execution providers (default CPU).
+        combine: combine rule (default: the bundle's default; must be one it supports).
+        policy: the default policy of :meth:`run` (default :class:`~kdedge.runtime.policies.Full`).
+        profile: latency profile for policies that need one: ``"auto"`` (the bundle's profile of
+            this device and setting, loaded when first needed), a path, a
+            :class:`~kdedge.profile.latency.LatencyProfile`, or None.
+        session_factory: ``(bundle, entry, options) -> Session`` (default: the target's;
+            tests pass fakes).
+        session_options: options for the factory (default :class:`OrtOptions` from the
+            arguments above).
+        clock: time source in seconds (default ``time.perf_counter``).
+        watchdog: abort overrunning stages for policies that ask (a thread started on first use).
+        check_inputs: validate every batch (shape, dtype, finite values).
+        bind: use preallocated, bound buffers where the target supports them.
+
+    Raises:
+        BundleError: the bundle is missing, malformed, tampered with or too new.
+        ValueError: a bad argument (unknown rule, provider, …).
+    """
+
+    def __init__(self, bundle: str | Path | Bundle, *, target: str = "onnx", threads: int | None = None,
+                 optimization: str = "all", providers: Sequence[str] | None = None, combine: str | None = None,
+                 policy: Policy | None = None, profile: Any = "auto",
+                 session_factory: Callable[[Bundle, StageEntry, Any], Session] | None = None,
+                 session_options: Any = None, clock: Callable[[], float] = time.perf_counter,
+                 watchdog: bool = True, check_inputs: bool = True, bind: bool = True) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, targets=[target])
+        if target not in self.bundle.targets:
+            raise ValueError(f"bundle {self.bundle.path} has no {target!r} files; it holds "
+                             f"{', '.join(self.bundle.targets)}")
+        self.target = target
+        self.combine = check_rule(combine or self.bundle.combine_default)
+        if self.combine not in self.bundle.combine_supported:
+            raise ValueError(f"bundle {self.bundle.path.name} does not support combine rule {self.combine!r}; it "
+                             f"supports {', '.join(self.bundle.combine_supported)}")
+        if session_options is None and target == "onnx":
+            session_options = OrtOptions(threads=threads, optimization=optimization,
+                                         providers=None if providers is None else tuple(providers))
+        self.options = session_options
+        self.threads = int(getattr(session_options, "resolved_threads", threads or 1))
+        self.policy: Policy = policy if policy is not None else Full()
+        self._factory = session_factory or get_session_factory(target)
+        self._clock = clock
+        self._check_inputs = check_inputs
+        self._bind = bind
+        self.entries = self.bundle.stages
+        self.input_shape = tuple(int(v) for v in self.bundle.input_shape[1:])  # (C, H, W)
+        self.classes = tuple(self.bundle.classes)
+        self.sessions: list[Session] = []
+        try:
+            for e in self.entries:
+                self.sessions.append(self._factory(self.bundle, e, session_options))
+        except BaseException:
+            self.close()
+            raise
+        self._prefix_sessions: dict[int, Session] = {}
+        self._logits = [e.logits_tensor for e in self.entries]
+        self._members = [e.members for e in self.entries]
+        # tensors that stages after k still read: what survives when samples leave the batch
+        self._needed_after = [{i.tensor for e in self.entries[k + 1:] for i in e.inputs} for k in range(len(self.entries))]
+        self._stages_bindable = bind and _bindable(self.sessions, self.entries)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._profile_arg = profile
+        self._profile: Any = None
+        self._cost_cache: dict[tuple[str, int, str, str], float] = {}
+        self._watchdog_enabled = watchdog
+        self._watchdog: Watchdog | None = None
+
+    # -- facts -----------------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return len(self.entries)
+
+    @property
+    def num_prefixes(self) -> int:
+        return len(self.bundle.prefixes)
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the sessions and stop the watchdog."""
+        for s in [*self.sessions, *self._prefix_sessions.values()]:
+            s.close()
+        self.sessions = []
+        self._prefix_sessions = {}
+        if getattr(self, "_watchdog", None) is not None:
+            self._watchdog.close()  # type: ignore[union-attr]
+            self._watchdog = None
+
+    # -- profile ---------------------------------------------------------------------------------
+    @property
+    def profile(self) -> Any:
+        """The latency profile matching this device and setting (loaded and checked on first use).
+
+        Raises:
+            ProfileError: none, stale (the bundle changed since) or foreign (another device or
+                setting); the message says what to run.
+        """
+        if self._profile is None:
+            from kdedge.profile.latency import resolve_profile
+
+            with self._lock:
+                if self._profile is None:
+                    self._profile = resolve_profile(self.bundle, self._profile_arg, target=self.target,
+                                                    threads=self.threads)
+        return self._profile
+
+    def reload_profile(self) -> None:
+        """Forget the loaded profile (e.g. after the power mode changed); the next use reloads it."""
+        with self._lock:
+            self._profile = None
+            self._cost_cache = {}
+
+    def _cost(self, graph: str, batch: int, stat: str, metric: str) -> float:
+        key = (graph, batch, stat, metric)
+        v = self._cost_cache.get(key)
+        if v is None:
+            v = self.profile.stat(graph, batch, stat=stat, metric=metric)
+            self._cost_cache[key] = v
+        return v
+
+    # -- sessions and plans ------------------------------------------------------------------------
+    def _prefix_session(self, j: int) -> Session:
+        s = self._prefix_sessions.get(j)
+        if s is None:
+            if not 0 <= j < self.num_prefixes:
+                raise ValueError(f"bundle {self.bundle.path.name} has {self.num_prefixes} fused prefixes; "
+                                 f"prefix{j} does not exist")
+            with self._lock:
+                s = self._prefix_sessions.get(j)
+                if s is None:
+                    s = self._factory(self.bundle, self.bundle.prefixes[j], self.options)
+                    self._prefix_sessions[j] = s
+        return s
+
+    def _plan(self, key: tuple[Any, ...], sessions: Sequence[Session], entries: Sequence[StageEntry], n: int) -> _Plan:
+        plans: OrderedDict[tuple[Any, ...], _Plan] | None = getattr(self._local, "plans", None)
+        if plans is None:
+            plans = self._local.plans = OrderedDict()
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = _Plan(sessions, entries, n, self.input_shape)
+            if len(plans) > _PLANS_PER_THREAD:
+                plans.popitem(last=False)
+        else:
+            plans.move_to_end(key)
+        return plan
+
+    def _arm(self, session: Session, t0: float, abort_after_ms: float | None) -> tuple[AbortHandle | None, Any]:
+        if abort_after_ms is None or not getattr(session, "can_abort", False):
+            return None, None
+        handle = session.abort_handle()
+        handle.deadline = t0 + abort_after_ms / 1e3
+        token = None
+        if self._watchdog_enabled:
+            if self._watchdog is None:
+                with self._lock:
+                    if self._watchdog is None:
+                        self._watchdog = Watchdog(self._clock)
+            token = self._watchdog.arm(handle.deadline, handle)  # type: ignore[union-attr]
+        return handle, token
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self, x: np.ndarray, policy: Policy | None = None, *, start: float | None = None) -> Results:
+        """Run a batch under a policy.
+
+        Args:
+            x: the preprocessed batch, float32 [N, C, H, W] (see :mod:`kdedge.runtime.inputs`).
+            policy: the stop policy (default: the runner's).
+            start: the request's start on the runner's clock (default: now); deadlines count from it.
+
+        Returns:
+            :class:`Results` (``results[i]`` is sample i's :class:`Result`).
+
+        Raises:
+            InputError: a batch of the wrong shape or dtype, or with NaN/inf values.
+            ProfileError: the policy needs a latency profile and there is no usable one.
+        """
+        clock = self._clock
+        t0 = clock() if start is None else start
+        policy = self.policy if policy is None else policy
+        if getattr(policy, "needs_profile", False):
+            self.profile  # noqa: B018 - load and check it before running anything
+        if self._check_inputs:
+            x = check_batch(x, self.input_shape)
+        n = x.shape[0]
+        S = len(self.sessions)
+        if S == 0:
+            raise RuntimeError("the runner is closed")
+        d = policy.decide(Context(0, S, (clock() - t0) * 1e3, n, 0, self.num_prefixes, None, self._cost))
+        if d.fused is not None:
+            return self._run_fused(x, int(d.fused), policy, t0)
+
+        running = Running(self.combine)
+        plan = self._plan(("stages", n), self.sessions, self.entries, n) if self._stages_bindable else None
+        feeds: dict[str, np.ndarray] = {}
+        if plan is not None:
+            for call in plan.input_calls:
+                call.set_input(INPUT, x)
+        else:
+            feeds[INPUT] = x
+        idx: np.ndarray | None = None          # original indices of the active samples; None: all
+        out_probs = out_stage = out_members = out_ms = None
+        graphs: list[str] = []
+        stage_ms: list[float] = []
+        aborted: str | None = None
+        last = -1
+        for k in range(S):
+            abort_ms = None
+            if k > 0:
+                ctx = Context(k, S, (clock() - t0) * 1e3, n if idx is None else len(idx), running.members,
+                              self.num_prefixes, running.probs, self._cost)
+                d = policy.decide(ctx)
+                go = d.go
+                if go is False:
+                    break
+                if go is not True:
+                    active = n if idx is None else len(idx)
+                    mask = np.asarray(go, dtype=bool)
+                    if mask.shape != (active,):
+                        raise ValueError(f"policy {policy.name!r} returned a mask of shape {mask.shape} for "
+                                         f"{active} active samples")
+                    if not mask.any():
+                        break
+                    if out_probs is None:
+                        out_probs = np.empty((n, len(self.classes)))
+                        out_stage = np.empty(n, np.int64)
+                        out_members = np.empty(n, np.int64)
+                        out_ms = np.empty(n)
+                    leave = ~mask
+                    where = np.flatnonzero(leave) if idx is None else idx[leave]
+                    probs_now = ctx.probs
+                    assert probs_now is not None
+                    out_probs[where] = probs_now[leave]
+                    out_stage[where] = last
+                    out_members[where] = running.members
+                    out_ms[where] = (clock() - t0) * 1e3
+                    running.keep(mask)
+                    src = plan.buffers if plan is not None else feeds
+                    feeds = {t: (x if t == INPUT else src[t])[mask] for t in self._needed_after[k - 1]}
+                    x = x[mask]
+                    plan = None  # the smaller batch runs unbound
+                    idx = np.flatnonzero(mask) if idx is None else idx[mask]
+                abort_ms = d.abort_after_ms
+            session = self.sessions[k]
+            handle, token = self._arm(session, t0, abort_ms)
+            ts = clock()
+            try:
+                if plan is not None:
+                    plan.calls[k](handle)
+                    logits = plan.buffers[self._logits[k]]
+                else:
+                    outs = session.run(feeds, handle)
+                    feeds.update(outs)
+                    logits = outs[self._logits[k]]
+            except StageAborted:
+                graphs.append(self.entries[k].name)
+                stage_ms.append((clock() - ts) * 1e3)
+                aborted = self.entries[k].name
+                break
+            finally:
+                if token is not None:
+                    Watchdog.disarm(token)
+            stage_ms.append((clock() - ts) * 1e3)
+            graphs.append(self.entries[k].name)
+            running.add(logits, self._members[k])
+            last = k
+
+        probs = running.probs()
+        now_ms = (clock() - t0) * 1e3
+        if out_probs is None:
+            out_probs = probs
+            out_stage = np.full(n, last, np.int64)
+            out_members = np.full(n, running.members, np.int64)
+            out_ms = np.full(n, now_ms)
+        else:
+            assert idx is not None and out_stage is not None and out_members is not None and out_ms is not None
+            out_probs[idx] = probs
+            out_stage[idx] = last
+            out_members[idx] = running.members
+            out_ms[idx] = now_ms
+        return self._results(out_probs, out_stage, out_members, out_ms, graphs, stage_ms, aborted, policy)
+
+    def _run_fused(self, x: np.ndarray, j: int, policy: Policy, t0: float) -> Results:
+        clock = self._clock
+        n = x.shape[0]
+        entry = self.bundle.prefixes[j] if 0 <= j < self.num_prefixes else None
+        session = self._prefix_session(j)
+        assert entry is not None
+        ts = clock()
+        if self._bind and _bindable([session], [entry]):
+            plan = self._plan(("prefix", j, n), [session], [entry], n)
+            plan.calls[0].set_input(INPUT, x)
+            plan.calls[0](None)
+            logits = plan.buffers[entry.logits_tensor]
+        else:
+            logits = session.run({INPUT: x})[entry.logits_tensor]
+        te = clock()
+        running = Running(self.combine)
+        running.set_fused(logits, entry.members_total, entry.last_stage + 1)
+        probs = running.probs()
+        now_ms = (clock() - t0) * 1e3
+        return self._results(probs, np.full(n, entry.last_stage, np.int64), np.full(n, entry.members_total, np.int64),
+                             np.full(n, now_ms), [entry.name], [(te - ts) * 1e3], None, policy)
+
+    def _results(self, probs: np.ndarray, stage: np.ndarray, members: np.ndarray, total_ms: np.ndarray,
+                 graphs: list[str], stage_ms: list[float], aborted: str | None, policy: Policy) -> Results:
+        budget = getattr(policy, "budget_ms", None)
+        met = np.ones(len(total_ms), bool) if budget is None else total_ms <= budget
+        return Results(probs=probs, stage=stage, members=members, total_ms=total_ms, budget_met=met,
+                       graphs=tuple(graphs), stage_ms=tuple(stage_ms), aborted=aborted,
+                       policy=str(getattr(policy, "name", type(policy).__name__)), budget_ms=budget,
+                       classes=self.classes)
