@@ -164,6 +164,7 @@ def test_bad_backbone_options(kwargs, match):
     (dict(config="tiny", scale_channels=[2, 4, 8]), "3 entries for num_scales=2"),
     (dict(config="tiny", prune="most"), "prune must be"),
     (dict(config="tiny", num_exits=0), "num_exits must be an integer >= 1"),
+    (dict(config="tiny", num_scales=9, scale_channels=[2] * 9), "num_scales must be at most 8"),
     (dict(config="cifar", input_size=(2, 2)), "need inputs of at least 4x4"),
 ])
 def test_bad_msdnet_options(kwargs, match):
@@ -195,7 +196,7 @@ def test_tiny_msdnet_stages_export_to_onnx_with_dynamic_batch(tmp_path):
         names = [f"in{i}" for i in range(len(args))]
         batch = torch.export.Dim("batch", min=1, max=4096)
         program = torch.onnx.export(stage, args, input_names=names, output_names=list(stage.spec.outputs),
-                                    dynamo=True, dynamic_shapes=(tuple({0: batch} for _ in args),), verbose=False)
+                                    dynamo=True, dynamic_shapes=tuple({0: batch} for _ in args), verbose=False)
         path = tmp_path / f"stage{k}.onnx"
         program.save(str(path))
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -39,6 +39,7 @@ from kdedge.models.exit_heads import ExitHead, init_multiexit_weights
 
 PRUNE_MODES = ("min", "max", None)
 STEMS = ("cifar", "imagenet")
+MAX_SCALES = 8  # stage modules take at most this many carried scales (explicit forward parameters)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class MSDNetConfig:
                 raise bad(f"{name} must be an integer >= 1, got {v!r}")
         if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 0:
             raise bad(f"bottleneck must be an integer >= 0 (0 = none), got {self.bottleneck!r}")
+        if self.num_scales > MAX_SCALES:
+            raise bad(f"num_scales must be at most {MAX_SCALES} (a {2 ** (MAX_SCALES - 1)}x downsampling), "
+                      f"got {self.num_scales}")
         if len(self.scale_channels) != self.num_scales:
             raise bad(f"scale_channels has {len(self.scale_channels)} entries for num_scales={self.num_scales}; "
                       f"give one channel unit per scale")

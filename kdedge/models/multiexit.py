@@ -81,7 +81,12 @@ class MSDNetStage(Stage):
                               outputs=("logits", *(f"s{s}" for s in self.carry)), members=1)
         self.training = model.training  # the wrapper follows the model (export warns in train mode)
 
-    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+    # Explicit positional parameters rather than *inputs: torch.export matches ``dynamic_shapes``
+    # (one entry per input) to named parameters, which varargs would nest one level deeper.
+    def forward(self, x0: Tensor, x1: Tensor | None = None, x2: Tensor | None = None, x3: Tensor | None = None,
+                x4: Tensor | None = None, x5: Tensor | None = None, x6: Tensor | None = None,
+                x7: Tensor | None = None) -> tuple[Tensor, ...]:
+        inputs = (x0, x1, x2, x3, x4, x5, x6, x7)[: len(self.needs)]
         xs: list[Tensor | None] = [None] * self.num_scales
         for s, t in zip(self.needs, inputs):
             xs[s] = t
