@@ -112,7 +112,7 @@ class Batches:
             if got >= n:
                 break
         if not out:
-            raise ValueError("the data source holds no labelled images")
+            raise ValueError("the data source holds no images")
         return np.concatenate(out)
 
     def count(self) -> int:

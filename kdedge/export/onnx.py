@@ -141,6 +141,29 @@ def check_graph(path: Path, inputs: Sequence[str], outputs: Sequence[str]) -> No
                               "specialises on the batch size (avoid x.shape[0] in reshapes; use flatten/unflatten)")
 
 
+def _strip_nodes(graph: Any) -> None:
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _strip_nodes(attr.g)
+            for g in attr.graphs:
+                _strip_nodes(g)
+
+
+def strip_debug_info(path: Path) -> None:
+    """Drop per-node debug metadata (source stack traces, module paths) that the dynamo
+    exporter writes: on small stages it is most of the file, and it names local source paths."""
+    import onnx
+
+    model = onnx.load(str(path))
+    _strip_nodes(model.graph)
+    for fn in model.functions:
+        _strip_nodes(fn)
+    onnx.save(model, str(path))
+
+
 def simplify_file(path: Path) -> None:
     """Simplify an ONNX file in place with onnxsim (it keeps the symbolic batch)."""
     try:
@@ -191,6 +214,7 @@ def export_graph(module: nn.Module, args: tuple[Tensor, ...], path: str | Path, 
             with torch.no_grad():
                 (_export_dynamo if name == "dynamo" else _export_legacy)(module, args, path, inputs, outputs, opset)
             check_graph(path, inputs, outputs)
+            strip_debug_info(path)
             used = name
             break
         except Exception as e:  # exporter failures come as many types; the next exporter is the fallback

@@ -143,16 +143,25 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
     out = Path(out)
     mf.check_destination(out.absolute(), force)
     inf = normalise_info(info)
-    val = Batches(val_data, batch_size)
+    try:
+        val = Batches(val_data, batch_size)
+        ex = val.first(2)
+    except ExportError:
+        raise
+    except ValueError as e:
+        raise ExportError(f"validation data: {e}") from None
     calib = None
     if precision == "int8":
         if calib_data is None:
             raise ExportError("precision int8 needs calibration images: pass calib_data (a few hundred training images)")
-        calib = Batches(calib_data, batch_size, limit=calib_size, keep_unlabelled=True)
+        try:
+            calib = Batches(calib_data, batch_size, limit=calib_size, keep_unlabelled=True)
+            calib.first(1)
+        except ValueError as e:
+            raise ExportError(f"calibration data: {e}") from None
 
     plan = plan_model(model)
     shape = (inf["in_channels"], *inf["input_size"])
-    ex = val.first(2)
     if tuple(ex.shape[1:]) != tuple(shape):
         raise ExportError(f"validation images are {tuple(ex.shape[1:])}, the dataset info says {shape} (C, H, W)")
     if len(ex) == 1:
