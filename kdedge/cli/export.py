@@ -1,8 +1,73 @@
-"""``kdedge export``: not built yet."""
+"""``kdedge export``: a trained run → a verified bundle of stage files."""
 
 from __future__ import annotations
 
-from kdedge.cli.pending import _pending
+from pathlib import Path
+from typing import Optional
 
-HELP = "Not available yet in this version of kdedge."
-command = _pending("export", "export")
+import typer
+
+from kdedge.cli.common import err, handle_errors, print_json
+
+
+def _help() -> str:
+    from kdedge.export.targets import format_table
+
+    return f"""Slice a finished run into stages (HNE levels, the AHBF student, multi-exit exits),
+export each stage, verify every stage and every combined prediction against torch on the
+validation split, and write a bundle (manifest.json + stage files) atomically.
+
+Examples:
+
+  kdedge export runs/hne-demo --target onnx --out hne.kdedge
+
+  kdedge export runs/hne-demo --out hne-int8.kdedge --precision int8 --int8-max-drop 1.0
+
+Targets:
+
+{format_table()}
+"""
+
+
+HELP = _help()
+
+
+@handle_errors
+def command(
+    run_dir: Path = typer.Argument(..., help="A finished run directory (from kdedge train)."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Bundle directory to create."),
+    target: str = typer.Option("onnx", help="Export target (see the table above)."),
+    precision: str = typer.Option("fp32", help="fp32 or int8 (static QDQ, gated by accuracy)."),
+    opset: int = typer.Option(18, help="ONNX opset."),
+    simplify: bool = typer.Option(False, help="Simplify stage graphs with onnxsim."),
+    split: str = typer.Option("val", help="Split that verifies the export and gives the manifest's accuracies."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the run's dataset lives now."),
+    val_limit: Optional[int] = typer.Option(None, help="Verify on at most this many images."),
+    calib_size: int = typer.Option(256, help="INT8: number of training images to calibrate on."),
+    int8_max_drop: float = typer.Option(1.0, help="INT8: fail when a stage loses more accuracy points than this."),
+    int8_keep_fp32: bool = typer.Option(False, help="INT8: keep FP32 for a stage that fails the gate instead of failing."),
+    atol: float = typer.Option(1e-4, help="Verification absolute tolerance."),
+    rtol: float = typer.Option(1e-3, help="Verification relative tolerance."),
+    force: bool = typer.Option(False, help="Replace an existing bundle at --out (atomically)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the bundle summary as JSON."),
+) -> None:
+    from kdedge.export import export_run, format_inspect, format_report, inspect_bundle
+
+    def progress(msg: str) -> None:
+        if not json_out:
+            err.print(f"[dim]{msg}[/]", highlight=False)
+
+    path = export_run(run_dir, out_path, data_root=data_root, split=split, calib_size=calib_size, val_limit=val_limit,
+                      target=target, precision=precision, opset=opset, simplify=simplify, int8_max_drop=int8_max_drop,
+                      int8_keep_fp32=int8_keep_fp32, atol=atol, rtol=rtol, force=force, progress=progress)
+    summary = inspect_bundle(path)
+    if json_out:
+        print_json(summary)
+        return
+    report_path = Path(path) / "reports" / "verify.json"
+    if report_path.is_file():
+        import json
+
+        typer.echo(format_report(json.loads(report_path.read_text())))
+    typer.echo(format_inspect(summary))
+    err.print(f"wrote {path}", highlight=False)

@@ -1,0 +1,3 @@
+"""Latency and power/energy measurement on the device (no torch)."""
+
+from __future__ import annotations
