@@ -98,3 +98,22 @@ def test_doctor_json() -> None:
 def test_eval_missing_path() -> None:
     res = invoke("eval", "/nonexistent/run")
     assert res.exit_code == 2
+
+
+def test_export_inspect_and_eval_bundle_agree_with_the_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    res = invoke("train", "--data", "synthetic", "--epochs", "1", "--out", str(run), "--json", *TINY)
+    assert res.exit_code == 0, res.output
+    bundle = tmp_path / "b.kdedge"
+    res = invoke("export", str(run), "--out", str(bundle), "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["verification"]["passed"] is True
+    res = invoke("export", str(run), "--out", str(bundle))
+    assert res.exit_code == 2 and "--force" in res.output  # never overwritten silently
+    res = invoke("inspect", str(bundle), "--json")
+    assert res.exit_code == 0, res.output
+    res = invoke("eval", str(bundle), "--json")
+    assert res.exit_code == 0, res.output
+    from_bundle = json.loads(res.stdout)["accuracy"]
+    from_run = json.loads(invoke("eval", str(run), "--json").stdout)["accuracy"]
+    assert from_bundle == pytest.approx(from_run, abs=1e-9)
