@@ -157,6 +157,10 @@ def test_tampered_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(ChecksumError, match="stage1 \\(onnx\\).*modified or damaged"):
         open_bundle(tmp_path / "b")
     assert open_bundle(tmp_path / "b", verify=False).stages[1].name == "stage1"
+    with open(tmp_path / "b" / "onnx" / "stage0.onnx", "ab") as f:
+        f.write(b"!")
+    with pytest.raises(ChecksumError, match="stage0 \\(onnx\\).*11 bytes, the manifest records 10"):
+        open_bundle(tmp_path / "b")
     write_bundle(tmp_path / "c")
     (tmp_path / "c" / "reports" / "verify.json").unlink()
     with pytest.raises(BundleError, match="report verify file reports/verify.json is missing"):
@@ -241,3 +245,16 @@ def test_reader_imports_without_torch(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "2"
+
+
+def test_input_info_drives_the_shared_preprocess(tmp_path: Path) -> None:
+    from kdedge.preprocess import preprocess
+
+    write_bundle(tmp_path / "b")
+    info = open_bundle(tmp_path / "b").input_info
+    assert info.in_channels == 3 and info.input_size == (4, 4) and info.class_names == ("a", "b", "c", "d", "e")
+    raw = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    x = preprocess(raw, info)
+    expected = ((raw.astype(np.float32) / 255 - 0.5) / 0.25).transpose(0, 3, 1, 2)  # (raw * scale - mean) / std
+    assert x.shape == (2, 3, 4, 4) and x.dtype == np.float32
+    np.testing.assert_allclose(x, expected, atol=1e-6)

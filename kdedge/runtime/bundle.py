@@ -220,6 +220,30 @@ class StageEntry:
 
 
 @dataclass(frozen=True)
+class InputInfo:
+    """The model input rule of a bundle, with the attribute names of
+    :class:`kdedge.train.data.DatasetInfo`, so ``kdedge.preprocess.preprocess(raw, bundle.input_info)``
+    turns raw images into the model input without torch."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    input_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float
+    channel_order: str
+    class_names: tuple[str, ...]
+    resize: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "num_classes": self.num_classes, "in_channels": self.in_channels,
+                "input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std),
+                "scale": self.scale, "channel_order": self.channel_order, "class_names": list(self.class_names),
+                "resize": self.resize}
+
+
+@dataclass(frozen=True)
 class Bundle:
     """An opened, checked bundle. ``manifest`` is the raw JSON dict (see docs/bundle.md)."""
 
@@ -252,6 +276,16 @@ class Bundle:
     @property
     def preprocessing(self) -> dict[str, Any]:
         return dict(self.manifest["preprocessing"])
+
+    @property
+    def input_info(self) -> InputInfo:
+        """The preprocessing rule and classes (see :class:`InputInfo`)."""
+        p = self.manifest["preprocessing"]
+        return InputInfo(name=str(p["dataset"]), num_classes=self.num_classes, in_channels=int(self.input_shape[1]),
+                         input_size=(int(p["input_size"][0]), int(p["input_size"][1])),
+                         mean=tuple(float(v) for v in p["mean"]), std=tuple(float(v) for v in p["std"]),
+                         scale=float(p["scale"]), channel_order=str(p["channel_order"]), class_names=tuple(self.classes),
+                         resize=None if p["resize"] is None else int(p["resize"]))
 
     @property
     def combine_default(self) -> str:
@@ -443,6 +477,10 @@ def verify_files(path: Path, manifest: dict[str, Any], targets: Sequence[str] | 
             raise BundleError(f"{what}: {f['path']!r} points outside the bundle")
         if not full.exists():
             raise BundleError(f"bundle {path} is incomplete: {what} file {f['path']} is missing")
+        size = path_bytes(full)
+        if size != f["bytes"]:
+            raise ChecksumError(f"bundle {path}: {what} file {f['path']} has {size} bytes, the manifest records "
+                                f"{f['bytes']}; the file was modified or truncated, re-export the bundle")
         digest = sha256_path(full)
         if digest != f["sha256"]:
             raise ChecksumError(f"bundle {path}: {what} file {f['path']} has sha256 {digest[:12]}…, the manifest "
@@ -502,7 +540,7 @@ def open_bundle(path: str | Path, *, targets: Sequence[str] | None = None, verif
 
 
 __all__ = [
-    "Bundle", "BundleError", "BundleVersionError", "COMBINE_RULES", "ChecksumError", "FORMAT", "FileEntry",
+    "Bundle", "BundleError", "BundleVersionError", "COMBINE_RULES", "ChecksumError", "FORMAT", "FileEntry", "InputInfo",
     "MANIFEST", "PRECISIONS", "SCHEMA_VERSION", "StageEntry", "TensorEntry", "check_version", "combine",
     "load_schema", "open_bundle", "output_tensor_name", "path_bytes", "read_manifest", "safe_name", "sha256_path",
     "softmax", "tensor_name", "validate_manifest", "verify_files",
