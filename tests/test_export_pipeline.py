@@ -69,6 +69,20 @@ def test_interrupted_export_keeps_the_old_bundle_and_leaves_no_half_bundle(
     assert not (tmp_path / "new.kdedge").exists() and _siblings(out) == ["b.kdedge"]
 
 
+def test_leftovers_of_a_killed_export_are_recovered(tmp_path: Path) -> None:
+    """A process killed while replacing a bundle (old one moved aside) or while building one:
+    the next export puts the old bundle back and deletes the partial directory."""
+    dead = 999999999  # above any pid_max: no such process
+    shutil.copytree(toy_bundle(), tmp_path / f".b.kdedge.old-{dead}-x1")
+    (tmp_path / f".b.kdedge.partial-{dead}-x2" / "onnx").mkdir(parents=True)
+    live = tmp_path / f".b.kdedge.partial-{__import__('os').getpid()}-x3"  # a running export: left alone
+    live.mkdir()
+    with pytest.raises(ExportError, match="exists; pass --force"):
+        _small_export(tmp_path / "b.kdedge")
+    assert open_bundle(tmp_path / "b.kdedge").family == "toy"
+    assert _siblings(tmp_path / "b.kdedge") == [live.name, "b.kdedge"]
+
+
 def test_bad_requests_fail_with_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, _, xv, yv, info = digits()
     model = trained_toy(False)

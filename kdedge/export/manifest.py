@@ -3,9 +3,10 @@
 A bundle is built in a hidden temporary directory next to its destination
 (``.NAME.partial-PID-XXXX``), every file and directory is fsynced, and only then is it renamed
 to its name, so an interrupted export leaves at most a hidden partial directory and never a
-half bundle under the bundle's name. An existing bundle is replaced only with ``force=True``,
-and then the old one is moved aside only once the new one is complete, and deleted after the
-new one is in place (if the final rename fails, the old one is moved back).
+half bundle under the bundle's name; the next export to that name deletes partial directories
+of dead processes. An existing bundle is replaced only with ``force=True``, and only once the
+new one is complete: the two directories are swapped atomically (Linux), or the old one is
+moved aside and put back if anything fails, then deleted.
 """
 
 from __future__ import annotations
@@ -113,24 +114,73 @@ def check_destination(out: Path, force: bool) -> None:
         raise ExportError(f"{out} exists and is not a kdedge bundle; refusing to replace it even with --force")
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    ok = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    return bool(ok)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours
+        return True
+    return True
+
+
+def _leftovers(out: Path, kind: str) -> list[Path]:
+    """Sibling ``.NAME.<kind>-PID-XXXX`` directories whose process is gone."""
+    found = []
+    for p in out.parent.glob(f".{out.name}.{kind}-*"):
+        pid = p.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)) and p.is_dir():
+            found.append(p)
+    return found
+
+
+def recover(out: Path) -> None:
+    """Clean up after an export that was killed: put back a bundle that was moved aside while
+    being replaced (only if nothing took its place), and delete partial bundles."""
+    for old in _leftovers(out, "old"):
+        if not out.exists() and is_bundle_dir(old):
+            os.rename(old, out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for partial in _leftovers(out, "partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 class BundleDir:
     """The temporary directory a bundle is built in; :meth:`commit` puts it in place.
 
     Example:
         >>> with BundleDir("model.kdedge", force=False) as bd:
         ...     (bd.tmp / "onnx").mkdir(); ...
-        ...     bd.commit()
+        ...     bd.commit(manifest)
     """
 
     def __init__(self, out: str | Path, force: bool) -> None:
         self.out = Path(out).absolute()
         self.force = force
-        check_destination(self.out, force)
         self.tmp = Path("")
         self.committed = False
 
     def __enter__(self) -> BundleDir:
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        recover(self.out)
+        check_destination(self.out, self.force)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-{os.getpid()}-", dir=self.out.parent))
         return self
 
@@ -144,7 +194,13 @@ class BundleDir:
         path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
     def commit(self, manifest: dict[str, Any]) -> Path:
-        """Validate and write the manifest, fsync everything, and rename into place."""
+        """Validate and write the manifest, fsync everything, and put the bundle in place.
+
+        A new path is one ``rename``. Replacing a bundle swaps the two directories in one
+        atomic ``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere the old bundle is renamed
+        aside first and put back if the second rename fails (and by :func:`recover` if the
+        process dies in between).
+        """
         manifest = _jsonable(manifest, "the manifest")
         try:
             validate_manifest(manifest, where="the new manifest")
@@ -155,16 +211,21 @@ class BundleDir:
         check_destination(self.out, self.force)  # something may have appeared meanwhile
         old = None
         if self.out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-{os.getpid()}-", dir=self.out.parent))
-            os.rmdir(old)
-            os.rename(self.out, old)
-        try:
-            os.rename(self.tmp, self.out)
-        except OSError:
-            if old is not None:
-                os.rename(old, self.out)
-            raise
-        self.committed = True
+            if _exchange(self.tmp, self.out):
+                old = self.tmp  # after the swap, the temporary name holds the old bundle
+                self.committed = True
+            else:
+                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-{os.getpid()}-", dir=self.out.parent))
+                os.rmdir(old)
+                os.rename(self.out, old)
+        if not self.committed:
+            try:
+                os.rename(self.tmp, self.out)
+            except OSError:
+                if old is not None:
+                    os.rename(old, self.out)
+                raise
+            self.committed = True
         _fsync_dir(self.out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

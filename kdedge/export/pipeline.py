@@ -141,6 +141,8 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
     tol = Tolerances(atol, rtol, min_top1_agreement)
     prov = dict(provenance or {})
     out = Path(out)
+    if out.absolute().parent.is_dir():
+        mf.recover(out.absolute())
     mf.check_destination(out.absolute(), force)
     inf = normalise_info(info)
     try:
