@@ -197,3 +197,31 @@ def test_fit_trains_and_resumes_with_the_temperature(tmp_path: Path):
     b = load_file(str(tmp_path / "part" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["test"] == full["test"]
+
+
+def _rank_mean(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from kdedge.train.tasks.multiexit import _mean_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        value = _mean_over_ranks(torch.tensor(0.2 + 0.6 * rank))  # ranks see 0.2 and 0.8
+        Path(out, f"rank{rank}.txt").write_text(repr(float(value)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_teacher_confidence_is_averaged_over_ranks(tmp_path: Path):
+    """Every rank anneals from the same confidence, so the temperatures never drift apart."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_mean, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    values = [float((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
+    assert values == pytest.approx([0.5, 0.5])
