@@ -1,8 +1,89 @@
-"""``kdedge profile``: not built yet."""
+"""``kdedge profile``: measure the latency of every stage and fused prefix of a bundle on this device."""
 
 from __future__ import annotations
 
-from kdedge.cli.pending import _pending
+from pathlib import Path
+from typing import Optional
 
-HELP = "Not available yet in this version of kdedge."
-command = _pending("profile", "profile")
+import typer
+
+from kdedge.cli.common import err, handle_errors, out, print_json
+
+HELP = """Measure the latency of every stage and fused prefix of a bundle on this device, after
+warm-up: min, mean, median, p90, p95, p99 and max at each batch size. The profile is written
+atomically into the bundle as profiles/<device>-<setting>.json (the setting includes the thread
+count), with a PNG of accuracy against latency per stage; the deadline policy of kdedge run
+uses the profile that matches the device and setting it runs under.
+
+Examples:
+
+  kdedge profile hne.kdedge
+
+  kdedge profile hne.kdedge --batch 1,32 --runs 500 --threads 2
+
+  kdedge profile hne.kdedge --json
+"""
+
+
+def parse_batches(text: str) -> list[int]:
+    """``"1,32"`` -> [1, 32]; a clear error otherwise."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"--batch takes comma-separated positive integers such as 1,32; got {text!r}")
+    return sorted(set(values))
+
+
+@handle_errors
+def command(
+    bundle: Path = typer.Argument(..., help="A bundle directory (from kdedge export)."),
+    target: str = typer.Option("onnx", help="Which of the bundle's targets to measure."),
+    batch: str = typer.Option("1", "--batch", help="Batch sizes, comma-separated (e.g. 1,32)."),
+    runs: int = typer.Option(200, help="Timed rounds per batch size (each runs the chain and every prefix once)."),
+    warmup: int = typer.Option(20, help="Untimed rounds first."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per session (default: all usable CPUs)."),
+    optimization: str = typer.Option("all", help="onnxruntime graph optimisation: disable, basic, extended, layout, all."),
+    plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the accuracy-vs-latency PNG next to the profile."),
+    json_out: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    from kdedge.profile.latency import STATS, format_table, profile_bundle
+
+    batches = parse_batches(batch)
+    if runs < 1:
+        raise ValueError(f"--runs must be at least 1, got {runs}")
+    if warmup < 0:
+        raise ValueError(f"--warmup must be 0 or more, got {warmup}")
+    if json_out or quiet:
+        prof, path, png = profile_bundle(bundle, target=target, batches=batches, runs=runs, warmup=warmup,
+                                         threads=threads, optimization=optimization, plot=plot)
+    else:
+        from kdedge.cli.progress import make_progress
+
+        with make_progress() as bar:
+            task = bar.add_task("profile", total=len(batches) * (runs + warmup), info="")
+
+            def tick(done: int, total: int, message: str) -> None:
+                bar.update(task, completed=done, info=message)
+
+            prof, path, png = profile_bundle(bundle, target=target, batches=batches, runs=runs, warmup=warmup,
+                                             threads=threads, optimization=optimization, plot=plot, progress=tick)
+    if json_out:
+        print_json({**prof.data, "path": str(path), "plot": None if png is None else str(png)})
+        return
+    from rich.table import Table
+
+    t = Table(title=f"latency (ms) on {prof.device}, setting {prof.setting}, {prof.threads} thread(s), "
+                    f"{prof.data['runs']} runs after {prof.data['warmup']} warm-up")
+    for col in ("graph", "batch", *STATS):
+        t.add_column(col, justify="left" if col == "graph" else "right", no_wrap=True)
+    for row in format_table(prof):
+        t.add_row(row["graph"], str(row["batch"]), *[f"{row[k]:.3g}" for k in STATS])
+    out.print(t)
+    err.print(f"profile: {path}", highlight=False)
+    if png is not None:
+        err.print(f"plot: {png}", highlight=False)
+    elif plot:
+        err.print("plot: not written (matplotlib is not installed)", highlight=False)

@@ -1,8 +1,165 @@
-"""``kdedge run``: not built yet."""
+"""``kdedge run``: run a bundle on inputs (or a dataset split) under a deadline, confidence or fixed budget."""
 
 from __future__ import annotations
 
-from kdedge.cli.pending import _pending
+from pathlib import Path
+from typing import Any, Optional
 
-HELP = "Not available yet in this version of kdedge."
-command = _pending("run", "run")
+import typer
+
+from kdedge.cli.common import err, handle_errors, out, print_json
+
+HELP = """Run a bundle's stages one by one on this device and stop when the budget says so:
+a deadline per request (--deadline-ms, needs a latency profile from kdedge profile), a
+confidence threshold (--confidence), or a fixed number of stages (--stages, through the fused
+prefix graph when the bundle has one). Prints each prediction with the stage it came from and
+the time spent. Each batch of --batch inputs is one request.
+
+Examples:
+
+  kdedge run hne.kdedge --input digit.png
+
+  kdedge run hne.kdedge --input images/ --deadline-ms 2 --json
+
+  kdedge run hne.kdedge --input batch.npy --confidence 0.9 --batch 32
+
+  kdedge run hne.kdedge --input batch.npy --stages 2
+
+  kdedge run hne.kdedge --data mnist5k --deadline-ms 0.5
+"""
+
+
+def _policy(deadline_ms: Optional[float], confidence: Optional[float], stages: Optional[int], fused: bool,
+            margin_ms: float, stat: str, measure: str) -> Any:
+    from kdedge.runtime.policies import make_policy
+
+    if confidence is not None and not 0.0 <= confidence <= 1.0:
+        raise ValueError(f"--confidence is a probability threshold in [0, 1], got {confidence}")
+    return make_policy(deadline_ms=deadline_ms, confidence=confidence, stages=stages, fused=fused,
+                       margin_ms=margin_ms, stat=stat, measure=measure)
+
+
+def _dataset(name: str, data_root: Optional[str], split: str, seed: int, limit: Optional[int], bundle: Any) -> tuple[Any, Any, str]:
+    """Raw images of a dataset split, preprocessed by the bundle's rule, and their labels (needs torch)."""
+    import numpy as np
+
+    from kdedge.runtime.inputs import preprocess
+    from kdedge.train.data import DataConfig, load_data
+
+    if split not in ("val", "test"):
+        raise ValueError(f"--split must be 'val' or 'test', got {split!r}")
+    splits = load_data(DataConfig(name=name, root=data_root), seed)
+    ds = getattr(splits, split)
+    info = splits.info
+    if info.num_classes != bundle.num_classes:
+        raise ValueError(f"dataset {name} has {info.num_classes} classes, the bundle {bundle.path.name} has "
+                         f"{bundle.num_classes}; evaluate it on the dataset it was exported for "
+                         f"({bundle.preprocessing.get('dataset')})")
+    count = len(ds) if limit is None else min(limit, len(ds))
+    raw = np.stack([ds.raw(i) for i in range(count)])
+    x = preprocess(raw, bundle, where=f"dataset {name} ({split})")
+    y = np.asarray(ds.targets[:count], dtype=np.int64)
+    return x, y, info.name
+
+
+def _print_results(rows: list[dict[str, Any]], budget: Optional[float]) -> None:
+    from rich.table import Table
+
+    t = Table()
+    for col in ("input", "class", "p", "stage", "members", "time (ms)", *(["met"] if budget is not None else [])):
+        t.add_column(col, justify="left" if col in ("input", "class") else "right")
+    for r in rows:
+        t.add_row(r["input"], r["class"], f"{r['confidence']:.3f}", str(r["stage"]), str(r["members"]),
+                  f"{r['total_ms']:.3f}", *(["yes" if r["budget_met"] else "[red]MISS[/]"] if budget is not None else []))
+    out.print(t)
+
+
+def _summary(rows: list[dict[str, Any]], budget: Optional[float]) -> dict[str, Any]:
+    import numpy as np
+
+    ms = np.asarray([r["total_ms"] for r in rows])
+    met = np.asarray([r["budget_met"] for r in rows])
+    return {"n": len(rows), "mean_stage": float(np.mean([r["stage"] for r in rows])), "budget_ms": budget,
+            "misses": int((~met).sum()), "latency_ms": {"p50": float(np.percentile(ms, 50)),
+                                                        "p99": float(np.percentile(ms, 99, method="higher")),
+                                                        "max": float(ms.max())}}
+
+
+@handle_errors
+def command(
+    bundle: Path = typer.Argument(..., help="A bundle directory (from kdedge export)."),
+    input_path: Optional[Path] = typer.Option(None, "--input", "-i", help="An image file, a directory of images, or a .npy batch (uint8 raw images or float32 preprocessed [N, C, H, W])."),
+    data: Optional[str] = typer.Option(None, "--data", help="Evaluate over a dataset split instead (mnist5k, digits, cifar10, ...; needs the train extra)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Directory of cifar10/cifar100/imagefolder data."),
+    split: str = typer.Option("test", help="With --data: the split, test or val."),
+    limit: Optional[int] = typer.Option(None, help="With --data: use at most this many samples."),
+    seed: int = typer.Option(0, help="With --data: the data seed (the test split is the same for every seed)."),
+    deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms", help="Latency budget per request in ms (uses the latency profile of this device)."),
+    margin_ms: float = typer.Option(0.1, "--margin-ms", help="Deadline safety margin in ms."),
+    stat: str = typer.Option("p99", help="Profile statistic that predicts a stage's latency (p99, p95, median, max...)."),
+    confidence: Optional[float] = typer.Option(None, help="Stop a sample once the combined max probability reaches this."),
+    measure: str = typer.Option("max", help="Confidence measure: max (max probability) or margin (top-1 minus top-2)."),
+    stages: Optional[int] = typer.Option(None, help="Run exactly the first N stages (budget mode)."),
+    fused: bool = typer.Option(True, "--fused/--no-fused", help="With --stages: use the fused prefix graph when the bundle has one."),
+    batch: int = typer.Option(1, help="Inputs per request (per runner call)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per session (default: all usable CPUs); part of the profile's key."),
+    target: str = typer.Option("onnx", help="Which of the bundle's targets to run."),
+    combine: Optional[str] = typer.Option(None, help="Combine rule (default: the bundle's): mean_logits, mean_probs, last."),
+    profile: Optional[Path] = typer.Option(None, help="A latency profile file to use instead of the bundle's own for this device."),
+    json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
+) -> None:
+    from kdedge.runtime import Runner
+    from kdedge.runtime.inputs import load_inputs
+
+    if (input_path is None) == (data is None):
+        raise ValueError("give exactly one of --input PATH (images or a .npy batch) or --data NAME (a dataset split)")
+    if batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {batch}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    policy = _policy(deadline_ms, confidence, stages, fused, margin_ms, stat, measure)
+    with Runner(bundle, target=target, threads=threads, combine=combine,
+                profile=str(profile) if profile is not None else "auto") as runner:
+        if getattr(policy, "needs_profile", False):
+            runner.profile  # noqa: B018 - a missing/stale/foreign profile fails before any work
+        if data is not None:
+            x, y, name = _dataset(data, data_root, split, seed, limit, runner.bundle)
+            runner.warmup(sorted({min(batch, len(x)), len(x) % batch or batch}))
+            result = runner.evaluate(x, y, policy, batch=batch)
+            result = {"bundle": str(bundle), "data": name, "split": split, "threads": runner.threads, **result}
+            result.pop("labels")
+            result.pop("stages")
+            if json_out:
+                print_json(result)
+                return
+            acc = f"accuracy {100 * result['accuracy']:.2f}%"
+            out.print(f"[bold]{runner.bundle.family}[/] on {name} [{split}] under {result['policy']}: {acc} "
+                      f"(n={result['n']}), mean stage reached {result['mean_stage']:.2f}", highlight=False)
+            out.print(f"answers per stage: {result['stage_counts']}", highlight=False)
+            lat = result["latency_ms"]
+            miss = (f"; deadline misses {result['misses']} ({100 * result['miss_rate']:.2f}%)"
+                    if result["budget_ms"] is not None else "")
+            out.print(f"latency p50 {lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms, max {lat['max']:.3f} ms{miss}",
+                      highlight=False)
+            return
+        assert input_path is not None
+        inputs = load_inputs(input_path, runner.bundle)
+        runner.warmup(sorted({min(batch, len(inputs)), len(inputs) % batch or batch}))
+        rows: list[dict[str, Any]] = []
+        budget = None
+        for i in range(0, len(inputs), batch):
+            res = runner.run(inputs.x[i: i + batch], policy)
+            budget = res.budget_ms
+            for name, r in zip(inputs.names[i: i + batch], res):
+                rows.append({"input": name, **r.to_dict()})
+        summary = _summary(rows, budget)
+        if json_out:
+            print_json({"bundle": str(bundle), "policy": getattr(policy, "name", str(policy)), "threads": runner.threads,
+                        "results": rows, "summary": summary})
+            return
+        _print_results(rows, budget)
+        lat = summary["latency_ms"]
+        miss = f", deadline misses {summary['misses']}/{summary['n']}" if budget is not None else ""
+        err.print(f"{summary['n']} input(s) under {getattr(policy, 'name', policy)}: mean stage reached "
+                  f"{summary['mean_stage']:.2f}, latency p50 {lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms{miss}",
+                  highlight=False)

@@ -39,7 +39,7 @@ import numpy as np
 
 __all__ = [
     "AllOf", "CONTINUE", "Confidence", "Context", "Deadline", "Decision", "Fixed", "Full", "Policy", "STOP",
-    "confidence_of",
+    "confidence_of", "make_policy",
 ]
 
 
@@ -343,3 +343,29 @@ class AllOf:
 
     def __repr__(self) -> str:
         return f"AllOf({', '.join(repr(p) for p in self.policies)})"
+
+
+def make_policy(*, deadline_ms: float | None = None, confidence: float | Sequence[float] | None = None,
+                stages: int | None = None, fused: bool = True, margin_ms: float = 0.1, stat: str = "p99",
+                measure: str = "max") -> Any:
+    """The policy for a set of command-line style options.
+
+    ``stages`` alone gives :class:`Fixed`; ``deadline_ms`` and/or ``confidence`` give
+    :class:`Deadline`, :class:`Confidence` or both (:class:`AllOf`); nothing gives :class:`Full`.
+
+    Raises:
+        ValueError: ``stages`` together with a deadline or a confidence threshold.
+    """
+    if stages is not None:
+        if deadline_ms is not None or confidence is not None:
+            raise ValueError("--stages fixes the stages in advance; it cannot be combined with --deadline-ms or "
+                             "--confidence (drop one)")
+        return Fixed(stages, fused=fused)
+    chosen: list[Any] = []
+    if deadline_ms is not None:
+        chosen.append(Deadline(deadline_ms, margin_ms=margin_ms, stat=stat))
+    if confidence is not None:
+        chosen.append(Confidence(confidence, measure=measure))
+    if not chosen:
+        return Full()
+    return chosen[0] if len(chosen) == 1 else AllOf(*chosen)

@@ -222,8 +222,12 @@ class Runner:
         self._prefix_sessions: dict[int, Session] = {}
         self._logits = [e.logits_tensor for e in self.entries]
         self._members = [e.members for e in self.entries]
-        # tensors that stages after k still read: what survives when samples leave the batch
-        self._needed_after = [{i.tensor for e in self.entries[k + 1:] for i in e.inputs} for k in range(len(self.entries))]
+        # before stage k: the tensors that exist (the input, outputs of stages < k) and that stages
+        # >= k still read; what is kept, for the remaining samples, when some leave the batch
+        self._live_before = []
+        for k in range(len(self.entries)):
+            exist = {INPUT} | {o.tensor for e in self.entries[:k] for o in e.outputs}
+            self._live_before.append(exist & {i.tensor for e in self.entries[k:] for i in e.inputs})
         self._stages_bindable = bind and _bindable(self.sessions, self.entries)
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -332,6 +336,65 @@ class Runner:
         return handle, token
 
     # -- running ---------------------------------------------------------------------------------
+    def warmup(self, batches: Sequence[int] = (1,), runs: int = 3, prefixes: bool = True) -> None:
+        """Run every stage (and fused prefix) ``runs`` times on zeros at each batch size, so that the
+        first real request does not pay for first-run allocations (several milliseconds)."""
+        from kdedge.runtime.policies import Fixed
+
+        for n in batches:
+            x = np.zeros((int(n), *self.input_shape), np.float32)
+            for _ in range(runs):
+                self.run(x, Full())
+                for j in range(self.num_prefixes if prefixes else 0):
+                    self.run(x, Fixed(j + 1, fused=True))
+
+    def evaluate(self, x: np.ndarray, labels: np.ndarray | None = None, policy: Policy | None = None,
+                 batch: int = 1, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Run ``x`` in batches of ``batch`` requests under ``policy`` and summarise.
+
+        Every batch is one request: deadlines count from its start.
+
+        Returns:
+            ``n``, ``accuracy`` (with labels), ``mean_stage``, ``stage_counts`` (samples answered
+            at each stage), ``budget_ms``, ``misses`` and ``miss_rate`` (answers over budget),
+            ``latency_ms`` (p50, p99, max and mean of per-sample times), ``aborted`` (requests
+            whose last stage the watchdog aborted), ``labels`` and ``stages`` (per sample, lists).
+        """
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        policy = self.policy if policy is None else policy
+        n = len(x)
+        pred = np.empty(n, np.int64)
+        stage = np.empty(n, np.int64)
+        ms = np.empty(n)
+        met = np.empty(n, bool)
+        aborted = 0
+        budget = None
+        for i in range(0, n, batch):
+            res = self.run(x[i: i + batch], policy)
+            j = slice(i, i + len(res))
+            pred[j], stage[j], ms[j], met[j] = res.labels, res.stage, res.total_ms, res.budget_met
+            aborted += res.aborted is not None
+            budget = res.budget_ms
+            if progress is not None:
+                progress(min(i + batch, n), n)
+        out: dict[str, Any] = {
+            "n": int(n), "policy": str(getattr(policy, "name", type(policy).__name__)), "batch": int(batch),
+            "mean_stage": float(stage.mean()),
+            "stage_counts": [int(c) for c in np.bincount(stage, minlength=self.num_stages)],
+            "budget_ms": budget, "misses": int((~met).sum()), "miss_rate": float((~met).mean()),
+            "aborted": int(aborted),
+            "latency_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99, method="higher")),
+                           "max": float(ms.max()), "mean": float(ms.mean())},
+            "labels": pred.tolist(), "stages": stage.tolist(),
+        }
+        if labels is not None:
+            y = np.asarray(labels)
+            if y.shape != (n,):
+                raise ValueError(f"labels must have shape [{n}], got {list(y.shape)}")
+            out["accuracy"] = float((pred == y).mean())
+        return out
+
     def run(self, x: np.ndarray, policy: Policy | None = None, *, start: float | None = None) -> Results:
         """Run a batch under a policy.
 
@@ -408,7 +471,7 @@ class Runner:
                     out_ms[where] = (clock() - t0) * 1e3
                     running.keep(mask)
                     src = plan.buffers if plan is not None else feeds
-                    feeds = {t: (x if t == INPUT else src[t])[mask] for t in self._needed_after[k - 1]}
+                    feeds = {t: (x if t == INPUT else src[t])[mask] for t in self._live_before[k]}
                     x = x[mask]
                     plan = None  # the smaller batch runs unbound
                     idx = np.flatnonzero(mask) if idx is None else idx[mask]

@@ -1,0 +1,301 @@
+"""Policy decisions on controlled latencies: fake sessions on a fake clock (deterministic), plus
+one generous wall-clock test of the watchdog aborting a real onnxruntime stage."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers_runtime import FakeClock, fake_factory, toy_bundle
+from kdedge.profile.latency import LatencyProfile, bundle_fingerprint, current_key
+from kdedge.runtime import (CONTINUE, STOP, AllOf, Confidence, Deadline, Decision, Fixed, Full, Runner, combine,
+                            make_policy, open_bundle)
+from kdedge.runtime.policies import confidence_of
+from kdedge.runtime.sessions import OrtOptions, OrtSession, StageAborted, Watchdog, open_ort_session
+
+LAT = {"stage0": 1.0, "stage1": 2.0, "stage2": 3.0, "prefix0": 0.5, "prefix1": 1.5, "prefix2": 2.5}
+K = 10
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory):
+    return open_bundle(toy_bundle(tmp_path_factory.mktemp("bundles"))[0])
+
+
+def confident(cls: int, sure: bool) -> np.ndarray:
+    """Per-member logits whose softmax has max probability ~0.99 (sure) or ~0.25 (not)."""
+    z = np.zeros(K)
+    z[cls] = 7.0 if sure else 1.0
+    return z
+
+
+def make(bundle, logits=None, lat=None, combine_rule=None, **kw):
+    clock, log, made = FakeClock(), [], {}
+    logits = logits or {name: confident(0, False) for name in LAT}
+    r = Runner(bundle, session_factory=fake_factory(clock, lat or LAT, logits, log, made), clock=clock,
+               watchdog=False, combine=combine_rule, **kw)
+    return r, clock, log, made
+
+
+def ids(n: int) -> np.ndarray:
+    """A batch whose sample i carries id i (read back by the fake sessions)."""
+    x = np.zeros((n, 1, 8, 8), np.float32)
+    x[:, 0, 0, 0] = np.arange(n)
+    return x
+
+
+def test_full_runs_every_stage_with_fake_times(bundle) -> None:
+    r, clock, log, _ = make(bundle)
+    res = r.run(ids(2))
+    assert log == ["stage0", "stage1", "stage2"]
+    assert res.stage_ms == pytest.approx((1.0, 2.0, 3.0)) and res.total_ms.tolist() == pytest.approx([6.0, 6.0])
+    assert res.budget_met.all() and res.policy == "full"
+
+
+def test_fixed_uses_the_fused_prefix_or_the_stages(bundle) -> None:
+    r, clock, log, made = make(bundle)
+    assert "prefix1" not in made  # prefix sessions open on first use
+    res = r.run(ids(3), Fixed(2))
+    assert log == ["prefix1"] and res.graphs == ("prefix1",) and res.stage.tolist() == [1, 1, 1]
+    assert res.members.tolist() == [3, 3, 3] and res.total_ms[0] == pytest.approx(1.5)
+    log.clear()
+    res = r.run(ids(3), Fixed(2, fused=False))
+    assert log == ["stage0", "stage1"] and res.total_ms[0] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("deadline, stage, total, met", [
+    (10.0, 2, 6.0, True),    # 1 + 2 + 3 fits
+    (5.0, 1, 3.0, True),     # before stage 2: 2 ms left < 3 + 0.1
+    (3.05, 0, 1.0, True),    # before stage 1: 2.05 ms left < 2 + 0.1
+    (3.2, 1, 3.0, True),     # 2.2 ms left >= 2 + 0.1
+    (0.5, 0, 1.0, False),    # shorter than stage 0: stage 0's answer, marked as a miss
+])
+def test_deadline_continues_only_while_the_next_stage_fits(bundle, deadline, stage, total, met) -> None:
+    r, clock, log, _ = make(bundle)
+    res = r.run(ids(2), Deadline(deadline, margin_ms=0.1, latencies_ms=[1.0, 2.0, 3.0]))
+    assert res.stage.tolist() == [stage, stage]
+    assert res.total_ms[0] == pytest.approx(total)
+    assert res.budget_met.tolist() == [met, met] and res.budget_ms == deadline
+    assert log == [f"stage{k}" for k in range(stage + 1)]
+
+
+def test_deadline_counts_from_the_request_start(bundle) -> None:
+    r, clock, log, _ = make(bundle)
+    res = r.run(ids(1), Deadline(5.0, latencies_ms=[1.0, 2.0, 3.0]), start=clock() - 2.5e-3)
+    assert res.stage.tolist() == [0] and res.total_ms[0] == pytest.approx(3.5)  # 2.5 queued + stage 0
+
+
+def profile_for(bundle, stats: dict[str, dict[str, float]], device=None, setting=None) -> LatencyProfile:
+    dev, sett, _ = current_key(1)
+    graphs = {g: {"1": {"latency_ms": {**{k: v for k, v in s.items()}, "n": 100}}} for g, s in stats.items()}
+    return LatencyProfile({"format": "kdedge-profile", "version": 1, "device": device or dev,
+                           "setting": setting or sett, "target": "onnx", "threads": 1,
+                           "bundle": {"fingerprint": bundle_fingerprint(bundle, "onnx")}, "batches": [1],
+                           "graphs": graphs})
+
+
+def _stats(median: float, p99: float) -> dict[str, float]:
+    return {"min": median, "mean": median, "median": median, "p90": p99, "p95": p99, "p99": p99, "max": p99}
+
+
+def test_deadline_reads_the_profile_statistic(bundle) -> None:
+    prof = profile_for(bundle, {"stage0": _stats(1, 1.5), "stage1": _stats(2, 4), "stage2": _stats(3, 5)})
+    r, clock, log, _ = make(bundle, profile=prof, threads=1)
+    assert r.run(ids(1), Deadline(6.5)).stage.tolist() == [1]             # p99: 1 + 4 + 0.1 fits, + 5 not
+    assert r.run(ids(1), Deadline(6.5, stat="median")).stage.tolist() == [2]  # median: 1 + 2 + 3 fits
+    assert r.run(ids(1), Deadline(4.0)).stage.tolist() == [0]             # 4.1 > 3 ms left
+
+
+def test_deadline_without_a_profile_says_to_profile(bundle) -> None:
+    r, *_ = make(bundle, profile=None, threads=1)
+    with pytest.raises(ValueError, match="kdedge profile"):
+        r.run(ids(1), Deadline(5.0))
+    r.run(ids(1), Deadline(5.0, latencies_ms=[1, 2, 3]))  # explicit latencies need no profile
+
+
+def test_watchdog_abort_returns_the_previous_answer(bundle) -> None:
+    # stage 1 claims 1 ms but takes 50: the handle's deadline (10 - 0.1) stops it
+    logits = {name: confident(3 if name == "stage0" else 5, True) for name in LAT}
+    r, clock, log, _ = make(bundle, logits=logits, lat={**LAT, "stage1": 50.0})
+    res = r.run(ids(2), Deadline(10.0, latencies_ms=[1.0, 1.0, 1.0]))
+    assert res.aborted == "stage1" and res.graphs == ("stage0", "stage1")
+    assert res.stage.tolist() == [0, 0] and res.labels.tolist() == [3, 3]  # stage 0's answer
+    assert res.total_ms[0] == pytest.approx(9.9) and res.budget_met.all()
+    assert res[0].stage_ms == (pytest.approx(1.0),)
+    # without the watchdog the stage runs over and the answer is late
+    res = r.run(ids(2), Deadline(10.0, latencies_ms=[1.0, 1.0, 1.0], watchdog=False))
+    assert res.aborted is None and res.stage.tolist() == [1, 1] and not res.budget_met.any()
+
+
+@pytest.mark.parametrize("rule", ["last", "mean_logits", "mean_probs"])
+def test_confidence_lets_done_samples_leave_the_batch(bundle, rule: str) -> None:
+    # sample 0, 1 sure after stage 0; sample 2 sure after stage 1 (rule "last"); sample 3 never
+    s0 = np.stack([confident(1, True), confident(2, True), confident(4, False), confident(6, False)])
+    s1 = np.stack([confident(9, True), confident(9, True), confident(4, True), confident(6, False)])
+    s2 = np.stack([confident(8, False)] * 4)
+    r, clock, log, made = make(bundle, logits={**{n: confident(0, False) for n in LAT},
+                                               "stage0": s0, "stage1": s1, "stage2": s2}, combine_rule=rule)
+    res = r.run(ids(4), Confidence(0.9))
+    # the sessions saw the shrinking batch, and the carried ids followed the right samples
+    assert made["stage0"].batches == [4]
+    per_stage = [[s0], [s0, s1], [s0, s1, s2]]
+    members = [1, 2, 1]
+    expect_stage = []
+    for i in range(4):
+        for k in range(3):
+            p = combine(rule, [m[i: i + 1] * mm for m, mm in zip(per_stage[k], members)], members[: k + 1])
+            if p.max() >= 0.9 or k == 2:
+                expect_stage.append(k)
+                np.testing.assert_allclose(res.probs[i], p[0], atol=1e-6)
+                break
+    assert res.stage.tolist() == expect_stage
+    assert expect_stage[:2] == [0, 0] and expect_stage[3] == 2
+    assert made["stage1"].batches == [2] and made["stage2"].batches == [sum(s == 2 for s in expect_stage)]
+    cum = {0: 1.0, 1: 3.0, 2: 6.0}
+    assert res.total_ms.tolist() == pytest.approx([cum[s] for s in expect_stage])
+    assert res.members.tolist() == [[1, 3, 4][s] for s in expect_stage]
+
+
+def test_confidence_per_exit_thresholds_and_margin(bundle) -> None:
+    s0 = np.stack([confident(1, True), confident(2, True)])
+    r, clock, log, made = make(bundle, logits={**{n: confident(0, False) for n in LAT}, "stage0": s0},
+                               combine_rule="last")
+    assert r.run(ids(2), Confidence([1.0, 0.0])).stage.tolist() == [1, 1]   # exit 0 never, exit 1 always
+    assert r.run(ids(2), Confidence([0.5, 0.0, 0.0])).stage.tolist() == [0, 0]
+    tie = np.zeros(K)
+    tie[[1, 2]] = 7.0  # two classes at ~0.5 each: confident by max probability, not by margin
+    r2, *_ = make(bundle, logits={**{n: confident(0, False) for n in LAT}, "stage0": tie}, combine_rule="last")
+    assert r2.run(ids(2), Confidence(0.4)).stage.tolist() == [0, 0]
+    assert r2.run(ids(2), Confidence(0.4, measure="margin")).stage.tolist() == [2, 2]
+    with pytest.raises(ValueError, match="thresholds for 3 stages"):
+        r.run(ids(2), Confidence([0.5]))
+    p = np.array([[0.6, 0.3, 0.1]])
+    assert confidence_of(p, "max")[0] == pytest.approx(0.6) and confidence_of(p, "margin")[0] == pytest.approx(0.3)
+
+
+def test_all_of_deadline_and_confidence(bundle) -> None:
+    s0 = np.stack([confident(1, True), confident(2, False)])
+    r, clock, log, made = make(bundle, logits={**{n: confident(0, False) for n in LAT}, "stage0": s0},
+                               combine_rule="last")
+    pol = AllOf(Deadline(5.0, latencies_ms=[1, 2, 3]), Confidence(0.9))
+    assert pol.budget_ms == 5.0 and pol.name == "deadline-5ms+confidence-max-0.9"
+    res = r.run(ids(2), pol)
+    assert res.stage.tolist() == [0, 1] and res.budget_met.all()  # sample 0 confident; sample 1 out of time
+
+
+def test_user_policy_and_bad_decisions(bundle) -> None:
+    class FirstTwo:
+        name, budget_ms, needs_profile = "first-two", None, False
+
+        def decide(self, ctx):
+            assert ctx.num_stages == 3 and ctx.prefixes == 3 and ctx.batch == 2
+            if ctx.stage == 0:
+                assert ctx.probs is None and ctx.members == 0
+            else:
+                assert ctx.probs.shape == (2, K) and ctx.members == [0, 1, 3][ctx.stage]
+            return CONTINUE if ctx.stage < 2 else STOP
+
+    r, clock, log, _ = make(bundle)
+    res = r.run(ids(2), FirstTwo())
+    assert res.stage.tolist() == [1, 1] and res.policy == "first-two"
+
+    class BadMask(FirstTwo):
+        def decide(self, ctx):
+            return Decision(np.array([True])) if ctx.stage else CONTINUE
+
+    with pytest.raises(ValueError, match="mask of shape"):
+        r.run(ids(2), BadMask())
+
+    class StopAtOnce(FirstTwo):
+        def decide(self, ctx):
+            return STOP
+
+    assert r.run(ids(2), StopAtOnce()).stage.tolist() == [0, 0]  # stage 0 always runs
+
+
+@pytest.mark.parametrize("make_bad, needle", [
+    (lambda: Deadline(0), "positive number"),
+    (lambda: Deadline(5, margin_ms=-1), "margin"),
+    (lambda: Deadline(5, stat="p42"), "unknown latency statistic"),
+    (lambda: Confidence(-0.1), ">= 0"),
+    (lambda: Confidence(0.5, measure="entropy"), "unknown confidence measure"),
+    (lambda: Fixed(0), "at least 1 stage"),
+    (lambda: AllOf(), "at least one policy"),
+    (lambda: make_policy(stages=2, deadline_ms=3), "cannot be combined"),
+])
+def test_bad_policy_arguments(make_bad, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        make_bad()
+
+
+def test_make_policy() -> None:
+    assert isinstance(make_policy(), Full)
+    assert isinstance(make_policy(stages=2), Fixed)
+    assert isinstance(make_policy(deadline_ms=2), Deadline)
+    assert isinstance(make_policy(deadline_ms=2, confidence=0.9), AllOf)
+
+
+# ---------------------------------------------------------------------------------------------
+# the real watchdog on onnxruntime (wall clock, generous bounds)
+
+
+def heavy_stage1(path: Path, nodes: int = 40, d: int = 512) -> Path:
+    """A graph with the toy's stage1 interface that takes hundreds of ms: a chain of d x d MatMuls."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32), "big"),
+             numpy_helper.from_array((rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((512, 10)).astype(np.float32) * 0.01, "head")]
+    n = [helper.make_node("ReduceMean", ["stage0__f0"], ["m"], keepdims=0),
+         helper.make_node("Add", ["big", "m"], ["h0"])]
+    for i in range(nodes):
+        n.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
+    n += [helper.make_node("ReduceMean", [f"h{nodes}"], ["s"], keepdims=0),
+          helper.make_node("Flatten", ["stage0__f0"], ["flat"]),
+          helper.make_node("MatMul", ["flat", "head"], ["z"]),
+          helper.make_node("Add", ["z", "s"], ["stage1__logits"]),
+          helper.make_node("Identity", ["stage0__f0"], ["stage1__f1"])]
+    g = helper.make_graph(n, "heavy", [helper.make_tensor_value_info("stage0__f0", TensorProto.FLOAT, [None, 8, 8, 8])],
+                          [helper.make_tensor_value_info("stage1__logits", TensorProto.FLOAT, [None, 10]),
+                           helper.make_tensor_value_info("stage1__f1", TensorProto.FLOAT, [None, 8, 8, 8])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), path)
+    return path
+
+
+def test_real_watchdog_aborts_an_overrunning_onnxruntime_stage(bundle, tmp_path: Path) -> None:
+    heavy = OrtSession(heavy_stage1(tmp_path / "heavy.onnx"), ["stage0__f0"], ["stage1__logits", "stage1__f1"],
+                       name="stage1", options=OrtOptions(threads=1))
+    f0 = np.zeros((1, 8, 8, 8), np.float32)
+    t = time.perf_counter()
+    heavy.run({"stage0__f0": f0})
+    full_ms = (time.perf_counter() - t) * 1e3
+    assert full_ms > 60, "the heavy graph should take a while"
+
+    # the session alone, aborted by the watchdog
+    dog = Watchdog()
+    handle = heavy.abort_handle()
+    token = dog.arm(time.perf_counter() + 0.01, handle)
+    t = time.perf_counter()
+    with pytest.raises(StageAborted):
+        heavy.run({"stage0__f0": f0}, handle)
+    assert (time.perf_counter() - t) * 1e3 < full_ms * 0.6 and handle.aborted
+    Watchdog.disarm(token)
+    dog.close()
+
+    # inside the runner: stage 1 claims 0.01 ms, overruns, is aborted; stage 0's answer comes back
+    def factory(b, entry, options):
+        return heavy if entry.name == "stage1" else open_ort_session(b, entry, OrtOptions(threads=1))
+
+    with Runner(bundle, session_factory=factory, threads=1) as r:
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        ref = r.run(x, Fixed(1, fused=False))
+        deadline = min(20.0, full_ms / 4)
+        res = r.run(x, Deadline(deadline, latencies_ms=[0.01, 0.01, 0.01], margin_ms=0.1))
+        assert res.aborted == "stage1" and res.stage.tolist() == [0]
+        np.testing.assert_allclose(res.probs, ref.probs)
+        assert res.total_ms[0] < full_ms * 0.6
