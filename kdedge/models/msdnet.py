@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from kdedge.models.exit_heads import ExitHead, init_multiexit_weights
@@ -225,8 +226,6 @@ class DenseLayer(nn.Module):
             self.same.append(_bottleneck(prev[s], growth, 1, bottleneck))
 
     def forward(self, xs: list[Tensor | None]) -> list[Tensor | None]:
-        import torch
-
         out: list[Tensor | None] = [None] * len(xs)
         d = 0
         for i, (s, down) in enumerate(zip(self.scales, self.has_down)):
