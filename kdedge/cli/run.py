@@ -81,7 +81,7 @@ def _summary(rows: list[dict[str, Any]], budget: Optional[float]) -> dict[str, A
     met = np.asarray([r["budget_met"] for r in rows])
     return {"n": len(rows), "mean_stage": float(np.mean([r["stage"] for r in rows])), "budget_ms": budget,
             "misses": int((~met).sum()), "latency_ms": {"p50": float(np.percentile(ms, 50)),
-                                                        "p99": float(np.percentile(ms, 99, method="higher")),
+                                                        "p99": float(np.percentile(ms, 99, method="inverted_cdf")),
                                                         "max": float(ms.max())}}
 
 

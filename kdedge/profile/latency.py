@@ -10,8 +10,8 @@ it measured (their sha256 from the manifest), and a profile whose fingerprint di
 bundle's is refused as stale.
 
 Statistics per graph and batch size, as trtexec reports them, after warm-up: ``min``, ``mean``,
-``median``, ``p90``, ``p95``, ``p99``, ``max`` (percentiles by the nearest-rank-above rule, so a
-p99 is a latency that was actually observed), plus ``n``. Stages are timed inside the runner's
+``median``, ``p90``, ``p95``, ``p99``, ``max`` (percentiles by the nearest-rank rule, so a p99
+is a latency that was actually observed), plus ``n``. Stages are timed inside the runner's
 own stage loop (what the deadline policy will see), fused prefixes alone, and ``chain`` is the
 end-to-end time of a full runner call. Rounds interleave the graphs so that drift hits all alike.
 
@@ -80,14 +80,15 @@ class ForeignProfileError(ProfileError):
 def summarize(samples_ms: Sequence[float]) -> dict[str, float]:
     """min, mean, median, p90, p95, p99, max and n of latency samples (ms).
 
-    Percentiles take the nearest observed value at or above the rank (numpy ``method="higher"``).
+    Percentiles are nearest-rank: the p-th percentile is the ⌈p·n/100⌉-th smallest sample (numpy
+    ``method="inverted_cdf"``), a latency that was actually observed.
     """
     a = np.asarray(samples_ms, dtype=np.float64)
     if a.size == 0:
         raise ValueError("no latency samples to summarise")
     out = {"min": float(a.min()), "mean": float(a.mean()), "median": float(np.median(a))}
     for p in (90, 95, 99):
-        out[f"p{p}"] = float(np.percentile(a, p, method="higher"))
+        out[f"p{p}"] = float(np.percentile(a, p, method="inverted_cdf"))
     out["max"] = float(a.max())
     out["n"] = int(a.size)
     return out

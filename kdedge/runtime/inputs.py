@@ -202,9 +202,17 @@ def read_image(path: str | Path, channel_order: str) -> np.ndarray:
 
 def _load_npy(path: Path, bundle: Any) -> Inputs:
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    if magic != b"\x93NUMPY":
+        raise InputError(f"cannot read {path}: not a valid .npy file (save arrays with numpy.save)")
+    try:
         arr = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise InputError(f"cannot read {path}: {e} (object arrays are refused: they would need unpickling)") from None
+    except ValueError:
+        raise InputError(f"cannot read {path}: it holds Python objects; object arrays are refused (they would need "
+                         "unpickling); save a uint8 or float32 array") from None
     except (OSError, EOFError) as e:
         raise InputError(f"cannot read {path}: not a valid .npy file ({e})") from None
     if not isinstance(arr, np.ndarray):
