@@ -18,6 +18,7 @@ CASES = [
     ("msdnet", dict(config="tiny", num_classes=5, in_channels=3, prune="none", num_scales=3,
                     scale_channels=[2, 4, 8]), (3, 12, 12)),
     ("msdnet", dict(config="small", num_classes=10, in_channels=1), (1, 28, 28)),
+    ("msdnet", dict(config="tiny", num_classes=5, in_channels=3, stem="imagenet"), (3, 32, 32)),
     ("multiexit", dict(num_classes=7, backbone="resnet20", exits=[2, 5, 9], backbone_args={"width": 4}), (3, 16, 16)),
     ("multiexit", dict(num_classes=7, in_channels=1, backbone="small_cnn", exits=[0, 1], head="linear",
                        backbone_args={"width": 4}), (1, 8, 8)),
@@ -67,7 +68,7 @@ def test_stages_reproduce_every_exit_exactly(name, kwargs, shape):
     assert torch.allclose(probs, torch.stack([z.softmax(-1) for z in full]).mean(0))
 
 
-@pytest.mark.parametrize("name,kwargs,shape", CASES[:1] + CASES[4:5], ids=["msdnet", "resnet"])
+@pytest.mark.parametrize("name,kwargs,shape", CASES[:1] + CASES[5:6], ids=["msdnet", "resnet"])
 def test_stages_share_parameters_and_split_the_cost(name, kwargs, shape):
     model = _build(name, kwargs, shape).eval()
     stages = model.stages()
@@ -124,10 +125,10 @@ def test_default_exits_sit_at_the_end_of_each_resolution():
 def test_backbone_multiexit_state_dict_has_unique_keys_and_saves(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model = _build(*CASES[4])
+    model = _build(*CASES[5])
     sd = model.state_dict()
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "m.safetensors"))
-    again = _build(*CASES[4])
+    again = _build(*CASES[5])
     again.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
