@@ -27,7 +27,7 @@ def toy_bundle(tmp_root: Path) -> tuple[Path, Any, dict[str, Any]]:
 
         xtr, ytr, xv, yv, info = digits_data()
         torch.manual_seed(0)
-        model = train_toy(ToyAnytime(), xtr[:500], ytr[:500], epochs=2)
+        model = train_toy(ToyAnytime(), xtr, ytr, epochs=6)
         path = export(model, tmp_root / "toy.kdedge", info=info, val_data=(xv[:128], yv[:128]), exporter="legacy")
         _CACHE["toy"] = (path, model, {"x": xv, "y": yv, "info": info})
     return _CACHE["toy"]

@@ -36,6 +36,11 @@ def parse_batches(text: str) -> list[int]:
     return sorted(set(values))
 
 
+def _ms(v: float) -> str:
+    """Milliseconds in at most ~6 characters: 4 decimals below 0.1 ms, else 3."""
+    return f"{v:.4f}" if v < 0.1 else f"{v:.3f}" if v < 100 else f"{v:.1f}"
+
+
 @handle_errors
 def command(
     bundle: Path = typer.Argument(..., help="A bundle directory (from kdedge export)."),
@@ -73,17 +78,18 @@ def command(
     if json_out:
         print_json({**prof.data, "path": str(path), "plot": None if png is None else str(png)})
         return
+    from rich import box
     from rich.table import Table
 
-    t = Table(title=f"latency (ms) on {prof.device}, setting {prof.setting}, {prof.threads} thread(s), "
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"latency (ms) on {prof.device}, setting {prof.setting}, {prof.threads} thread(s), "
                     f"{prof.data['runs']} runs after {prof.data['warmup']} warm-up")
     for col in ("graph", "batch", *STATS):
         t.add_column(col, justify="left" if col == "graph" else "right", no_wrap=True)
     for row in format_table(prof):
-        t.add_row(row["graph"], str(row["batch"]), *[f"{row[k]:.3g}" for k in STATS])
+        t.add_row(row["graph"], str(row["batch"]), *[_ms(row[k]) for k in STATS])
     out.print(t)
-    err.print(f"profile: {path}", highlight=False)
+    err.print(f"profile: {path}", highlight=False, soft_wrap=True)
     if png is not None:
-        err.print(f"plot: {png}", highlight=False)
+        err.print(f"plot: {png}", highlight=False, soft_wrap=True)
     elif plot:
         err.print("plot: not written (matplotlib is not installed)", highlight=False)

@@ -133,14 +133,15 @@ def command(
                 print_json(result)
                 return
             acc = f"accuracy {100 * result['accuracy']:.2f}%"
-            out.print(f"[bold]{runner.bundle.family}[/] on {name} [{split}] under {result['policy']}: {acc} "
-                      f"(n={result['n']}), mean stage reached {result['mean_stage']:.2f}", highlight=False)
-            out.print(f"answers per stage: {result['stage_counts']}", highlight=False)
+            out.print(f"[bold]{runner.bundle.family}[/] on {name} ({split}) under {result['policy']}: {acc} "
+                      f"(n={result['n']}), mean stage reached {result['mean_stage']:.2f}", highlight=False,
+                      soft_wrap=True)
+            out.print(f"answers per stage: {result['stage_counts']}", highlight=False, soft_wrap=True)
             lat = result["latency_ms"]
             miss = (f"; deadline misses {result['misses']} ({100 * result['miss_rate']:.2f}%)"
                     if result["budget_ms"] is not None else "")
             out.print(f"latency p50 {lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms, max {lat['max']:.3f} ms{miss}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
             return
         assert input_path is not None
         inputs = load_inputs(input_path, runner.bundle)
@@ -162,4 +163,4 @@ def command(
         miss = f", deadline misses {summary['misses']}/{summary['n']}" if budget is not None else ""
         err.print(f"{summary['n']} input(s) under {getattr(policy, 'name', policy)}: mean stage reached "
                   f"{summary['mean_stage']:.2f}, latency p50 {lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms{miss}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
