@@ -75,7 +75,8 @@ def _eval_run(path: Path, data: Optional[str], data_root: Optional[str], split: 
     run = load_trained(path, data_root=data_root)
     splits, ds = _split_dataset(run.config.data, run.config.seed, data, None, split)
     _check_compatible(splits.info, run.info)
-    loader = make_loader(ds, run.config.data.eval_batch_size, train=False)
+    bs = run.config.data.eval_batch_size
+    loader = make_loader(ds, bs, train=False)
     task = get_task_class(run.config.method)(run.config.loss, num_classes=run.info.num_classes,
                                              epochs=run.config.train.epochs, steps_per_epoch=1)
     from kdedge.cli.progress import make_progress
@@ -83,7 +84,10 @@ def _eval_run(path: Path, data: Optional[str], data_root: Optional[str], split: 
     with make_progress() as prog:
         tid = prog.add_task(f"eval {split}", total=len(loader), info="")
         loader = _Counting(loader, lambda: prog.update(tid, advance=1))
-        metrics = task.evaluate(run.model, loader, torch.device("cpu"))
+        if split == "test":  # prediction modes fitted on val, scored on test
+            metrics = task.evaluate_final(run.model, make_loader(splits.val, bs, train=False), loader, torch.device("cpu"))
+        else:
+            metrics = task.evaluate(run.model, loader, torch.device("cpu"))
     result: dict[str, Any] = {"run_dir": str(path), "method": run.config.method, "model": run.config.model.name,
                               "data": splits.info.name, "split": split, **metrics}
     if metrics.get("curves"):

@@ -309,7 +309,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, reporter: 
     result: dict[str, Any] = {"status": "finished"}
     if dinfo.main:
         test_loader = make_loader(splits.test, cfg.data.eval_batch_size, train=False, num_workers=cfg.data.num_workers)
-        test = task.evaluate(model, test_loader, device)
+        test = task.evaluate_final(model, val_loader, test_loader, device)
         save_weights(model, run_dir / "model.safetensors", metadata={"kdedge": "weights", "method": cfg.method})
         result = {"status": "finished", "method": cfg.method, "model": cfg.model.name, "epochs": epochs,
                   "world_size": dinfo.world_size, "device": str(device), "data_info": info.to_dict(),

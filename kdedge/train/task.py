@@ -78,6 +78,13 @@ class Task:
 
         return evaluate_model(model, loader, device)
 
+    def evaluate_final(self, model: nn.Module, val_loader: Any, test_loader: Any, device: Any) -> dict[str, Any]:
+        """Test-split metrics for the run record and ``kdedge eval``. Methods whose prediction
+        modes are fitted on validation data (multi-exit budget mode, exit thresholds) override
+        this to fit on ``val_loader`` and score on ``test_loader``."""
+        del val_loader
+        return self.evaluate(model, test_loader, device)
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state restored on ``--resume`` (e.g. the annealed temperature)."""
         return {}

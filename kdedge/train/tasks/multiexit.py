@@ -191,6 +191,11 @@ class MultiExitTask(Task):
         test["curves"]["early_exit"] = [[e["mean_cost"], e["accuracy"]] for e in early]
         return {"test": test, "val_per_exit": val_acc, "budget": budget, "early_exit": early, "targets": targets}
 
+    def evaluate_final(self, model: nn.Module, val_loader: Any, test_loader: Any, device: Any) -> dict[str, Any]:
+        """Test metrics plus budget mode and early-exit curves fitted on validation."""
+        found = self.evaluate_modes(model, val_loader, test_loader, device)
+        return {**found["test"], "modes": {k: found[k] for k in ("val_per_exit", "budget", "early_exit")}}
+
 
 def _mean_over_ranks(value: Tensor) -> Tensor:
     """Average a scalar over DDP ranks, so every rank anneals the temperature identically."""
