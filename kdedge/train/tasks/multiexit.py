@@ -84,6 +84,7 @@ class MultiExitTask(Task):
     name = "multiexit"
     Config: ClassVar[type] = MultiExitConfig
     families: ClassVar[tuple[str, ...]] = ("msdnet", "multiexit")
+    default_model: ClassVar[dict] = {"name": "msdnet", "args": {"config": "small"}}
 
     def __init__(self, cfg: MultiExitConfig, *, num_classes: int, epochs: int, steps_per_epoch: int) -> None:
         super().__init__(cfg, num_classes=num_classes, epochs=epochs, steps_per_epoch=steps_per_epoch)
