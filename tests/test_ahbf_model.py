@@ -235,6 +235,7 @@ def test_student_exports_to_onnx_with_dynamic_batch_and_no_auxiliary_weights(tmp
     ({"width_mult": 0.5}, "mobilenetv2 backbone only"),
     ({"backbone": "resnet14", "branches": 4, "aux": 1, "compression": True}, "at most 3 branches"),
     ({"compression": True, "aux": 0}, "compression mode needs aux >= 1"),
+    ({"compression": True, "branches": 2}, "single block"),
     ({"input_size": (4, 4)}, "at least 8x8"),
 ])
 def test_bad_configurations_fail_at_build_time(kwargs: dict, match: str) -> None:

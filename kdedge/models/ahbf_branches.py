@@ -102,11 +102,12 @@ def branch_blocks(base: Sequence[int], branches: int, aux: int, compression: boo
             out.append(tuple(counts))
         return out
     removable = [k for k in reversed(range(len(base))) if base[k] > 1]
-    if branches > 1 and (aux == 0 or not removable):
-        raise ValueError(
-            "compression mode needs aux >= 1 and an owned stage with more than one block "
-            f"(owned stages {dict(zip(names, base))}, aux={aux}); set aux >= 1 or compression: false"
-        )
+    if branches > 1 and aux == 0:
+        raise ValueError("compression mode needs aux >= 1 (blocks removed per hierarchy level); "
+                         "set aux >= 1 or compression: false")
+    if branches > 1 and not removable:
+        raise ValueError(f"compression mode removes blocks, but every owned stage has a single block "
+                         f"({dict(zip(names, base))}); use a deeper backbone or compression: false")
     out = []
     for i in range(branches):
         counts = list(base)
