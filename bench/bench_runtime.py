@@ -199,7 +199,8 @@ def fixed_options(runner: Any, x: np.ndarray, y: np.ndarray, runs: int) -> list[
 
 
 def bench_deadlines(runner: Any, x: np.ndarray, y: np.ndarray, requests: int, margin_ms: float, seed: int,
-                    png: Path | None) -> dict[str, Any]:
+                    stats: tuple[str, ...], png: Path | None) -> dict[str, Any]:
+    """The same requests and deadlines under the deadline policy with each profile statistic."""
     from kdedge.runtime import Deadline, Fixed
 
     S = runner.num_stages
@@ -211,17 +212,6 @@ def bench_deadlines(runner: Any, x: np.ndarray, y: np.ndarray, requests: int, ma
     fixed = fixed_options(runner, x, y, 1000)
     rng = np.random.default_rng(seed)
     deadlines = rng.uniform(lo, hi, size=requests)
-    stage = np.empty(requests, np.int64)
-    total = np.empty(requests)
-    correct = np.empty(requests, bool)
-    aborted = 0
-    for r, d in enumerate(deadlines):
-        i = r % len(x)
-        res = runner.run(x[i: i + 1], Deadline(float(d), margin_ms=margin_ms))
-        stage[r], total[r] = res.stage[0], res.total_ms[0]
-        correct[r] = res.labels[0] == y[i]
-        aborted += res.aborted is not None
-    miss = total > deadlines
     counted = deadlines >= cum_p99[0]  # deadlines that stage 0 itself meets (99 % of the time)
     deepest = np.array([int(np.flatnonzero(cum_med <= d).max()) if (cum_med <= d).any() else -1 for d in deadlines])
     feasible = deepest >= 0
@@ -235,28 +225,42 @@ def bench_deadlines(runner: Any, x: np.ndarray, y: np.ndarray, requests: int, ma
             fixed_correct[r] = best["correct"][r % len(x)]
             fixed_ok[r] = True
     edges = np.linspace(lo, hi, 11)
-    curve = []
-    for a, b in zip(edges[:-1], edges[1:]):
-        m = (deadlines >= a) & (deadlines < b)
-        if m.any():
-            curve.append({"deadline_ms": float((a + b) / 2), "n": int(m.sum()),
-                          "anytime_accuracy": float(correct[m].mean()), "anytime_miss_rate": float(miss[m].mean()),
-                          "anytime_mean_stage": float(stage[m].mean()),
-                          "fixed_accuracy": float(fixed_correct[m].mean()),
-                          "fixed_answered": float(fixed_ok[m].mean())})
-    result = {
+    bins = [(deadlines >= a) & (deadlines < b) for a, b in zip(edges[:-1], edges[1:])]
+    result: dict[str, Any] = {
         "requests": requests, "margin_ms": margin_ms, "deadline_range_ms": [lo, hi],
         "answer_ready_median_ms": cum_med.tolist(), "answer_ready_p99_ms": cum_p99.tolist(),
-        "miss_rate_all": float(miss.mean()), "miss_rate_counted": float(miss[counted].mean()),
-        "counted": int(counted.sum()), "aborted": int(aborted),
-        "at_deepest_feasible": float((stage[feasible] >= deepest[feasible]).mean()),
-        "above_deepest_feasible": float((stage[feasible] > deepest[feasible]).mean()),
-        "mean_stage": float(stage.mean()), "mean_deepest_feasible": float(deepest[feasible].mean()),
-        "anytime_accuracy": float(correct.mean()), "fixed_accuracy": float(fixed_correct.mean()),
+        "counted": int(counted.sum()), "mean_deepest_feasible": float(deepest[feasible].mean()),
         "stage_accuracy": stage_correct.mean(axis=1).tolist(),
         "fixed": [{k: v for k, v in f.items() if k != "correct"} for f in fixed],
-        "curve": curve,
+        "fixed_accuracy": float(fixed_correct.mean()), "fixed_answered": float(fixed_ok.mean()),
+        "curve_deadline_ms": [float((a + b) / 2) for a, b in zip(edges[:-1], edges[1:])],
+        "curve_fixed_accuracy": [float(fixed_correct[m].mean()) if m.any() else None for m in bins],
+        "policies": {},
     }
+    for stat in stats:
+        stage = np.empty(requests, np.int64)
+        total = np.empty(requests)
+        correct = np.empty(requests, bool)
+        aborted = 0
+        for r, d in enumerate(deadlines):
+            i = r % len(x)
+            res = runner.run(x[i: i + 1], Deadline(float(d), margin_ms=margin_ms, stat=stat))
+            stage[r], total[r] = res.stage[0], res.total_ms[0]
+            correct[r] = res.labels[0] == y[i]
+            aborted += res.aborted is not None
+        miss = total > deadlines
+        result["policies"][stat] = {
+            "miss_rate_all": float(miss.mean()),
+            "miss_rate_counted": float(miss[counted].mean()) if counted.any() else None,
+            "aborted": int(aborted),
+            "at_deepest_feasible": float((stage[feasible] >= deepest[feasible]).mean()),
+            "above_deepest_feasible": float((stage[feasible] > deepest[feasible]).mean()),
+            "mean_stage": float(stage.mean()), "accuracy": float(correct.mean()),
+            "latency_ms": {"p50": float(np.median(total)), "p99": float(np.percentile(total, 99, method="inverted_cdf"))},
+            "curve_accuracy": [float(correct[m].mean()) if m.any() else None for m in bins],
+            "curve_miss_rate": [float(miss[m].mean()) if m.any() else None for m in bins],
+            "curve_mean_stage": [float(stage[m].mean()) if m.any() else None for m in bins],
+        }
     if png is not None:
         plot_deadlines(result, png, runner.bundle.family)
     return result
@@ -268,12 +272,13 @@ def plot_deadlines(res: dict[str, Any], png: Path, family: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c = res["curve"]
+    xs = res["curve_deadline_ms"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot([p["deadline_ms"] for p in c], [100 * p["anytime_accuracy"] for p in c], "o-",
-            label="anytime runner (deadline policy)")
-    ax.plot([p["deadline_ms"] for p in c], [100 * p["fixed_accuracy"] for p in c], "s--",
-            label="best fixed depth meeting the deadline (p99)")
+    for stat, pol in res["policies"].items():
+        ax.plot(xs, [None if a is None else 100 * a for a in pol["curve_accuracy"]], "o-",
+                label=f"anytime runner, deadline policy ({stat})")
+    ax.plot(xs, [None if a is None else 100 * a for a in res["curve_fixed_accuracy"]], "s--",
+            label="best fixed depth (fused prefix) meeting the deadline (p99)")
     for k, t in enumerate(res["answer_ready_median_ms"]):
         ax.axvline(t, color="grey", lw=0.6, ls=":")
         ax.annotate(f"stage {k}", (t, ax.get_ylim()[0]), fontsize=7, rotation=90, va="bottom")
@@ -342,6 +347,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--margin-ms", type=float, default=0.1)
+    ap.add_argument("--stats", default="p99,p90,median", help="profile statistics the deadline policy is run with")
     ap.add_argument("--test-limit", type=int, default=1000)
     ap.add_argument("--rounds1", type=int, default=3000, help="timed rounds at batch 1")
     ap.add_argument("--rounds32", type=int, default=300, help="timed rounds at batch 32")
@@ -369,8 +375,8 @@ def main() -> None:
         result["overhead"] = bench_overhead(runner, x, (1, 32), {1: args.rounds1, 32: args.rounds32})
         print(json.dumps(result["overhead"], indent=1), flush=True)
         result["deadlines"] = bench_deadlines(runner, x, y, args.requests, args.margin_ms, args.seed,
-                                              args.out / "runtime-deadline.png")
-        print(json.dumps({k: v for k, v in result["deadlines"].items() if k != "curve"}, indent=1), flush=True)
+                                              tuple(args.stats.split(",")), args.out / "runtime-deadline.png")
+        print(json.dumps(result["deadlines"], indent=1), flush=True)
         result["confidence"] = bench_confidence(runner, x, y, 32, args.out / "runtime-confidence.png")
         print(json.dumps(result["confidence"], indent=1), flush=True)
     result["seconds"] = time.time() - started

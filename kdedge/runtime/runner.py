@@ -222,6 +222,8 @@ class Runner:
         self._prefix_sessions: dict[int, Session] = {}
         self._prefix_bindable: dict[int, bool] = {}
         self._logits = [e.logits_tensor for e in self.entries]
+        self._names = [e.name for e in self.entries]
+        self._P = len(self.bundle.prefixes)
         self._members = [e.members for e in self.entries]
         # before stage k: the tensors that exist (the input, outputs of stages < k) and that stages
         # >= k still read; what is kept, for the remaining samples, when some leave the batch
@@ -422,7 +424,7 @@ class Runner:
         S = len(self.sessions)
         if S == 0:
             raise RuntimeError("the runner is closed")
-        d = policy.decide(Context(0, S, (clock() - t0) * 1e3, n, 0, self.num_prefixes, None, self._cost))
+        d = policy.decide(Context(0, S, (clock() - t0) * 1e3, n, 0, self._P, None, self._cost))
         if d.fused is not None:
             return self._run_fused(x, int(d.fused), policy, t0)
 
@@ -444,7 +446,7 @@ class Runner:
             abort_ms = None
             if k > 0:
                 ctx = Context(k, S, (clock() - t0) * 1e3, n if idx is None else len(idx), running.members,
-                              self.num_prefixes, running.probs, self._cost)
+                              self._P, running.probs, self._cost)
                 d = policy.decide(ctx)
                 go = d.go
                 if go is False:
@@ -489,15 +491,15 @@ class Runner:
                     feeds.update(outs)
                     logits = outs[self._logits[k]]
             except StageAborted:
-                graphs.append(self.entries[k].name)
+                graphs.append(self._names[k])
                 stage_ms.append((clock() - ts) * 1e3)
-                aborted = self.entries[k].name
+                aborted = self._names[k]
                 break
             finally:
                 if token is not None:
                     Watchdog.disarm(token)
             stage_ms.append((clock() - ts) * 1e3)
-            graphs.append(self.entries[k].name)
+            graphs.append(self._names[k])
             running.add(logits, self._members[k])
             last = k
 
