@@ -1,0 +1,493 @@
+"""The HNE paper's Table 1 ablation on mnist5k: L_I vs L_S vs L_D vs L_HD, and semi-supervised L_HD.
+
+Ruiz & Verbeek (AAAI 2021), Table 1: one HNE trained with each objective, evaluated as the
+anytime ensembles of 1, 2, 4 … N members (mean of the first 2^b members' logits). Here on the
+data we ship, in a low-data setting (``--sizes`` labelled images per class): L_I (Eq. 3), L_S
+(Eq. 4), (1-α)·L_I + α·L_D (Eq. 5) and (1-α)·L_I + α·L_HD (Eq. 6), α = 0.5, T = 2, plus the
+semi-supervised L_HD (``data.unlabelled: true``: the rest of the training pool, labels hidden,
+enters the distillation term only). A seed fixes the labelled subset, the validation split and
+the initial weights, so the objectives of one seed are paired; the test split is the same 1,000
+images for every run. Reported: test accuracy per ensemble size, mean ± std [min, max] over the
+seeds, the paired per-seed difference to L_I, the mean accuracy of a single member and the
+diversity of the full ensemble (std of member logits, the paper's measure).
+
+Every run has the same number of optimisation steps (``--steps``, batch ``--batch-size``) rather
+than the same number of epochs, so the two labelled sizes and the semi-supervised runs (whose
+epochs also cover the unlabelled pool) get the same compute: epochs = round(steps / steps per
+epoch), cosine learning rate over the run.
+
+Each run goes to a fresh process (``--jobs`` at a time, one torch thread each); its result JSON is
+written to ``<out-dir>/runs/`` as soon as it ends, and a rerun skips runs whose JSON holds the
+same settings, so an interrupted sweep resumes where it stopped. The tables are printed and
+written into ``--doc`` between markers (text outside them is kept); ``<out-dir>/ablation.png``
+plots accuracy vs cumulative MACs per objective (mean, ± std band, min–max bars) and
+``<out-dir>/summary.json`` holds the aggregated numbers.
+
+Usage:
+    nohup .venv/bin/python bench/bench_hne_ablation.py > runs/bench_hne_ablation.log 2>&1 &
+    .venv/bin/python bench/bench_hne_ablation.py --report-only      # tables from the JSONs so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Sequence
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # inherited by the spawned run processes
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "configs/hne_mnist_demo.yaml"
+DEFAULT_OUT = "docs/results/hne"
+DEFAULT_DOC = "docs/hne_results.md"
+DEFAULT_RUNS = "runs/bench_hne_ablation"
+# The demo's `mnist` tree at half width with B = 3 (8 members): one member costs 0.39 M MACs, a
+# training step of batch 50 ~60 ms of CPU (~0.2-0.3 s wall on the shared 2-core machine).
+DEFAULT_MODEL = {"config": "mnist", "B": 3, "width": 0.5}
+VARIANTS = {
+    "i": "L_I (Eq. 3)",
+    "s": "L_S (Eq. 4)",
+    "d": "L_D, α=0.5 (Eq. 5)",
+    "hd": "L_HD (Eq. 6)",
+    "hd_semi": "L_HD semi-sup.",
+}
+
+
+# -- one run ---------------------------------------------------------------------------------------
+def run_spec(variant: str, per_class: int, seed: int, *, steps: int, batch_size: int, model: dict[str, Any],
+             lr: float, T: float, alpha: float) -> dict[str, Any]:
+    """The settings of one training run (what its result JSON must match to be reused).
+
+    Args:
+        variant: a key of :data:`VARIANTS`.
+        per_class: labelled images per class.
+        seed: labelled subset, validation split and initial weights.
+        steps: optimisation steps (rounded to whole epochs).
+        batch_size: training batch size.
+        model: ``hne`` ``model.args``.
+        lr: initial learning rate (cosine to zero over the run).
+        T: distillation temperature (``d``, ``hd``, ``hd_semi``).
+        alpha: weight of the distillation term (``d``, ``hd``, ``hd_semi``).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    return {"name": f"{variant}-pc{per_class}-s{seed}", "variant": variant, "per_class": per_class, "seed": seed,
+            "steps": steps, "batch_size": batch_size, "model": model, "lr": lr, "T": T, "alpha": alpha,
+            "recipe": RECIPE}
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def overrides_for(spec: dict[str, Any], epochs: int | None = None) -> list[str]:
+    """``--set`` overrides on the demo recipe that give this run (``epochs`` None: 1, to size the data)."""
+    semi = spec["variant"] == "hd_semi"
+    loss = "hd" if semi else spec["variant"]
+    e = epochs or 1
+    return [f"seed={spec['seed']}", f"data.per_class={spec['per_class']}",
+            f"data.unlabelled={'true' if semi else 'false'}", f"data.batch_size={spec['batch_size']}",
+            f"model.args={json.dumps(spec['model'])}", f"loss.loss={loss}", f"loss.T={spec['T']}",
+            f"loss.alpha={spec['alpha']}", f"optim.lr={spec['lr']}", "optim.schedule=cosine",
+            "train.threads=1", "train.device=cpu", f"train.epochs={e}", f"train.eval_every={e}",
+            f"train.checkpoint_every={e}"]
+
+
+def train_one(spec: dict[str, Any], run_root: str, result_path: str) -> dict[str, Any]:
+    """Train one run in this process and write its result JSON atomically; returns the record."""
+    import torch
+
+    from kdedge.config import load_config
+    from kdedge.io import atomic_write_json
+    from kdedge.train.data import load_data
+    from kdedge.train.engine import fit
+
+    torch.set_num_threads(1)
+    load_start = os.getloadavg()[0]
+    cfg = load_config(ROOT / RECIPE, overrides_for(spec))
+    splits = load_data(cfg.data, cfg.seed)
+    n_train = len(splits.train_set(cfg.data))
+    n_labelled = len(splits.train)
+    steps_per_epoch = n_train // spec["batch_size"]  # the training loader drops the last partial batch
+    epochs = max(1, round(spec["steps"] / steps_per_epoch))
+    overrides = overrides_for(spec, epochs)
+    cfg = load_config(ROOT / RECIPE, overrides)
+    run_dir = Path(run_root) / spec["name"]
+    if run_dir.exists():  # an interrupted attempt: runs are short, start it again
+        shutil.rmtree(run_dir)
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = fit(cfg, run_dir)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    epochs_log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    test = result["test"]
+    record = {
+        "spec": spec, "key": spec_key(spec), "overrides": overrides, "n_train": n_train, "n_labelled": n_labelled,
+        "steps_per_epoch": steps_per_epoch, "epochs": epochs, "steps": epochs * steps_per_epoch,
+        "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+        "loadavg": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "test": {k: test[k] for k in ("ensemble_accuracy", "ensemble_macs", "member_accuracy", "diversity", "n")},
+        "val": {"ensemble_accuracy": result["val"]["ensemble_accuracy"], "n": result["val"]["n"]},
+        "complexity": test["complexity"],
+        "train_last_epoch": epochs_log[-1]["train"] if epochs_log else {},
+        "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    atomic_write_json(Path(result_path), record)
+    return record
+
+
+def load_result(out_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved result of ``spec``, or None if missing or trained with other settings."""
+    p = out_dir / "runs" / f"{spec['name']}.json"
+    if not p.is_file():
+        return None
+    rec = json.loads(p.read_text())
+    return rec if rec.get("key") == spec_key(spec) else None
+
+
+def run_sweep(specs: Sequence[dict[str, Any]], out_dir: Path, run_root: Path, jobs: int) -> None:
+    """Train every spec without a matching result JSON, ``jobs`` fresh processes at a time, in order."""
+    import multiprocessing as mp
+
+    todo = [s for s in specs if load_result(out_dir, s) is None]
+    _log(f"{len(specs) - len(todo)} of {len(specs)} runs already done; {len(todo)} to train, {jobs} at a time")
+    if not todo:
+        return
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    run_root.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as ex:
+        futs = {ex.submit(train_one, s, str(run_root), str(out_dir / "runs" / f"{s['name']}.json")): s
+                for s in todo}
+        for n, fut in enumerate(as_completed(futs), 1):
+            s = futs[fut]
+            try:
+                rec = fut.result()
+                _log(f"[{n}/{len(todo)}] {s['name']}: {rec['steps']} steps in {rec['seconds']:.0f} s "
+                     f"({rec['cpu_seconds']:.0f} s CPU), test 1..N members {_fmt_list(rec['test']['ensemble_accuracy'])}")
+            except Exception as e:  # keep the sweep going; the run is retried on the next call
+                _log(f"[{n}/{len(todo)}] {s['name']} FAILED: {type(e).__name__}: {e}")
+
+
+def _log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def _fmt_list(v: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{100 * x:.1f}" for x in v) + "]"
+
+
+# -- statistics and tables ---------------------------------------------------------------------------
+def stats(values: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Per position: mean, std (ddof=1; 0 for one run), min, max over runs (rows)."""
+    a = np.asarray(values, dtype=np.float64)
+    std = a.std(axis=0, ddof=1) if a.shape[0] > 1 else np.zeros(a.shape[1])
+    return {"mean": a.mean(0).tolist(), "std": std.tolist(), "min": a.min(0).tolist(), "max": a.max(0).tolist(),
+            "n": int(a.shape[0])}
+
+
+def cell(st: dict[str, Any], k: int, minmax: bool = True) -> str:
+    s = f"{100 * st['mean'][k]:.1f} ± {100 * st['std'][k]:.1f}"
+    return s + (f" [{100 * st['min'][k]:.1f}, {100 * st['max'][k]:.1f}]" if minmax else "")
+
+
+def _acc(rec: dict[str, Any]) -> list[float]:
+    return rec["test"]["ensemble_accuracy"]
+
+
+def paired(groups: dict[str, list[dict[str, Any]]], base: str, other: str) -> np.ndarray | None:
+    """[seeds, sizes] accuracy of ``other`` minus ``base`` on the seeds both have; None if none."""
+    a = {r["spec"]["seed"]: _acc(r) for r in groups.get(base, [])}
+    b = {r["spec"]["seed"]: _acc(r) for r in groups.get(other, [])}
+    seeds = sorted(set(a) & set(b))
+    return np.asarray([np.subtract(b[s], a[s]) for s in seeds]) if seeds else None
+
+
+def gain_cell(d: np.ndarray, k: int) -> str:
+    v = 100 * d[:, k]
+    std = v.std(ddof=1) if len(v) > 1 else 0.0
+    return f"{v.mean():+.1f} ± {std:.1f} ({int((v > 0).sum())}/{len(v)})"
+
+
+def accuracy_table(groups: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown: one row per objective, one column per ensemble size, mean ± std [min, max] (%)."""
+    present = {g: runs for g, runs in groups.items() if runs}
+    if not present:
+        return "_no finished runs_\n"
+    macs = next(iter(present.values()))[0]["test"]["ensemble_macs"]
+    sizes = [2 ** b for b in range(len(macs))]
+    lines = ["| objective | n | " + " | ".join(f"{s} member{'s' * (s > 1)}" for s in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes),
+             "| cumulative MMACs | | " + " | ".join(f"{m / 1e6:.2f}" for m in macs) + " |"]
+    for g, runs in present.items():
+        st = stats([_acc(r) for r in runs])
+        lines.append(f"| {VARIANTS[g]} | {st['n']} | " + " | ".join(cell(st, k) for k in range(len(sizes))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gain_table(groups: dict[str, list[dict[str, Any]]], pairs: Sequence[tuple[str, str]]) -> str:
+    """Markdown: paired per-seed differences other − base, mean ± std (seeds where other is ahead / seeds)."""
+    rows = []
+    n_sizes = 0
+    for base, other in pairs:
+        d = paired(groups, base, other)
+        if d is None:
+            continue
+        n_sizes = d.shape[1]
+        rows.append(f"| {VARIANTS[other]} − {VARIANTS[base]} | " + " | ".join(gain_cell(d, k) for k in range(n_sizes))
+                    + " |")
+    if not rows:
+        return "_no paired seeds yet_\n"
+    sizes = [2 ** b for b in range(n_sizes)]
+    head = ["| difference (points) | " + " | ".join(f"{s} member{'s' * (s > 1)}" for s in sizes) + " |",
+            "|---|" + "---|" * n_sizes]
+    return "\n".join(head + rows) + "\n"
+
+
+def extras_table(groups: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown: mean single-member accuracy, best/worst member, full-ensemble diversity, train CE."""
+    lines = ["| objective | mean member acc. | member 1 acc. | diversity of the full ensemble | last-epoch train CE |",
+             "|---|---|---|---|---|"]
+    for g, runs in groups.items():
+        if not runs:
+            continue
+        mem = stats([[float(np.mean(r["test"]["member_accuracy"])), r["test"]["member_accuracy"][0]] for r in runs])
+        div = stats([[r["test"]["diversity"][-1], r["train_last_epoch"].get("ce", float("nan"))] for r in runs])
+        lines.append(f"| {VARIANTS[g]} | {cell(mem, 0, False)} | {cell(mem, 1, False)} | "
+                     f"{div['mean'][0]:.2f} ± {div['std'][0]:.2f} | {div['mean'][1]:.3f} ± {div['std'][1]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _word(d: np.ndarray, k: int) -> str:
+    """How a paired difference column reads: consistent gain, gain within the spread, no gain."""
+    v = 100 * d[:, k]
+    std = v.std(ddof=1) if len(v) > 1 else 0.0
+    if v.mean() > 0 and (v > 0).all() and v.mean() > std:
+        return "ahead in every seed"
+    if v.mean() > 0:
+        return "ahead on average, within the seed spread"
+    if v.mean() < 0 and (v < 0).all() and -v.mean() > std:
+        return "behind in every seed"
+    return "not ahead" if v.mean() < 0 else "level"
+
+
+def verdict(groups: dict[str, list[dict[str, Any]]], per_class: int) -> str:
+    """Computed sentences: L_HD vs L_I at small sizes, semi-supervised vs supervised L_HD."""
+    out = []
+    d = paired(groups, "i", "hd")
+    if d is not None:
+        m = 100 * d.mean(0)
+        parts = [f"{2 ** k} member{'s' * (k > 0)}: {m[k]:+.1f} points, {_word(d, k)}" for k in range(d.shape[1])]
+        out.append(f"- {per_class}/class, L_HD − L_I over {len(d)} paired seeds: " + "; ".join(parts) + ".")
+    d = paired(groups, "hd", "hd_semi")
+    if d is not None:
+        m = 100 * d.mean(0)
+        parts = [f"{2 ** k}: {m[k]:+.1f} ({_word(d, k)})" for k in range(d.shape[1])]
+        out.append(f"- {per_class}/class, semi-supervised L_HD − supervised L_HD over {len(d)} paired seeds, "
+                   "per ensemble size: " + "; ".join(parts) + ".")
+    return "\n".join(out) + "\n" if out else "_no paired runs yet_\n"
+
+
+# -- machine, plot, doc --------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        # nproc honours OMP_NUM_THREADS, which this script sets to 1 for its runs: ask without it.
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True, env=env).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        nproc = str(os.cpu_count())
+    return {"nproc": nproc, "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
+            "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def plot(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]]]]) -> None:
+    """Accuracy vs cumulative MMACs per objective: mean line, ± std band, min–max bars; one panel per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.2), squeeze=False)
+    colours = {"i": "tab:blue", "s": "tab:orange", "d": "tab:green", "hd": "tab:red", "hd_semi": "tab:purple"}
+    for ax, (title, groups) in zip(axes.flat, panels):
+        for j, (g, runs) in enumerate(groups.items()):
+            if not runs:
+                continue
+            st = stats([_acc(r) for r in runs])
+            x = np.asarray(runs[0]["test"]["ensemble_macs"]) / 1e6 * (1 + 0.012 * (j - 2))  # dodge the bars
+            mean, std = 100 * np.asarray(st["mean"]), 100 * np.asarray(st["std"])
+            lo, hi = mean - 100 * np.asarray(st["min"]), 100 * np.asarray(st["max"]) - mean
+            c = colours.get(g, "k")
+            ax.errorbar(x, mean, yerr=[lo, hi], fmt="o", color=c, ms=4, capsize=3, lw=1.4, elinewidth=0.8,
+                        label=f"{VARIANTS[g]} (n={st['n']})", ls="--" if g == "hd_semi" else "-")
+            ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.15)
+        first = next((r for runs in groups.values() for r in runs), None)
+        if first is not None:
+            macs = np.asarray(first["test"]["ensemble_macs"]) / 1e6
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(macs)
+            ax.set_xticklabels([f"{2 ** k}\n{m:.2f}" for k, m in enumerate(macs)])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("members / cumulative MMACs per image")
+        ax.set_ylabel("test top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("HNE (mnist config, width 0.5, 8 members) on mnist5k: mean, ± std band, min–max bars", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_section(doc: Path, name: str, body: str, title: str) -> None:
+    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` (append if absent)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = doc.read_text() if doc.is_file() else f"# {title}\n\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        _, post = rest.split(end, 1)
+        text = pre + block + post
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = doc.with_name(doc.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, doc)
+
+
+def settings_text(args: argparse.Namespace, records: list[dict[str, Any]], n_expected: int) -> str:
+    m = machine()
+    done = len(records)
+    status = "complete" if done == n_expected else f"**PARTIAL: {done} of {n_expected} runs finished**"
+    per = sorted({(r["spec"]["variant"], r["spec"]["per_class"], r["n_train"], r["epochs"], r["steps_per_epoch"],
+                   r["steps"]) for r in records}, key=lambda t: (t[1], list(VARIANTS).index(t[0])))
+    secs = [r["seconds"] for r in records]
+    cpus = [r.get("cpu_seconds", float("nan")) for r in records]
+    cmd = " ".join(shlex.quote(a) for a in [sys.executable.replace(str(ROOT) + "/", ""), *sys.argv])
+    lines = [
+        f"- status: {status}",
+        f"- command: `{cmd}`" if not args.report_only
+        else f"- tables regenerated with `{cmd}` from `{args.out_dir}/runs/*.json`",
+        f"- machine: `nproc` = {m['nproc']}, CPU {m['cpu']}, Python {m['python']}, torch {m['torch']}, "
+        f"load average when written {m['loadavg']} (shared with other jobs: timings are not benchmarks); "
+        f"commit {commit()}",
+        f"- recipe `{RECIPE}` with: model `hne` args `{json.dumps(args.model)}`, batch {args.batch_size}, "
+        f"SGD lr {args.lr} cosine to 0 over the run, momentum 0.9, wd 5e-4, pad-crop augmentation, "
+        f"T = {args.T}, α = {args.alpha} (L_D and L_HD), one torch thread per run, {args.jobs} runs in parallel",
+        f"- {args.steps} optimisation steps requested per run, rounded to whole epochs; "
+        "(objective, labelled/class, training images, epochs, steps/epoch, steps): "
+        + ", ".join(f"({a}, {b}, {c}, {d}, {e}, {f})" for a, b, c, d, e, f in per),
+        f"- seeds {', '.join(map(str, args.seeds))} (a seed fixes the labelled subset, the validation split and "
+        "the initial weights; the test split is the same 1,000 images for every run)",
+        f"- time per run: {min(secs):.0f}–{max(secs):.0f} s wall, {np.nanmin(cpus):.0f}–{np.nanmax(cpus):.0f} s CPU; "
+        f"{sum(secs) / 60:.0f} process-minutes in all" if secs else "- no finished runs",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- main --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[50, 150], help="labelled images per class")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=600, help="optimisation steps per run (rounded to whole epochs)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--T", type=float, default=2.0)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--model", type=json.loads, default=DEFAULT_MODEL, help="hne model.args as JSON")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    p.add_argument("--out-dir", type=Path, default=Path(DEFAULT_OUT), help="result JSONs (runs/), summary, PNG")
+    p.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS), help="scratch run directories")
+    p.add_argument("--doc", type=Path, default=Path(DEFAULT_DOC))
+    p.add_argument("--report-only", action="store_true", help="no training: tables from the result JSONs so far")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.jobs < 1 or args.steps < 1 or args.batch_size < 1:
+        raise SystemExit("error: --jobs, --steps and --batch-size must be positive")
+    os.chdir(ROOT)
+    # Seed-major order: an interrupted sweep leaves whole seeds (every objective, both sizes) done.
+    specs = [run_spec(v, pc, seed, steps=args.steps, batch_size=args.batch_size, model=args.model, lr=args.lr,
+                      T=args.T, alpha=args.alpha)
+             for seed in args.seeds for pc in args.sizes for v in args.variants]
+    if not args.report_only:
+        _log(f"HNE ablation: {len(specs)} runs ({len(args.variants)} objectives x {len(args.sizes)} sizes x "
+             f"{len(args.seeds)} seeds), {args.steps} steps each")
+        run_sweep(specs, args.out_dir, args.runs_dir, args.jobs)
+
+    records = [r for r in (load_result(args.out_dir, s) for s in specs) if r is not None]
+    sections = [f"Test accuracy (%) of the anytime ensembles of the first 1, 2, 4 … N members; mean ± std "
+                f"[min, max] over seeds. Paired differences: mean ± std over seeds (seeds where the first "
+                f"objective is ahead / seeds).\n"]
+    panels, summary = [], {}
+    for pc in args.sizes:
+        groups = {v: [r for r in records if r["spec"]["variant"] == v and r["spec"]["per_class"] == pc]
+                  for v in args.variants}
+        pairs = [("i", v) for v in ("s", "d", "hd", "hd_semi") if v in groups] + [("hd", "hd_semi")]
+        sections += [f"### {pc} labelled images per class\n", accuracy_table(groups),
+                     "\nPaired differences (accuracy points):\n", gain_table(groups, pairs),
+                     "\nMembers alone and diversity (8-member tree):\n", extras_table(groups),
+                     "\nComputed reading:\n", verdict(groups, pc)]
+        panels.append((f"{pc} labelled images per class", groups))
+        summary[str(pc)] = {v: {"seeds": [r["spec"]["seed"] for r in runs], **stats([_acc(r) for r in runs]),
+                                "macs": runs[0]["test"]["ensemble_macs"]}
+                            for v, runs in groups.items() if runs}
+    body = "\n".join(sections)
+    print(body)
+    n = len(specs)
+    settings = settings_text(args, records, n)
+    print(settings)
+    if records:
+        plot(args.out_dir / "ablation.png", panels)
+        from kdedge.io import atomic_write_json
+
+        atomic_write_json(args.out_dir / "summary.json", {"complete": len(records) == n, "runs": len(records),
+                                                          "expected": n, "accuracy": summary})
+    png = os.path.relpath(args.out_dir / "ablation.png", args.doc.parent)
+    write_section(args.doc, "hne-ablation", "## Table 1 ablation\n\n" + settings + "\n" + body
+                  + f"\n![accuracy vs MACs per objective]({png})\n", "HNE results")
+    _log(f"wrote {args.doc} and {args.out_dir}/ ({len(records)} of {n} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
