@@ -299,3 +299,47 @@ def test_real_watchdog_aborts_an_overrunning_onnxruntime_stage(bundle, tmp_path:
         assert res.aborted == "stage1" and res.stage.tolist() == [0]
         np.testing.assert_allclose(res.probs, ref.probs)
         assert res.total_ms[0] < full_ms * 0.6
+
+
+def test_watchdog_fires_in_order_and_skips_disarmed() -> None:
+    from kdedge.runtime.sessions import AbortHandle
+
+    fired: list[str] = []
+    dog = Watchdog()
+    handles = {name: AbortHandle(lambda n=name: fired.append(n)) for name in ("a", "b", "c")}
+    now = time.perf_counter()
+    dog.arm(now + 0.03, handles["c"])
+    dog.arm(now + 0.01, handles["a"])
+    token_b = dog.arm(now + 0.02, handles["b"])
+    Watchdog.disarm(token_b)
+    deadline = time.perf_counter() + 2.0
+    while len(fired) < 2 and time.perf_counter() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.02)
+    dog.close()
+    assert fired == ["a", "c"] and not handles["b"].aborted
+
+
+def test_deadline_policy_from_several_threads(bundle) -> None:
+    import threading
+
+    with Runner(bundle, threads=1) as r:
+        x = np.zeros((2, 1, 8, 8), np.float32)
+        pol = Deadline(10_000.0, latencies_ms=[0.01, 0.01, 0.01])
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for _ in range(50):
+                    res = r.run(x, pol)
+                    assert res.stage.tolist() == [2, 2] and res.aborted is None and res.budget_met.all()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+        assert r._watchdog is not None  # the watchdog armed and disarmed every stage
