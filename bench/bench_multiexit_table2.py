@@ -1,0 +1,489 @@
+"""The paper's Table 2 experiment on mnist5k: exit-wise vs distillation vs semi-supervised distillation.
+
+Phuong & Lampert (ICCV 2019), Table 2 / Figs. 3 and 5, on the data we ship: an MSDNet trained
+with the exit-wise loss (Eq. 7), with distillation from the last exit and temperature annealing
+(Eq. 1, §3.4), and with semi-supervised distillation (Eq. 6: the rest of the training pool as
+unlabelled images), at two low-data sizes (``--sizes``, labelled images per class), for several
+seeds (a seed fixes the labelled subset, the validation split and the initial weights, so the
+three methods of one seed are paired). Reported on the fixed mnist5k test split: accuracy of
+every exit, of every anytime ensemble (mean of the probabilities of exits 1..k) and budget mode
+(for "exits 1..k affordable", the exit with the best validation accuracy), mean ± std over the
+seeds with min/max, and the paired per-seed gain over the exit-wise baseline.
+
+Every run has the same number of optimisation steps (``--steps``, batch ``--batch-size``), so a
+semi-supervised run, whose epochs also cover the unlabelled pool, gets the same compute as the
+supervised ones: epochs = round(steps / steps per epoch), learning-rate drops (×0.1) at 50 % and
+75 % of the steps (the paper's 150/225 of 300 epochs).
+
+Each run goes to a fresh process (``--jobs`` at a time, one torch thread each); its result JSON is
+written to ``<out-dir>/runs/`` as soon as it ends, and a rerun skips runs whose JSON holds the
+same settings, so an interrupted sweep resumes where it stopped. The tables are printed and
+written into ``--doc`` between markers (the rest of the file is kept); a PNG of accuracy vs
+cumulative MACs (mean ± std band per method) goes to ``<out-dir>/table2.png``.
+
+Usage:
+    nohup .venv/bin/python bench/bench_multiexit_table2.py > runs/bench_multiexit_table2.log 2>&1 &
+    .venv/bin/python bench/bench_multiexit_table2.py --report-only     # tables from the JSONs so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Sequence
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # inherited by the spawned run processes
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "configs/multiexit_mnist_demo.yaml"
+DEFAULT_OUT = "docs/results/multiexit"
+DEFAULT_DOC = "docs/multiexit_results.md"
+DEFAULT_RUNS = "runs/bench_multiexit"
+# The `small` preset with half the channels: the same 3 scales x 5 exits, 3.5x fewer MACs; on a
+# shared 2-core machine a step costs ~0.3-0.5 s instead of ~0.7 s (many small ops).
+DEFAULT_MODEL = {"config": "small", "scale_channels": [2, 4, 8]}
+METHODS = {"exitwise": "exit-wise (Eq. 7)", "distill": "distillation", "semi": "distillation semi-sup. (Eq. 6)"}
+
+
+# -- one run ---------------------------------------------------------------------------------------
+def run_spec(method: str, per_class: int, seed: int, *, steps: int, batch_size: int, model: dict[str, Any],
+             temperature: float | None = None, lr: float = 0.1) -> dict[str, Any]:
+    """The settings of one training run (what its result JSON must match to be reused).
+
+    Args:
+        method: ``exitwise``, ``distill`` or ``semi``.
+        per_class: labelled images per class.
+        seed: data subset, validation split and initial weights.
+        steps: optimisation steps (rounded to whole epochs).
+        batch_size: training batch size.
+        model: MSDNet ``model.args``.
+        temperature: None = annealed from 1 (§3.4); a number = that constant temperature.
+        lr: initial learning rate (drops x0.1 at 50 % and 75 % of the epochs).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    tag = "" if temperature is None else f"-T{temperature:g}"
+    return {"name": f"{method}-pc{per_class}{tag}-s{seed}", "method": method, "per_class": per_class, "seed": seed,
+            "steps": steps, "batch_size": batch_size, "model": model, "temperature": temperature, "lr": lr,
+            "recipe": RECIPE}
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def overrides_for(spec: dict[str, Any], epochs: int | None = None) -> list[str]:
+    """``--set`` overrides on the demo recipe that give this run (``epochs`` None: 1, to size the data)."""
+    loss = "exitwise" if spec["method"] == "exitwise" else "distill"
+    ov = [f"seed={spec['seed']}", f"data.per_class={spec['per_class']}",
+          f"data.unlabelled={'true' if spec['method'] == 'semi' else 'false'}",
+          f"data.batch_size={spec['batch_size']}", f"model.args={json.dumps(spec['model'])}",
+          f"loss.loss={loss}", f"optim.lr={spec['lr']}", "train.threads=1", "train.device=cpu"]
+    if spec["temperature"] is not None:
+        ov += ["loss.anneal=false", f"loss.T={spec['temperature']}"]
+    e = epochs or 1
+    ov += [f"train.epochs={e}", "optim.milestones=[]", f"train.eval_every={e}", f"train.checkpoint_every={e}"]
+    return ov
+
+
+def lr_drops(epochs: int) -> list[float]:
+    """Learning-rate drops at 50 % and 75 % of the steps, in (fractional) epochs.
+
+    The engine compares milestones with the fractional epoch of every step, so fractions work;
+    the config file format only takes whole epochs, hence they are set on the loaded config. With
+    whole epochs a 3-epoch run would drop twice at epoch 2 (int(1.5 + 0.5) = int(2.25 + 0.5)).
+    """
+    return [0.5 * epochs, 0.75 * epochs]
+
+
+def train_one(spec: dict[str, Any], run_root: str, result_path: str) -> dict[str, Any]:
+    """Train one run in this process and write its result JSON atomically; returns the record."""
+    import torch
+
+    from kdedge.config import load_config
+    from kdedge.io import atomic_write_json
+    from kdedge.train.data import load_data
+    from kdedge.train.engine import fit
+
+    torch.set_num_threads(1)
+    cfg = load_config(ROOT / RECIPE, overrides_for(spec))
+    n_train = len(load_data(cfg.data, cfg.seed).train_set(cfg.data))
+    steps_per_epoch = n_train // spec["batch_size"]  # the training loader drops the last partial batch
+    epochs = max(1, round(spec["steps"] / steps_per_epoch))
+    overrides = overrides_for(spec, epochs)
+    cfg = load_config(ROOT / RECIPE, overrides)
+    cfg.optim.milestones = lr_drops(epochs)  # type: ignore[assignment]  # fractional epochs, see lr_drops
+    run_dir = Path(run_root) / spec["name"]
+    if run_dir.exists():  # an interrupted attempt: runs are short, start it again
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    result = fit(cfg, run_dir)
+    seconds = time.perf_counter() - t0
+    epochs_log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    test = result["test"]
+    record = {
+        "spec": spec, "key": spec_key(spec), "overrides": overrides, "n_train": n_train,
+        "steps_per_epoch": steps_per_epoch, "epochs": epochs, "steps": epochs * steps_per_epoch,
+        "milestones_epochs": lr_drops(epochs), "milestones_steps": [m * steps_per_epoch for m in lr_drops(epochs)],
+        "seconds": round(seconds, 1),
+        "test": {k: test[k] for k in ("per_exit", "anytime", "macs", "n")},
+        "budget": [b["accuracy"] for b in test["modes"]["budget"]],
+        "budget_exit": [b["exit"] for b in test["modes"]["budget"]],
+        "val": {"per_exit": test["modes"]["val_per_exit"], "anytime": result["val"]["anytime"]},
+        "temperature": [r.get("temperature") for r in epochs_log],
+        "teacher_conf": [r["train"].get("teacher_conf") for r in epochs_log],
+        "train_ce": [r["train"].get("ce") for r in epochs_log],
+        "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    atomic_write_json(Path(result_path), record)
+    return record
+
+
+def load_result(out_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved result of ``spec``, or None if missing or trained with other settings."""
+    p = out_dir / "runs" / f"{spec['name']}.json"
+    if not p.is_file():
+        return None
+    rec = json.loads(p.read_text())
+    if rec.get("key") != spec_key(spec):
+        return None
+    drops = rec.get("milestones_epochs")
+    if drops is None:  # written before lr_drops: whole-epoch milestones in the overrides
+        ms = [o for o in rec["overrides"] if o.startswith("optim.milestones=")]
+        drops = json.loads(ms[0].partition("=")[2]) if ms else None
+    return rec if drops is not None and [float(d) for d in drops] == lr_drops(rec["epochs"]) else None
+
+
+def run_sweep(specs: Sequence[dict[str, Any]], out_dir: Path, run_root: Path, jobs: int) -> None:
+    """Train every spec without a matching result JSON, ``jobs`` fresh processes at a time."""
+    import multiprocessing as mp
+
+    todo = [s for s in specs if load_result(out_dir, s) is None]
+    _log(f"{len(specs) - len(todo)} of {len(specs)} runs already done; {len(todo)} to train, {jobs} at a time")
+    if not todo:
+        return
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    run_root.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as ex:
+        futs = {ex.submit(train_one, s, str(run_root), str(out_dir / "runs" / f"{s['name']}.json")): s
+                for s in todo}
+        for n, fut in enumerate(as_completed(futs), 1):
+            s = futs[fut]
+            try:
+                rec = fut.result()
+                _log(f"[{n}/{len(todo)}] {s['name']}: {rec['steps']} steps in {rec['seconds']:.0f} s, "
+                     f"T={rec['temperature'][-1]}, test per exit {_fmt_list(rec['test']['per_exit'])}")
+            except Exception as e:  # keep the sweep going; the run is retried on the next call
+                _log(f"[{n}/{len(todo)}] {s['name']} FAILED: {type(e).__name__}: {e}")
+
+
+def _log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def _fmt_list(v: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{100 * x:.1f}" for x in v) + "]"
+
+
+# -- statistics and tables ---------------------------------------------------------------------------
+def stats(values: Sequence[Sequence[float]]) -> dict[str, list[float]]:
+    """Per position: mean, std (ddof=1; 0 for one run), min, max over runs (rows)."""
+    a = np.asarray(values, dtype=np.float64)
+    std = a.std(axis=0, ddof=1) if a.shape[0] > 1 else np.zeros(a.shape[1])
+    return {"mean": a.mean(0).tolist(), "std": std.tolist(), "min": a.min(0).tolist(), "max": a.max(0).tolist(),
+            "n": int(a.shape[0])}
+
+
+def cell(st: dict[str, list[float]], k: int, minmax: bool = True) -> str:
+    s = f"{100 * st['mean'][k]:.1f} ± {100 * st['std'][k]:.1f}"
+    return s + (f" [{100 * st['min'][k]:.1f}, {100 * st['max'][k]:.1f}]" if minmax else "")
+
+
+def gain_cell(diffs: np.ndarray, k: int) -> str:
+    d = 100 * diffs[:, k]
+    std = d.std(ddof=1) if len(d) > 1 else 0.0
+    return f"{d.mean():+.1f} ± {std:.1f} ({int((d > 0).sum())}/{len(d)})"
+
+
+def metric_table(groups: dict[str, list[dict[str, Any]]], metric: str, labels: dict[str, str],
+                 row_name: str) -> str:
+    """Markdown table: one row per exit, one column per group, mean ± std [min, max]."""
+    present = {g: runs for g, runs in groups.items() if runs}
+    if not present:
+        return "_no finished runs_\n"
+    macs = next(iter(present.values()))[0]["test"]["macs"]
+    sts = {g: stats([_metric(r, metric) for r in runs]) for g, runs in present.items()}
+    head = f"| {row_name} | MMACs | " + " | ".join(f"{labels[g]} (n={sts[g]['n']})" for g in present) + " |"
+    lines = [head, "|" + "---|" * (2 + len(present))]
+    for k, m in enumerate(macs):
+        lines.append(f"| {k + 1} | {m / 1e6:.2f} | " + " | ".join(cell(sts[g], k) for g in present) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gain_table(groups: dict[str, list[dict[str, Any]]], base: str, metric: str, labels: dict[str, str],
+               row_name: str) -> str:
+    """Paired per-seed gain of each group over ``base``: mean ± std (seeds with a gain / seeds)."""
+    by_seed = {g: {r["spec"]["seed"]: _metric(r, metric) for r in runs} for g, runs in groups.items()}
+    others = [g for g in groups if g != base and by_seed[g]]
+    if not by_seed.get(base) or not others:
+        return "_not enough finished runs for paired gains_\n"
+    diffs = {}
+    for g in others:
+        seeds = sorted(set(by_seed[g]) & set(by_seed[base]))
+        if seeds:
+            diffs[g] = np.asarray([np.subtract(by_seed[g][s], by_seed[base][s]) for s in seeds])
+    if not diffs:
+        return "_no paired seeds_\n"
+    lines = [f"| {row_name} | " + " | ".join(f"{labels[g]} − {labels[base]}" for g in diffs) + " |",
+             "|" + "---|" * (1 + len(diffs))]
+    n = next(iter(diffs.values())).shape[1]
+    for k in range(n):
+        lines.append(f"| {k + 1} | " + " | ".join(gain_cell(d, k) for d in diffs.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_gains(groups: dict[str, list[dict[str, Any]]], base: str, other: str, metric: str) -> np.ndarray | None:
+    a = {r["spec"]["seed"]: _metric(r, metric) for r in groups.get(base, [])}
+    b = {r["spec"]["seed"]: _metric(r, metric) for r in groups.get(other, [])}
+    seeds = sorted(set(a) & set(b))
+    return np.asarray([np.subtract(b[s], a[s]) for s in seeds]) if seeds else None
+
+
+def _metric(rec: dict[str, Any], metric: str) -> list[float]:
+    return rec["budget"] if metric == "budget" else rec["test"][metric]
+
+
+def verdict(groups: dict[str, list[dict[str, Any]]], per_class: int) -> str:
+    """A plain sentence on whether distillation's early-exit gains reproduce at this size (computed)."""
+    out = []
+    for other in ("distill", "semi"):
+        d = paired_gains(groups, "exitwise", other, "per_exit")
+        if d is None or len(d) == 0:
+            continue
+        m = 100 * d.mean(0)
+        std = 100 * d.std(0, ddof=1) if len(d) > 1 else np.zeros_like(m)
+        wins = (d > 0).sum(0)
+        first, last = m[0], m[-1]
+        clear = len(d) >= 2 and first > 0 and first > std[0] and wins[0] == len(d)
+        word = "reproduces" if clear else ("points the same way but is within the seed spread" if first > 0
+                                           else "does not reproduce")
+        out.append(f"{METHODS[other]} vs exit-wise at {per_class}/class: exit 1 {first:+.1f} points "
+                   f"(± {std[0]:.1f}, better in {wins[0]}/{len(d)} seeds), last exit {last:+.1f} points; "
+                   f"the early-exit gain {word}.")
+    return " ".join(out) if out else "no paired runs yet."
+
+
+# -- machine, plot, doc --------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
+        nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True, env=env).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        nproc = str(os.cpu_count())
+    return {"nproc": nproc, "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
+            "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def plot_panels(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]], str]],
+                labels: dict[str, str], ncols: int = 2) -> None:
+    """Accuracy vs cumulative MMACs, one line (mean) and band (± std) per group and panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+    colours = ["tab:blue", "tab:green", "tab:red", "tab:orange", "tab:purple", "tab:brown"]
+    for ax, (title, groups, metric) in zip(axes.flat, panels):
+        for i, (g, runs) in enumerate(groups.items()):
+            if not runs:
+                continue
+            st = stats([_metric(r, metric) for r in runs])
+            x = np.asarray(runs[0]["test"]["macs"]) / 1e6
+            mean, std = 100 * np.asarray(st["mean"]), 100 * np.asarray(st["std"])
+            ax.plot(x, mean, "o-", color=colours[i % len(colours)], label=f"{labels[g]} (n={st['n']})", ms=4)
+            ax.fill_between(x, mean - std, mean + std, color=colours[i % len(colours)], alpha=0.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("cumulative MMACs per image")
+        ax.set_ylabel("test top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_section(doc: Path, name: str, body: str) -> None:
+    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` (append if absent)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = doc.read_text() if doc.is_file() else "# Multi-exit benchmarks\n\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        _, post = rest.split(end, 1)
+        text = pre + block + post
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = doc.with_name(doc.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, doc)
+
+
+def settings_text(args: argparse.Namespace, records: list[dict[str, Any]], n_expected: int, extra: str = "") -> str:
+    m = machine()
+    done = len(records)
+    status = "complete" if done == n_expected else f"**PARTIAL: {done} of {n_expected} runs finished**"
+    steps = sorted({r["steps"] for r in records})
+    per = sorted({(r["spec"]["method"], r["spec"]["per_class"], r["epochs"], r["steps_per_epoch"]) for r in records})
+    secs = [r["seconds"] for r in records]
+    ce = {}
+    for r in records:
+        if r["train_ce"] and r["train_ce"][-1] is not None:
+            ce.setdefault(r["spec"]["method"], []).append(r["train_ce"][-1])
+    lines = [
+        f"- status: {status}",
+        f"- command: `{sweep_command(args)}`"
+        + (f" (tables regenerated from `{args.out_dir}/runs/*.json` with `--report-only`)" if args.report_only else ""),
+        f"- machine: `nproc` = {m['nproc']}, CPU {m['cpu']}, Python {m['python']}, torch {m['torch']}, "
+        f"load average when written {m['loadavg']} (the machine is shared: timings are not benchmarks); "
+        f"commit {commit()}",
+        f"- recipe `{RECIPE}` with: model `msdnet` args `{json.dumps(args.model)}`, batch {args.batch_size}, "
+        f"SGD Nesterov lr {args.lr} (×0.1 at 50 % and 75 % of the steps), momentum 0.9, wd 1e-4, "
+        f"pad-crop augmentation, one torch thread per run, {args.jobs} runs in parallel",
+        f"- {args.steps} optimisation steps requested per run, rounded to whole epochs: actual steps "
+        f"{', '.join(map(str, steps)) or '-'}; (method, labelled/class, epochs, steps/epoch): "
+        + ", ".join(f"({a}, {b}, {c}, {d})" for a, b, c, d in per),
+        f"- seeds {', '.join(map(str, args.seeds))} (a seed fixes the labelled subset, the validation split and "
+        f"the initial weights; the test split is the same 1,000 images for every run; validation: 400 images)",
+        f"- wall time per run: {min(secs):.0f}–{max(secs):.0f} s, {sum(secs) / 60:.0f} process-minutes in all"
+        if secs else "- no finished runs",
+    ]
+    if ce:
+        lines.append("- training cross-entropy (mean over exits, last epoch, labelled images), mean over runs: "
+                     + ", ".join(f"{m} {np.mean(v):.2f}" for m, v in sorted(ce.items())))
+    if extra:
+        lines.append(extra)
+    return "\n".join(lines) + "\n"
+
+
+def sweep_command(args: argparse.Namespace) -> str:
+    """The command that trains these runs (``--report-only`` dropped)."""
+    argv = [a for a in sys.argv if a != "--report-only"]
+    script = os.path.relpath(Path(argv[0]).resolve(), ROOT)
+    python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else "python"
+    return " ".join(shlex.quote(a) for a in [python, script, *argv[1:]])
+
+
+# -- main --------------------------------------------------------------------------------------------
+def common_args(p: argparse.ArgumentParser, steps: int) -> None:
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=steps, help="optimisation steps per run (rounded to whole epochs)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--model", type=json.loads, default=DEFAULT_MODEL, help="MSDNet model.args as JSON")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    p.add_argument("--out-dir", type=Path, default=Path(DEFAULT_OUT), help="result JSONs (runs/) and PNGs")
+    p.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS), help="scratch run directories")
+    p.add_argument("--doc", type=Path, default=Path(DEFAULT_DOC))
+    p.add_argument("--report-only", action="store_true", help="no training: tables from the result JSONs so far")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[50, 150], help="labelled images per class")
+    common_args(p, steps=300)
+    args = p.parse_args(argv)
+    os.chdir(ROOT)
+    specs = [run_spec(m, pc, s, steps=args.steps, batch_size=args.batch_size, model=args.model, lr=args.lr)
+             for pc in args.sizes for s in args.seeds for m in METHODS]
+    if not args.report_only:
+        _log(f"machine: {machine()}")
+        run_sweep(specs, args.out_dir, args.runs_dir, args.jobs)
+    report(args, specs)
+    return 0
+
+
+def report(args: argparse.Namespace, specs: Sequence[dict[str, Any]]) -> None:
+    records = [r for r in (load_result(args.out_dir, s) for s in specs) if r is not None]
+    body = ["## Table 2 on mnist5k: exit-wise vs distillation vs semi-supervised distillation", "",
+            "_Generated by `bench/bench_multiexit_table2.py`; test top-1 accuracy in %, mean ± std over seeds "
+            "[min, max]; gains are paired by seed (same labelled subset and initial weights), mean ± std "
+            "(seeds with a gain / seeds)._", "", settings_text(args, records, len(specs))]
+    panels = []
+    summary: dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                               "machine": machine(), "sizes": {}}
+    for pc in args.sizes:
+        groups = {m: [r for r in records if r["spec"]["method"] == m and r["spec"]["per_class"] == pc]
+                  for m in METHODS}
+        unl = next((r["n_train"] - 10 * pc for r in records if r["spec"]["per_class"] == pc
+                    and r["spec"]["method"] == "semi"), None)
+        body += [f"### {pc} labelled images per class ({10 * pc} labelled"
+                 + (f", {unl} unlabelled for the semi-supervised runs)" if unl is not None else ")"), "",
+                 f"**Verdict (computed from the runs):** {verdict(groups, pc)}", "",
+                 "Per exit (the prediction of exit k alone):", "", metric_table(groups, "per_exit", METHODS, "exit"),
+                 "Anytime (mean of the probabilities of exits 1..k; the paper's Fig. 5):", "",
+                 metric_table(groups, "anytime", METHODS, "exits"),
+                 "Budget mode (exits 1..k affordable, the exit with the best validation accuracy; the paper's "
+                 "Table 2 layout, MMACs = the budget):", "", metric_table(groups, "budget", METHODS, "budget"),
+                 "Paired gain over exit-wise, per exit (points):", "",
+                 gain_table(groups, "exitwise", "per_exit", METHODS, "exit"),
+                 "Paired gain over exit-wise, anytime (points):", "",
+                 gain_table(groups, "exitwise", "anytime", METHODS, "exits")]
+        panels += [(f"{pc}/class: per exit", groups, "per_exit"), (f"{pc}/class: anytime ensemble", groups, "anytime")]
+        summary["sizes"][str(pc)] = {m: {metric: stats([_metric(r, metric) for r in runs]) if runs else None
+                                         for metric in ("per_exit", "anytime", "budget")}
+                                     for m, runs in groups.items()}
+    png = args.out_dir / "table2.png"
+    if records:
+        plot_panels(png, panels, METHODS)
+        body += [f"![accuracy vs cumulative MACs]({os.path.relpath(png, args.doc.parent)})", ""]
+    text = "\n".join(body)
+    print(text)
+    from kdedge.io import atomic_write_json
+
+    atomic_write_json(args.out_dir / "table2_summary.json", {**summary, "runs": [r["spec"]["name"] for r in records]})
+    write_section(args.doc, "table2", text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
