@@ -216,8 +216,13 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, 
     return digits_data()
 
 
-@functools.lru_cache(maxsize=None)
 def trained_toy(with_prefixes: bool = True) -> ToyAnytime:
+    """The toy model trained on digits (do not modify it)."""
+    return _trained_toy(bool(with_prefixes))
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_toy(with_prefixes: bool) -> ToyAnytime:
     xtr, ytr, _, _, _ = digits()
     torch.manual_seed(0)
     return train_toy(ToyAnytime(with_prefixes=with_prefixes), xtr, ytr, epochs=6)
@@ -230,9 +235,13 @@ def _scratch() -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
 def toy_bundle(precision: str = "fp32", with_prefixes: bool = True) -> Path:
     """A bundle of the trained toy model (do not modify it)."""
+    return _toy_bundle(precision, bool(with_prefixes))
+
+
+@functools.lru_cache(maxsize=None)
+def _toy_bundle(precision: str, with_prefixes: bool) -> Path:
     from kdedge.export import export
 
     xtr, ytr, xv, yv, info = digits()

@@ -219,7 +219,7 @@ def format_report(report: dict[str, Any]) -> str:
     if q:
         lines.append(f"INT8 gate (max drop {q['max_drop']:g} points, keep_fp32={q['keep_fp32']}): "
                      f"{'PASSED' if q['passed'] else 'FAILED'}")
-        lines.append(f"{'graph':<10} {'rule':<12} {'fp32':>8} {'int8':>8} {'drop':>7}  {'kept':<5}")
+        lines.append(f"{'graph':<10} {'rule':<12} {'fp32':>8} {'int8':>8} {'drop':>7}  {'chosen':<6}")
         for row in q["rows"]:
             lines.append(f"{row['graph']:<10} {row['rule']:<12} {100 * row['fp32']:>7.2f}% {100 * row['int8']:>7.2f}% "
                          f"{row['drop']:>7.2f}  {row['precision']:<5}{'' if row['passed'] else '  FAILED'}")
