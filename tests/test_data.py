@@ -384,13 +384,18 @@ def test_unknown_dataset_suggests_the_close_name() -> None:
         ({"per_class": 0}, "per_class must be an integer >= 1"),
         ({"unlabelled": True}, "unlabelled needs data.per_class"),
         ({"batch_size": 0}, "batch_size"),
-        ({"name": "cifar10"}, "needs data.root"),
     ],
 )
 def test_bad_config_raises_one_clear_line(kw: dict, match: str) -> None:
     with pytest.raises(DataError, match=match) as e:
         DataConfig(**kw)
     assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
+
+
+def test_directory_dataset_needs_its_root_when_loaded_not_in_a_recipe() -> None:
+    cfg = DataConfig(name="cifar10")  # a recipe may leave the directory to --data-root
+    with pytest.raises(DataError, match="needs its directory: --data-root"):
+        load_data(cfg, 0)
 
 
 def test_seed_must_be_a_non_negative_integer() -> None:

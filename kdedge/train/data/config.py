@@ -82,10 +82,13 @@ class DataConfig:
     synthetic_samples: int = 256
 
     def __post_init__(self) -> None:
-        self.validate()
+        self.validate(need_root=False)  # a recipe may leave root to --data-root
 
-    def validate(self) -> None:
-        """Raise :class:`DataError` naming the first bad field and how to fix it."""
+    def validate(self, need_root: bool = True) -> None:
+        """Raise :class:`DataError` naming the first bad field and how to fix it.
+
+        ``need_root=False`` accepts a directory dataset without ``root`` (a recipe that leaves
+        it to ``--data-root``); ``load_data`` checks with ``need_root=True``."""
         if not isinstance(self.name, str) or self.name not in DATASETS:
             from kdedge.models import suggest
 
@@ -104,8 +107,8 @@ class DataConfig:
             _check_int("image_size", self.image_size, 4)
         if self.root is not None and not isinstance(self.root, (str, os.PathLike)):
             raise DataError(f"data.root must be a directory path, got {self.root!r}")
-        if self.name in NEEDS_ROOT and not self.root:
-            raise DataError(f"dataset {self.name!r} needs data.root (a directory you already have; "
+        if need_root and self.name in NEEDS_ROOT and not self.root:
+            raise DataError(f"dataset {self.name!r} needs its directory: --data-root DIR (or data.root; "
                             "kdedge never downloads)")
         if self.name == "imagefolder" and self.image_size is None:
             raise DataError("dataset 'imagefolder' needs data.image_size (the square input size, e.g. 224)")
