@@ -374,6 +374,13 @@ def main() -> None:
         print(f"bundle {path} ({bundle.family}, {len(bundle.stages)} stages), {runner.threads} thread(s)", flush=True)
         result["overhead"] = bench_overhead(runner, x, (1, 32), {1: args.rounds1, 32: args.rounds32})
         print(json.dumps(result["overhead"], indent=1), flush=True)
+        # the same at onnxruntime's "extended" level (no NCHWc layout transformation): where the
+        # gap between stage graphs and the fused graph comes from
+        with Runner(path, threads=args.threads, optimization="extended") as ext:
+            ext.warmup((1, 32), runs=20)
+            result["overhead_extended"] = bench_overhead(ext, x, (1, 32), {1: args.rounds1 // 3,
+                                                                            32: args.rounds32 // 3})
+        print(json.dumps(result["overhead_extended"], indent=1), flush=True)
         result["deadlines"] = bench_deadlines(runner, x, y, args.requests, args.margin_ms, args.seed,
                                               tuple(args.stats.split(",")), args.out / "runtime-deadline.png")
         print(json.dumps(result["deadlines"], indent=1), flush=True)

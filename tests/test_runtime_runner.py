@@ -246,3 +246,20 @@ def test_manifest_of_a_newer_schema_is_refused(toy, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="schema version 99"):
         Runner(dst)
     assert open_bundle(toy[0]).schema_version == 1
+
+
+def test_runner_agrees_with_export_evaluation(toy) -> None:
+    from kdedge.export import evaluate_bundle
+
+    path, _, data = toy
+    x, y = data["x"][:150], data["y"][:150]
+    ev = evaluate_bundle(path, x, y, threads=1)
+    for rule in COMBINE_RULES:
+        with Runner(path, threads=1, combine=rule) as r:
+            for k in range(1, r.num_stages + 1):
+                acc = float((r.run(x, Fixed(k, fused=False)).labels == y).mean())
+                assert acc == pytest.approx(ev["stages"][k - 1][f"accuracy_{rule}"]), (rule, k)
+    with Runner(path, threads=1) as r:
+        for p in ev["prefixes"]:
+            acc = float((r.run(x, Fixed(p["prefix"] + 1)).labels == y).mean())
+            assert acc == pytest.approx(p["accuracy"])
