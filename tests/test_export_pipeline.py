@@ -169,8 +169,9 @@ def test_inspect_reports_sizes_checksums_and_verification(tmp_path: Path) -> Non
 def test_plain_classifier_exports_as_one_stage(tmp_path: Path) -> None:
     _, _, xv, yv, info = digits()
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).train()
     b = open_bundle(export(net, tmp_path / "plain", info=info, val_data=(xv[:32], yv[:32])))
+    assert all(m.training for m in net.modules()), "export must give the model back in training mode"
     assert b.family == "sequential" and b.combine_supported == ("last",) and len(b.stages) == 1
     assert [i.binding for i in b.stages[0].inputs] == ["input"] and b.stages[0].logits_tensor == "stage0__logits"
 

@@ -111,10 +111,18 @@ def _names(kind: str, spec: StageSpec) -> tuple[list[str], list[str]]:
 def plan_model(model: nn.Module) -> ModelPlan:
     """Check a model against the stage contract and list its graphs.
 
+    The graphs are exported from CPU in eval mode: a model with weights elsewhere is copied to
+    the CPU (the caller's model stays where it is); eval mode is set on the model itself, so
+    callers restore training flags if they need them (:func:`kdedge.export.export` does).
+
     Raises:
         ExportError: the model breaks the contract (the message names the rule).
     """
-    model = deployed(model).eval().cpu()
+    if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
+        import copy
+
+        model = copy.deepcopy(model).cpu()
+    model = deployed(model).eval()
     if callable(getattr(model, "stages", None)):
         rules = tuple(getattr(model, "combine_rules", ()))
         if not rules:

@@ -131,6 +131,22 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
     Example:
         >>> export(model, "model.kdedge", info=splits.info, val_data=splits.val)
     """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        return _export(model, Path(out), info=info, val_data=val_data, calib_data=calib_data, target=target,
+                       precision=precision, opset=opset, simplify=simplify, int8_max_drop=int8_max_drop,
+                       int8_keep_fp32=int8_keep_fp32, provenance=provenance, force=force, progress=progress,
+                       tol=(atol, rtol, min_top1_agreement), exporter=exporter, batch_size=batch_size,
+                       calib_size=calib_size)
+    finally:  # export runs in eval mode; give the caller's model back as it was
+        for m, was in flags:
+            m.training = was
+
+
+def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data: Any, target: str, precision: str,
+            opset: int, simplify: bool, int8_max_drop: float, int8_keep_fp32: bool,
+            provenance: dict[str, Any] | None, force: bool, progress: Progress | None,
+            tol: tuple[float, float, float], exporter: str, batch_size: int, calib_size: int | None) -> Path:
     say: Progress = progress or (lambda _m: None)
     spec = check_request(target, precision)
     check_opset(opset)
@@ -138,9 +154,8 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
     if not (isinstance(int8_max_drop, (int, float)) and math.isfinite(int8_max_drop) and int8_max_drop >= 0):
         raise ExportError(f"int8_max_drop must be a number of points >= 0, got {int8_max_drop!r}")
-    tol = Tolerances(atol, rtol, min_top1_agreement)
+    tolerances = Tolerances(*tol)
     prov = dict(provenance or {})
-    out = Path(out)
     if out.absolute().parent.is_dir():
         mf.recover(out.absolute())
     mf.check_destination(out.absolute(), force)
@@ -193,7 +208,7 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
         stage_chain = OrtChain([fp32[g.name] for g in plan.stages])
         prefix_chain = OrtChain([fp32[g.name] for g in plan.prefixes]) if plan.prefixes else None
         say("verify against torch")
-        report = verify(plan, stage_chain, prefix_chain, val, tol, target=target)
+        report = verify(plan, stage_chain, prefix_chain, val, tolerances, target=target)
         check(report)
 
         rules = list(plan.rules)
