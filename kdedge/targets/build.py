@@ -1,0 +1,224 @@
+"""Adding a target's files to a bundle: at export time (``kdedge export --target NAME``) from
+the stage modules, or later on the device (``kdedge build BUNDLE --target tensorrt``) from the
+bundle's ONNX files.
+
+The bundle always holds the ONNX files (the reference); each further target adds its folder, a
+file entry per stage and prefix (``files[NAME]``, with the target's facts: precision, device,
+versions, what verified it) and its name in ``targets``. Compiled files that can run here are
+verified against onnxruntime on the same inputs, chained the way the runner chains them;
+files that cannot run here get the target's static checks (CoreML: the package's functions,
+inputs, outputs and ops against the manifest), and the entry says which was done
+(``verified``: ``"onnxruntime"`` or ``"static"``).
+
+``build_bundle`` rewrites the bundle atomically (a new directory swapped in place), so an
+interrupted build leaves the old bundle as it was.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from kdedge.runtime.bundle import INPUT, StageEntry, open_bundle, validate_manifest
+from kdedge.targets import get_target
+from kdedge.targets.base import CompiledFile, CompileSpec, GraphSource, Target, TargetError
+
+Progress = Callable[[str], None]
+
+# the parity check of a compiled target against onnxruntime: |a - b| <= atol + rtol * |b|
+TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "int8": (1e-1, 1e-1)}
+
+
+def sources_from_bundle(bundle: Any) -> list[GraphSource]:
+    """The graphs of an opened bundle, compiled from its ONNX files (no torch needed)."""
+    out = []
+    for e in (*bundle.stages, *bundle.prefixes):
+        out.append(GraphSource(name=e.name, inputs=tuple(i.tensor for i in e.inputs),
+                               outputs=tuple(o.tensor for o in e.outputs),
+                               input_shapes=tuple(tuple(int(d) for d in i.shape[1:]) for i in e.inputs),
+                               input_dtypes=tuple(i.dtype for i in e.inputs), onnx=bundle.file(e, "onnx")))
+    return out
+
+
+def _chain(sessions: Sequence[Any], entries: Sequence[StageEntry], x: np.ndarray) -> dict[str, np.ndarray]:
+    """Run stages in order on ``x`` (each reading what earlier ones produced); every output as numpy."""
+    feeds: dict[str, Any] = {INPUT: x}
+    got: dict[str, np.ndarray] = {}
+    for s, e in zip(sessions, entries):
+        outs = s.run({i.tensor: feeds[i.tensor] for i in e.inputs})
+        feeds.update(outs)
+        for k, v in outs.items():
+            got[k] = v if isinstance(v, np.ndarray) else v.float().cpu().numpy()
+    return got
+
+
+def compare(target: str, precision: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per-output max abs error and the worst ``|a-b| / (atol + rtol|b|)``; ``passed`` when every ratio <= 1."""
+    atol, rtol = TOLERANCES[precision]
+    rows = {}
+    for k, b in ref.items():
+        a = np.asarray(got[k], np.float64)
+        b = np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            raise TargetError(f"{target}: output {k} has shape {a.shape}, onnxruntime gives {b.shape}")
+        err = np.abs(a - b)
+        rows[k] = {"max_abs": float(err.max()) if err.size else 0.0,
+                   "worst_ratio": float((err / (atol + rtol * np.abs(b))).max()) if err.size else 0.0}
+    worst = max((r["worst_ratio"] for r in rows.values()), default=0.0)
+    return {"atol": atol, "rtol": rtol, "outputs": rows, "worst_ratio": worst, "passed": bool(worst <= 1.0)}
+
+
+def verify_against_onnx(root: Path, manifest: dict[str, Any], target: Target, x: np.ndarray,
+                        open_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the target's stages (chained) and each prefix, and the ONNX ones, on ``x``; compare."""
+    from kdedge.runtime.bundle import Bundle
+
+    bundle = Bundle(path=root, manifest=manifest,
+                    stages=tuple(StageEntry.from_dict(s, k) for k, s in enumerate(manifest["stages"])),
+                    prefixes=tuple(StageEntry.from_dict(s, k) for k, s in enumerate(manifest["prefixes"])))
+    onnx = get_target("onnx")
+    report: dict[str, Any] = {}
+    for group in (bundle.stages, *[(p,) for p in bundle.prefixes]):
+        if not group:
+            continue
+        ref_s = [onnx.open_entry(bundle, e, None) for e in group]
+        tgt_s = [target.open_entry(bundle, e, open_options) for e in group]
+        try:
+            ref = _chain(ref_s, group, x)
+            got = _chain(tgt_s, group, x)
+        finally:
+            for s in (*ref_s, *tgt_s):
+                s.close()
+        precision = max((e.files[target.name].precision for e in group), key=("fp32", "fp16", "int8").index)
+        report[group[0].name if len(group) == 1 else "stages"] = compare(target.name, precision, ref, got)
+    return report
+
+
+def add_target(root: Path, manifest: dict[str, Any], target_name: str, spec: CompileSpec,
+               sources: Sequence[GraphSource], verify_x: np.ndarray | None = None,
+               progress: Progress | None = None, open_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compile ``sources`` for a target into ``root/<folder>`` and record them in ``manifest`` (in place).
+
+    Args:
+        root: the bundle directory being written (its ONNX files already there).
+        manifest: the manifest dict; gains ``files[target]`` per graph and the target in ``targets``.
+        target_name: the target.
+        spec: what to compile (checked by the target first).
+        sources: one per stage and prefix, names matching the manifest.
+        verify_x: model inputs to verify on (when the target runs here).
+        open_options: session options for the verification run.
+
+    Returns:
+        the verification report (``{"verified": "onnxruntime" | "static", ...}``).
+
+    Raises:
+        TargetError: a request the target cannot honour, a missing library, a failed compile or
+            a failed verification.
+    """
+    say = progress or (lambda _m: None)
+    target = get_target(target_name)
+    spec = target.check(spec)
+    target.require("compile")
+    if target_name in manifest["targets"]:
+        raise TargetError(f"the bundle already holds {target_name!r} files; build into a copy, or re-export")
+    graphs = {g["name"]: g for g in (*manifest["stages"], *manifest["prefixes"])}
+    if sorted(graphs) != sorted(s.name for s in sources):
+        raise TargetError(f"graphs to compile {sorted(s.name for s in sources)} differ from the manifest's {sorted(graphs)}")
+    out_dir = root / target.folder
+    if out_dir.exists():
+        raise TargetError(f"{out_dir} already exists in the bundle; remove it or re-export")
+    say(f"compile {len(sources)} graphs for {target_name} ({spec.precision}, {spec.device})")
+    files: dict[str, CompiledFile] = target.compile(sources, spec, out_dir)
+    from kdedge.export.manifest import file_entry
+
+    for name, cf in files.items():
+        rel = cf.path.relative_to(root).as_posix()
+        graphs[name]["files"][target_name] = file_entry(root, rel, precision=cf.precision, **cf.extra)
+    manifest["targets"] = [*manifest["targets"], target_name]
+    report: dict[str, Any]
+    check_static = getattr(target, "check_compiled", None)
+    if verify_x is not None and target.verify_here():
+        say(f"verify {target_name} against onnxruntime")
+        report = {"verified": "onnxruntime", "n": int(len(verify_x)),
+                  "graphs": verify_against_onnx(root, manifest, target, verify_x, open_options)}
+        bad = [k for k, r in report["graphs"].items() if not r["passed"]]
+        if bad:
+            worst = max(report["graphs"][k]["worst_ratio"] for k in bad)
+            raise TargetError(f"{target_name} files differ from onnxruntime beyond tolerance in {', '.join(bad)} "
+                              f"(worst ratio {worst:.3g}); the target's numerics are off for this model")
+    elif check_static is not None:
+        say(f"check {target_name} files (cannot run them here)")
+        report = {"verified": "static", **check_static(root, manifest)}
+    else:
+        report = {"verified": "none", "reason": f"{target_name} cannot run here and has no static check"}
+    for name in files:
+        graphs[name]["files"][target_name]["verified"] = report["verified"]
+    validate_manifest(manifest, where="the manifest with the new target")
+    return report
+
+
+def build_bundle(path: str | Path, target_name: str, spec: CompileSpec | None = None,
+                 progress: Progress | None = None, verify_n: int = 4, seed: int = 0,
+                 open_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compile a bundle's ONNX files for an add-on target (TensorRT on the device) and add them.
+
+    The bundle is opened (checksums verified), copied into a temporary sibling directory, the
+    target's files are compiled and verified there (against onnxruntime on ``verify_n`` random
+    inputs, seeded, when both run here), and the new bundle replaces the old one atomically.
+
+    Returns:
+        the verification report.
+
+    Raises:
+        TargetError: the target cannot be built from ONNX, or the request / build fails.
+        BundleError: the bundle is unusable.
+    """
+    from kdedge.export.manifest import BundleDir
+
+    say = progress or (lambda _m: None)
+    target = get_target(target_name)
+    spec = target.check(spec or CompileSpec())
+    if target.caps.source != "onnx":
+        raise TargetError(f"target {target_name!r} compiles from the stage modules, not from ONNX; run "
+                          f"`kdedge export RUN_DIR --target {target_name}` where the training run is")
+    target.require("compile")
+    bundle = open_bundle(path, targets=["onnx"])
+    if target_name in bundle.targets:
+        raise TargetError(f"bundle {bundle.path} already holds {target_name!r} files; re-export it to rebuild them")
+    manifest = {**bundle.manifest, "stages": [dict(s, files=dict(s["files"])) for s in bundle.manifest["stages"]],
+                "prefixes": [dict(s, files=dict(s["files"])) for s in bundle.manifest["prefixes"]]}
+    x = None
+    if verify_n > 0:
+        shape = [int(d) for d in bundle.input_shape[1:]]
+        x = np.random.default_rng(seed).standard_normal((verify_n, *shape)).astype(np.float32)
+    with BundleDir(bundle.path, force=True) as bd:
+        for item in bundle.path.iterdir():
+            if item.name == "manifest.json":
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, bd.tmp / item.name)
+        # compile from the copies, so the sources are the files that are committed
+        sources = [GraphSource(**{**s.__dict__, "onnx": bd.tmp / Path(s.onnx).relative_to(bundle.path)})
+                   for s in sources_from_bundle(bundle)]
+        report = add_target(bd.tmp, manifest, target_name, spec, sources, verify_x=x, progress=say,
+                            open_options=open_options)
+        bd.commit(manifest)
+    return report
+
+
+def graph_sources(plan: Any, examples: dict[str, tuple[Any, ...]], root: Path, folder: str = "onnx",
+                  suffix: str = ".onnx") -> list[GraphSource]:
+    """The graphs of an export plan (:class:`kdedge.export.graphs.ModelPlan`) with their modules,
+    example inputs and the ONNX files written under ``root/folder``."""
+    from kdedge.export.onnx import dtype_name
+
+    out = []
+    for g in plan.graphs:
+        ex = tuple(examples[g.name])
+        out.append(GraphSource(name=g.name, inputs=tuple(g.inputs), outputs=tuple(g.outputs),
+                               input_shapes=tuple(tuple(int(d) for d in t.shape[1:]) for t in ex),
+                               input_dtypes=tuple(dtype_name(t) for t in ex), module=g.module, example=ex,
+                               onnx=root / folder / f"{g.name}{suffix}"))
+    return out
