@@ -41,34 +41,40 @@ def _train(recipe: str, run_dir: Path, epochs: int | None) -> None:
     fit(load_config(recipe, overrides), run_dir)
 
 
-def _latency(bundle: Path, x: np.ndarray, runs: int, threads: int) -> list[dict[str, float]]:
-    """Per-stage and per-prefix latency (ms): median and p90 over ``runs`` calls after warm-up."""
+def _latency(bundles: dict[str, Path], x: np.ndarray, runs: int, threads: int) -> dict[str, list[dict[str, float]]]:
+    """Per-graph latency (ms) of several bundles of one model, median and p90 over ``runs`` calls
+    after warm-up. Calls to the bundles alternate, so that a busy machine slows them alike."""
     from kdedge.export.ortrun import OrtChain, RunGraph
     from kdedge.runtime.bundle import open_bundle
 
-    b = open_bundle(bundle)
-    out = []
-    for kind, entries in (("stage", b.stages), ("prefix", b.prefixes)):
-        if not entries:
-            continue
-        chain = OrtChain([RunGraph.from_entry(b, s) for s in entries], threads=threads)
-        feeds: dict[str, np.ndarray] = {"input": x}
-        for k, s in enumerate(entries):
-            g = chain.graphs[k]
-            call = {t: feeds[t] for t in g.inputs}
-            sess = chain.sessions[k]
+    opened = {k: open_bundle(p) for k, p in bundles.items()}
+    out: dict[str, list[dict[str, float]]] = {k: [] for k in bundles}
+    for kind in ("stages", "prefixes"):
+        chains = {k: OrtChain([RunGraph.from_entry(b, s) for s in getattr(b, kind)], threads=threads)
+                  for k, b in opened.items()}
+        feeds = {k: {"input": x} for k in bundles}
+        n = len(next(iter(chains.values())).graphs)
+        for i in range(n):
+            calls = {}
+            for k, chain in chains.items():
+                g = chain.graphs[i]
+                calls[k] = (chain.sessions[i], list(g.outputs), {t: feeds[k][t] for t in g.inputs})
+                res = chain.sessions[i].run(*calls[k][1:])
+                if kind == "stages":
+                    feeds[k].update(zip(g.outputs, res))
             for _ in range(max(10, runs // 10)):
-                sess.run(list(g.outputs), call)
-            times = []
+                for sess, names, feed in calls.values():
+                    sess.run(names, feed)
+            times: dict[str, list[float]] = {k: [] for k in calls}
             for _ in range(runs):
-                t0 = time.perf_counter()
-                res = sess.run(list(g.outputs), call)
-                times.append((time.perf_counter() - t0) * 1e3)
-            if kind == "stage":
-                feeds.update(zip(g.outputs, res))
-            times.sort()
-            out.append({"graph": s.name, "median_ms": statistics.median(times),
-                        "p90_ms": times[int(0.9 * (len(times) - 1))]})
+                for k, (sess, names, feed) in calls.items():
+                    t0 = time.perf_counter()
+                    sess.run(names, feed)
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+            for k, t in times.items():
+                t.sort()
+                out[k].append({"graph": chains[k].graphs[i].name, "median_ms": statistics.median(t),
+                               "p90_ms": t[int(0.9 * (len(t) - 1))]})
     return out
 
 
@@ -113,11 +119,13 @@ def bench_recipe(recipe: str, work: Path, epochs: int | None, runs: int, threads
             "stages": [{"graph": s.name, "members_total": s.members_total, "macs": s.macs,
                         "precision": s.files["onnx"].precision, "accuracy": s.accuracy[b.combine_default],
                         "max_abs_error_vs_torch": err[s.name]} for s in (*b.stages, *b.prefixes)],
-            "latency_b1": _latency(out, x1[:1], runs, threads),
-            "latency_b32": _latency(out, x1, max(20, runs // 5), threads),
             "fp32_graphs": (b.manifest["quantization"] or {}).get("fp32_graphs", []),
             "gate_failure": gate,
         }
+    paths = {p: work / "bundles" / f"{name}-{p}.kdedge" for p in ("fp32", "int8")}
+    for key, x, n in (("latency_b1", x1[:1], runs), ("latency_b32", x1, max(20, runs // 5))):
+        for p, rows in _latency(paths, x, n, threads).items():
+            result[p][key] = rows
     return result
 
 

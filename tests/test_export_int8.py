@@ -25,6 +25,7 @@ def test_int8_bundle_is_quantized_and_gated() -> None:
     m = b.manifest
     q = m["quantization"]
     assert q["precision"] == "int8" and q["format"] == "QDQ" and q["n_calibration"] == 128
+    assert q["scheme"] == "u8s8" and "activations uint8 asymmetric" in q["calibration"]
     assert q["max_drop"] == 1.0 and q["keep_fp32"] is False and q["fp32_graphs"] == []
     fp32 = open_bundle(toy_bundle("fp32"))
     for s, f in zip([*b.stages, *b.prefixes], [*fp32.stages, *fp32.prefixes]):
@@ -78,6 +79,26 @@ def test_collapsing_int8_fails_or_keeps_fp32(tmp_path: Path) -> None:
             assert 100 * (f.accuracy[rule] - s.accuracy[rule]) <= 1.0
 
 
+def test_symmetric_scheme_has_zero_activation_zero_points(tmp_path: Path) -> None:
+    """s8s8: int8 activations with zero point 0 (what TensorRT's explicit quantization reads)."""
+    xtr, ytr, xv, yv, info = digits()
+    from helpers_anytime import ToyOnline
+    import torch
+
+    torch.manual_seed(0)
+    path = export(ToyOnline().eval(), tmp_path / "s8.kdedge", info=info, val_data=(xv[:64], yv[:64]),
+                  calib_data=(xtr[:64], ytr[:64]), precision="int8", int8_scheme="s8s8", int8_max_drop=100)
+    b = open_bundle(path)
+    assert b.manifest["quantization"]["scheme"] == "s8s8"
+    model = onnx.load(str(b.file(b.stages[0], "onnx")))
+    init = {t.name: t for t in model.graph.initializer}
+    zero_points = [n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points
+    for z in zero_points:
+        arr = onnx.numpy_helper.to_array(init[z])
+        assert arr.dtype == np.int8 and not arr.any()
+
+
 def test_int8_requests_are_checked(tmp_path: Path) -> None:
     _, _, xv, yv, info = digits()
     with pytest.raises(ExportError, match="precision int8 needs calibration images"):
@@ -85,4 +106,7 @@ def test_int8_requests_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="int8_max_drop must be a number of points >= 0"):
         export(trained_toy(False), tmp_path / "b", info=info, val_data=(xv, yv), calib_data=(xv, yv),
                precision="int8", int8_max_drop=-1)
+    with pytest.raises(ExportError, match="unknown INT8 scheme 'u4'"):
+        export(trained_toy(False), tmp_path / "b", info=info, val_data=(xv, yv), calib_data=(xv, yv),
+               precision="int8", int8_scheme="u4")
     assert not (tmp_path / "b").exists()

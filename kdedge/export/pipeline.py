@@ -94,7 +94,7 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
            int8_max_drop: float = 1.0, int8_keep_fp32: bool = False, provenance: dict[str, Any] | None = None,
            force: bool = False, progress: Progress | None = None, atol: float = 1e-4, rtol: float = 1e-3,
            min_top1_agreement: float = 0.99, exporter: str = "auto", batch_size: int = 64,
-           calib_size: int | None = None) -> Path:
+           calib_size: int | None = None, int8_scheme: str = "u8s8") -> Path:
     """Export a trained model to a verified bundle directory.
 
     Args:
@@ -120,6 +120,8 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
         exporter: ``auto`` (dynamo, legacy fallback), ``dynamo`` or ``legacy``.
         batch_size: batch size for verification when ``val_data`` is arrays or a Dataset.
         calib_size: use at most this many calibration images (None: all of ``calib_data``).
+        int8_scheme: ``u8s8`` (uint8 asymmetric activations: onnxruntime's fast path on x86) or
+            ``s8s8`` (int8 symmetric activations, as TensorRT reads QDQ graphs).
 
     Returns:
         the bundle path.
@@ -137,7 +139,7 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
                        precision=precision, opset=opset, simplify=simplify, int8_max_drop=int8_max_drop,
                        int8_keep_fp32=int8_keep_fp32, provenance=provenance, force=force, progress=progress,
                        tol=(atol, rtol, min_top1_agreement), exporter=exporter, batch_size=batch_size,
-                       calib_size=calib_size)
+                       calib_size=calib_size, int8_scheme=int8_scheme)
     finally:  # export runs in eval mode; give the caller's model back as it was
         for m, was in flags:
             m.training = was
@@ -146,7 +148,8 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
 def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data: Any, target: str, precision: str,
             opset: int, simplify: bool, int8_max_drop: float, int8_keep_fp32: bool,
             provenance: dict[str, Any] | None, force: bool, progress: Progress | None,
-            tol: tuple[float, float, float], exporter: str, batch_size: int, calib_size: int | None) -> Path:
+            tol: tuple[float, float, float], exporter: str, batch_size: int, calib_size: int | None,
+            int8_scheme: str = "u8s8") -> Path:
     say: Progress = progress or (lambda _m: None)
     spec = check_request(target, precision)
     check_opset(opset)
@@ -154,6 +157,10 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
     if not (isinstance(int8_max_drop, (int, float)) and math.isfinite(int8_max_drop) and int8_max_drop >= 0):
         raise ExportError(f"int8_max_drop must be a number of points >= 0, got {int8_max_drop!r}")
+    from kdedge.export.quantize import SCHEMES, describe
+
+    if int8_scheme not in SCHEMES:
+        raise ExportError(f"unknown INT8 scheme {int8_scheme!r}; known: {', '.join(SCHEMES)}")
     tolerances = Tolerances(*tol)
     prov = dict(provenance or {})
     if out.absolute().parent.is_dir():
@@ -226,7 +233,7 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
                 chosen, q = quantize_graphs(
                     [fp32[g.name] for g in plan.stages], [fp32[g.name] for g in plan.prefixes], work, calib=calib,
                     val=val, rules=rules, fp32_stage_acc=stage_acc, fp32_prefix_acc=prefix_acc,
-                    max_drop=float(int8_max_drop), keep_fp32=int8_keep_fp32, progress=say)
+                    max_drop=float(int8_max_drop), keep_fp32=int8_keep_fp32, scheme=int8_scheme, progress=say)
             except ExportError as e:
                 if e.report is not None:
                     report["int8"] = e.report
@@ -239,7 +246,7 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
             int8_rows = {(r["graph"], r["rule"]): r["int8"] for r in q["rows"]}
             stage_acc = [{r: int8_rows[(g.name, r)] for r in rules} for g in plan.stages]
             prefix_acc = [int8_rows[(g.name, "fused")] for g in plan.prefixes]
-            quant = {"precision": "int8", "format": "QDQ", "calibration": "minmax, per-channel weights",
+            quant = {"precision": "int8", "format": "QDQ", "scheme": int8_scheme, "calibration": describe(int8_scheme),
                      "n_calibration": calib.count(), "max_drop": float(int8_max_drop), "keep_fp32": int8_keep_fp32,
                      "fp32_graphs": [n for n, p in precisions.items() if p == "fp32"]}
 
