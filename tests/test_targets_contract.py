@@ -1,0 +1,207 @@
+"""One contract suite over every target that runs here: the same outputs as onnxruntime within
+tolerance, the same stage results through the runner, abort behaviour as declared. Targets
+that cannot run on this machine are skipped with the reason (CoreML predicts on macOS only,
+TensorRT and torch-on-CUDA need an NVIDIA GPU)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from helpers_anytime import digits, toy_bundle, trained_toy
+from kdedge.runtime.bundle import ChecksumError, open_bundle
+from kdedge.runtime.runner import Runner
+from kdedge.runtime.policies import make_policy
+from kdedge.runtime.sessions import StageAborted
+from kdedge.targets import get_target
+from kdedge.targets.base import CompileSpec, TargetError
+
+CASES = ["onnx", "torch-cpu", "torch-cuda", "coreml", "tensorrt"]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _skip_reason(case: str) -> str | None:
+    if case == "torch-cuda" and not _cuda():
+        return "torch sees no CUDA device here (run on the GPU machine)"
+    if case == "coreml" and sys.platform != "darwin":
+        return "CoreML predicts only on macOS (the Linux checks are in test_targets_coreml.py)"
+    if case == "tensorrt" and not get_target("tensorrt").can_run():
+        return "TensorRT is not installed here (needs an NVIDIA GPU; see docs/targets.md)"
+    return None
+
+
+def _module_sources(root: Path) -> list[Any]:
+    import torch
+
+    from kdedge.export.graphs import graph_example_inputs, plan_model
+    from kdedge.targets.build import graph_sources
+
+    _, _, xv, _, _ = digits()
+    plan = plan_model(trained_toy())
+    return graph_sources(plan, graph_example_inputs(plan, torch.from_numpy(xv[:2])), root)
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy bundle with torch (CPU) files added beside its ONNX files; other targets where they run."""
+    from kdedge.export.manifest import BundleDir
+    from kdedge.targets.build import add_target
+
+    src = toy_bundle()
+    out = tmp_path_factory.mktemp("targets") / "toy.kdedge"
+    _, _, xv, _, _ = digits()
+    bundle = open_bundle(src)
+    manifest = {**bundle.manifest, "stages": [dict(s, files=dict(s["files"])) for s in bundle.manifest["stages"]],
+                "prefixes": [dict(s, files=dict(s["files"])) for s in bundle.manifest["prefixes"]]}
+    with BundleDir(out, force=False) as bd:
+        for item in src.iterdir():
+            if item.name != "manifest.json":
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, bd.tmp / item.name)
+        sources = _module_sources(bd.tmp)
+        add_target(bd.tmp, manifest, "torch", CompileSpec(device="cpu"), sources, verify_x=xv[:4])
+        if _cuda():
+            pass  # the same .pt2 files run on CUDA (device is a session option)
+        if sys.platform == "darwin":
+            add_target(bd.tmp, manifest, "coreml", CompileSpec(precision="fp32", device="cpu"), sources,
+                       verify_x=xv[:4])
+        bd.commit(manifest)
+    if get_target("tensorrt").can_run():
+        from kdedge.targets.build import build_bundle
+
+        build_bundle(out, "tensorrt", CompileSpec(precision="fp32", max_batch=64))
+    return out
+
+
+def _open(case: str, bundle: Path) -> tuple[str, dict[str, Any] | None]:
+    if case == "torch-cpu":
+        return "torch", {"device": "cpu"}
+    if case == "torch-cuda":
+        return "torch", {"device": "cuda"}
+    return case, None
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_outputs_as_onnxruntime(case: str, multi: Path) -> None:
+    if (why := _skip_reason(case)) is not None:
+        pytest.skip(why)
+    name, opts = _open(case, multi)
+    b = open_bundle(multi, targets=[name])
+    target, onnx = get_target(name), get_target("onnx")
+    _, _, xv, _, _ = digits()
+    x = xv[:24]
+    from kdedge.targets.build import _chain, compare
+
+    for group in (b.stages, *[(p,) for p in b.prefixes]):
+        ref = _chain([onnx.open_entry(b, e, None) for e in group], group, x)
+        got = _chain([target.open_entry(b, e, opts) for e in group], group, x)
+        assert sorted(got) == sorted(ref)
+        res = compare(name, group[-1].files[name].precision, ref, got)
+        assert res["passed"], res
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_runner_gives_the_same_stage_results(case: str, multi: Path) -> None:
+    if (why := _skip_reason(case)) is not None:
+        pytest.skip(why)
+    name, opts = _open(case, multi)
+    _, _, xv, _, _ = digits()
+    x = xv[:32]
+    with Runner(multi, target="onnx") as ref, Runner(multi, target=name, session_options=opts) as run:
+        for policy in (None, make_policy(stages=2), make_policy(stages=2, fused=True), make_policy(confidence=0.3)):
+            a, b = ref.run(x, policy), run.run(x, policy)
+            assert a.graphs == b.graphs
+            np.testing.assert_array_equal(a.stage, b.stage)
+            np.testing.assert_array_equal(a.members, b.members)
+            np.testing.assert_allclose(b.probs, a.probs, atol=1e-4)
+        # the confidence policy let some samples leave early: the carried tensors were sliced
+        assert len(set(ref.run(x, make_policy(confidence=0.3)).stage.tolist())) > 1
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_abort_behaviour_as_declared(case: str, multi: Path) -> None:
+    if (why := _skip_reason(case)) is not None:
+        pytest.skip(why)
+    name, opts = _open(case, multi)
+    b = open_bundle(multi, targets=[name])
+    target = get_target(name)
+    s = target.open_entry(b, b.stages[0], opts)
+    try:
+        assert s.can_abort is target.caps.can_abort
+        _, _, xv, _, _ = digits()
+        if target.caps.can_abort:
+            h = s.abort_handle()
+            h.abort()  # aborted before the call: the call must not return a result
+            with pytest.raises(StageAborted):
+                s.run({"input": xv[:4]}, h)
+        else:
+            with pytest.raises(TargetError, match="cannot abort"):
+                s.abort_handle()
+    finally:
+        s.close()
+
+
+def test_auto_picks_a_target_that_runs_here(multi: Path) -> None:
+    with Runner(multi, target="auto") as r:
+        assert r.target in ("torch", "coreml", "tensorrt")
+        assert r.target != "coreml" or sys.platform == "darwin"
+
+
+def test_tampered_program_is_refused_before_torch_loads_it(multi: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "t.kdedge"
+    shutil.copytree(multi, copy)
+    f = copy / "torch" / "stage1.pt2"
+    f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ChecksumError, match="stage1 \\(torch\\)"):
+        Runner(copy, target="torch")
+    Runner(copy, target="onnx").close()  # the other target's files are still usable
+
+
+def test_torch_session_checks_names_and_device(multi: Path) -> None:
+    t = get_target("torch")
+    path = multi / "torch" / "stage1.pt2"
+    with pytest.raises(TargetError, match="re-export"):
+        t.open(path, name="stage1", inputs=("stage0__f9",), outputs=("stage1__logits", "stage1__f1"))
+    with pytest.raises(TargetError, match="unknown torch session option"):
+        t.open(path, name="stage1", inputs=("stage0__f0",), outputs=("stage1__logits", "stage1__f1"), speed=3)
+    if not _cuda():
+        with pytest.raises(TargetError, match="no CUDA device"):
+            t.open(path, name="stage1", inputs=("stage0__f0",), outputs=("stage1__logits", "stage1__f1"),
+                   device="cuda")
+
+
+def test_torch_keeps_carried_tensors_on_the_device(multi: Path) -> None:
+    import torch
+
+    b = open_bundle(multi, targets=["torch"])
+    s = get_target("torch").open_entry(b, b.stages[0], {"device": "cpu"})
+    _, _, xv, _, _ = digits()
+    out = s.run({"input": xv[:3]})
+    assert isinstance(out["stage0__logits"], np.ndarray)
+    assert isinstance(out["stage0__f0"], torch.Tensor)  # carried: stays a device tensor for stage1
+
+
+@pytest.mark.cuda
+def test_torch_cuda_graphs_match_eager(multi: Path) -> None:
+    if not _cuda():
+        pytest.skip("torch sees no CUDA device here (run on the GPU machine)")
+    b = open_bundle(multi, targets=["torch"])
+    t = get_target("torch")
+    _, _, xv, _, _ = digits()
+    for e in b.stages[:1]:
+        eager = t.open_entry(b, e, {"device": "cuda", "host_outputs": [o.tensor for o in e.outputs]})
+        graphed = t.open_entry(b, e, {"device": "cuda", "cuda_graphs": True,
+                                      "host_outputs": [o.tensor for o in e.outputs]})
+        for _ in range(2):
+            a, g = eager.run({"input": xv[:8]}), graphed.run({"input": xv[:8]})
+            for k in a:
+                np.testing.assert_allclose(g[k], a[k], atol=1e-5)
