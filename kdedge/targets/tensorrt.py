@@ -1,0 +1,483 @@
+"""The ``tensorrt`` target: one engine per stage and per fused prefix, built from the stage ONNX
+on the device (``kdedge build BUNDLE --target tensorrt``, or ``kdedge export --target tensorrt``
+run on the device), with an optimisation profile for the batch range, FP32/FP16/INT8, a timing
+cache, and engine files that carry the versions they were built with.
+
+Versions: TensorRT 10 and 11 are picked by ``tensorrt.__version__``
+(:func:`precision_plan`): TensorRT 10 takes FP16/INT8 as builder flags, INT8 from the QDQ ONNX
+(explicit quantization) or, from an FP32 ONNX, through an entropy calibrator fed with
+calibration batches; TensorRT 11 removed those flags and calibrators: precision comes from the
+network (strongly typed), so INT8 needs the QDQ ONNX that ``--precision int8`` exports, and
+FP16 an FP16 ONNX (refused here, with the reason).
+
+Engine file (``tensorrt/stageK.plan``): ``KDTRT1\\n`` + 4-byte little-endian length + JSON
+metadata (TensorRT, CUDA, GPU name and compute capability, JetPack/L4T, batch range,
+precision, tensor names) + the serialized engine. An engine is tied to the GPU and the
+TensorRT version: a mismatch is refused with a message to rebuild on the device.
+
+Sessions bind device buffers once per batch size, keep carried tensors on the GPU
+(:class:`DeviceTensor`) between stages, copy only the logits to the host, run
+``execute_async_v3`` on one CUDA stream, and can replay a captured CUDA graph.
+
+Runs here: the GPU-free parts (profile shapes, metadata, mismatch refusal, version selection,
+the format table). The builder and the sessions need TensorRT and a GPU (tests marked
+``tensorrt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from kdedge.targets.base import Capabilities, CompiledFile, CompileSpec, GraphSource, Target, TargetError
+
+MAGIC = b"KDTRT1\n"
+_NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64, "int8": np.int8,
+       "bool": np.bool_, "uint8": np.uint8}
+REBUILD = "rebuild the engines on this device: kdedge build BUNDLE --target tensorrt (or kdedge export RUN --target tensorrt here)"
+
+
+class EngineMismatch(TargetError):
+    """An engine built for another GPU, TensorRT, CUDA or JetPack version."""
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU-free parts: versions, precision, profiles, metadata
+
+
+def trt_major(version: str) -> int:
+    """Major version of a TensorRT version string; only 10 and 11 are supported."""
+    m = re.match(r"^(\d+)\.", version)
+    if m is None:
+        raise TargetError(f"cannot read the TensorRT version {version!r}")
+    major = int(m.group(1))
+    if major not in (10, 11):
+        raise TargetError(f"TensorRT {version} is not supported; install TensorRT 10 or 11 "
+                          "(pip install 'kdedge[tensorrt]')")
+    return major
+
+
+def precision_plan(major: int, precision: str, onnx_is_qdq: bool, have_calibration: bool = False) -> dict[str, Any]:
+    """How to build ``precision`` with TensorRT ``major`` from an ONNX file (QDQ or not).
+
+    Returns:
+        ``{"strongly_typed": bool, "flags": [BuilderFlag names], "calibrator": bool}``.
+
+    Raises:
+        TargetError: a combination that TensorRT cannot build (never silently changed).
+    """
+    if precision not in ("fp32", "fp16", "int8"):
+        raise TargetError(f"unknown precision {precision!r}; known: fp32, fp16, int8")
+    if major == 10:
+        if precision == "fp32":
+            return {"strongly_typed": False, "flags": [], "calibrator": False}
+        if precision == "fp16":
+            return {"strongly_typed": False, "flags": ["FP16"], "calibrator": False}
+        if onnx_is_qdq:  # explicit quantization: scales come from the Q/DQ nodes
+            return {"strongly_typed": False, "flags": ["INT8", "FP16"], "calibrator": False}
+        if not have_calibration:
+            raise TargetError("TensorRT 10 INT8 from an FP32 ONNX needs calibration images (the entropy "
+                              "calibrator); pass calibration data, or export with --precision int8 (QDQ ONNX)")
+        return {"strongly_typed": False, "flags": ["INT8"], "calibrator": True}
+    if precision == "fp32":
+        return {"strongly_typed": True, "flags": [], "calibrator": False}
+    if precision == "int8":
+        if not onnx_is_qdq:
+            raise TargetError("TensorRT 11 builds INT8 only from a QDQ ONNX (it has no INT8 calibrator); export the "
+                              "bundle with --precision int8, then build it")
+        return {"strongly_typed": True, "flags": [], "calibrator": False}
+    raise TargetError("TensorRT 11 takes precision from the network and has no FP16 builder flag; an FP16 engine "
+                      "needs an FP16 ONNX, which kdedge does not write: build fp32, or int8 from a QDQ bundle")
+
+
+def profile_shapes(inputs: Sequence[tuple[str, Sequence[int]]], min_batch: int, opt_batch: int,
+                   max_batch: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """The optimisation profile: per input, (min, opt, max) shapes over the batch range."""
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise TargetError(f"batch range must satisfy 1 <= min <= opt <= max, got {min_batch}, {opt_batch}, {max_batch}")
+    return {name: ((min_batch, *shape), (opt_batch, *shape), (max_batch, *shape)) for name, shape in inputs}
+
+
+def onnx_is_qdq(path: Path) -> bool:
+    """The ONNX graph has QuantizeLinear/DequantizeLinear nodes (an INT8 QDQ export)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def jetpack_facts(root: Path = Path("/")) -> dict[str, Any]:
+    """L4T release and board of a Jetson (None elsewhere)."""
+    rel = root / "etc/nv_tegra_release"
+    model = root / "proc/device-tree/model"
+    l4t = None
+    if rel.is_file():
+        m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", rel.read_text())
+        l4t = f"{m.group(1)}.{m.group(2)}" if m else rel.read_text().splitlines()[0].strip()
+    return {"l4t": l4t, "board": model.read_text().strip("\x00\n ") if model.is_file() else None}
+
+
+def device_facts() -> dict[str, Any]:
+    """This machine's TensorRT, CUDA runtime, GPU and JetPack facts (needs tensorrt and cuda-python)."""
+    import tensorrt as trt
+
+    cudart = _cudart()
+    err, ver = cudart.cudaRuntimeGetVersion()
+    _check(err, "cudaRuntimeGetVersion")
+    err, dev = cudart.cudaGetDevice()
+    _check(err, "cudaGetDevice")
+    err, prop = cudart.cudaGetDeviceProperties(dev)
+    _check(err, "cudaGetDeviceProperties")
+    name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
+    return {"tensorrt": trt.__version__, "cuda": f"{ver // 1000}.{(ver % 1000) // 10}", "gpu": name.strip("\x00 "),
+            "compute_capability": f"{prop.major}.{prop.minor}", **{f"jetson_{k}": v for k, v in jetpack_facts().items()}}
+
+
+def check_engine_meta(meta: Mapping[str, Any], here: Mapping[str, Any], where: str = "engine") -> None:
+    """Refuse an engine built with another TensorRT, GPU, CUDA major or L4T release than ``here``."""
+    for key, what in (("tensorrt", "TensorRT"), ("compute_capability", "GPU compute capability"), ("gpu", "GPU"),
+                      ("jetson_l4t", "JetPack (L4T)")):
+        if meta.get(key) != here.get(key):
+            raise EngineMismatch(f"{where} was built for {what} {meta.get(key)!r}, this device has {here.get(key)!r}; "
+                                 f"{REBUILD}")
+    if str(meta.get("cuda", "")).split(".")[0] != str(here.get("cuda", "")).split(".")[0]:
+        raise EngineMismatch(f"{where} was built with CUDA {meta.get('cuda')}, this device has {here.get('cuda')}; {REBUILD}")
+
+
+def write_engine(path: Path, meta: Mapping[str, Any], engine: bytes) -> None:
+    """Write an engine file (header, metadata, engine) atomically."""
+    head = json.dumps(dict(meta), sort_keys=True).encode()
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(MAGIC + struct.pack("<I", len(head)) + head)
+        fh.write(engine)
+    os.replace(tmp, path)
+
+
+def read_engine(path: Path) -> tuple[dict[str, Any], bytes]:
+    """The metadata and serialized engine of an engine file."""
+    data = Path(path).read_bytes()
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
+        raise TargetError(f"{path} is not a kdedge TensorRT engine file; {REBUILD}")
+    (n,) = struct.unpack("<I", data[len(MAGIC):len(MAGIC) + 4])
+    start = len(MAGIC) + 4
+    try:
+        meta = json.loads(data[start:start + n])
+    except ValueError:
+        raise TargetError(f"{path}: damaged engine metadata; {REBUILD}") from None
+    return meta, data[start + n:]
+
+
+def timing_cache_path(directory: Path, here: Mapping[str, Any]) -> Path:
+    """A timing cache per TensorRT version and GPU (caches are tied to both)."""
+    key = re.sub(r"[^A-Za-z0-9_.]", "_", f"trt{here.get('tensorrt')}-sm{here.get('compute_capability')}")
+    return Path(directory) / f"timing-{key}.cache"
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA runtime (cuda-python), used by the builder's calibrator and the sessions
+
+
+def _cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise TargetError("the tensorrt target needs cuda-python for device memory; install it with: "
+                              "pip install 'kdedge[tensorrt]'") from None
+    return cudart
+
+
+def _check(err: Any, what: str) -> None:
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA call {what} failed with error {int(err)} ({err})")
+
+
+class DeviceTensor:
+    """A tensor in GPU memory owned by a session (a carried stage output). Indexing or converting
+    it copies it to the host; passing it to the next TensorRT stage binds its address directly."""
+
+    __slots__ = ("ptr", "shape", "dtype", "_stream")
+
+    def __init__(self, ptr: int, shape: tuple[int, ...], dtype: Any, stream: Any) -> None:
+        self.ptr, self.shape, self.dtype, self._stream = ptr, tuple(shape), np.dtype(dtype), stream
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def numpy(self) -> np.ndarray:
+        cudart = _cudart()
+        out = np.empty(self.shape, self.dtype)
+        _check(cudart.cudaMemcpyAsync(out.ctypes.data, self.ptr, self.nbytes,
+                                      cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream)[0], "memcpy D2H")
+        _check(cudart.cudaStreamSynchronize(self._stream)[0], "cudaStreamSynchronize")
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def __getitem__(self, index: Any) -> np.ndarray:  # the runner drops samples with a boolean mask
+        return self.numpy()[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# sessions
+
+
+class TensorRTSession:
+    """One engine: device buffers bound once per batch size, one CUDA stream, optional CUDA graph."""
+
+    can_abort = False  # TensorRT has no cancellation of an enqueued execution
+    can_bind = False
+
+    def __init__(self, path: str | Path, *, name: str, inputs: Sequence[str], outputs: Sequence[str],
+                 host_outputs: Sequence[str] | None = None, cuda_graphs: bool = False,
+                 facts: Mapping[str, Any] | None = None) -> None:
+        import tensorrt as trt
+
+        meta, blob = read_engine(Path(path))
+        check_engine_meta(meta, facts or device_facts(), where=str(path))
+        if meta.get("inputs") != list(inputs) or meta.get("outputs") != list(outputs):
+            raise TargetError(f"{path} was built for inputs {meta.get('inputs')} / outputs {meta.get('outputs')}; the "
+                              f"manifest lists {list(inputs)} / {list(outputs)}; {REBUILD}")
+        self._trt, self._cudart = trt, _cudart()
+        self.name, self.inputs, self.outputs = name, tuple(inputs), tuple(outputs)
+        self.meta = meta
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(blob)
+        if self._engine is None:
+            raise EngineMismatch(f"TensorRT could not deserialize {path}; {REBUILD}")
+        self._context = self._engine.create_execution_context()
+        err, self._stream = self._cudart.cudaStreamCreate()
+        _check(err, "cudaStreamCreate")
+        self._host = set(self.outputs if host_outputs is None else host_outputs)
+        self._buffers: dict[int, dict[str, DeviceTensor]] = {}
+        self._graphs: dict[tuple[int, tuple[int, ...]], Any] = {}
+        self._cuda_graphs = bool(cuda_graphs)
+        self._lock = threading.Lock()  # one execution context: one call at a time
+        lo, hi = meta["batch_range"]
+        self._range = (int(lo), int(hi))
+
+    def _dtype(self, tensor: str) -> Any:
+        return self._trt.nptype(self._engine.get_tensor_dtype(tensor))
+
+    def _alloc(self, n: int, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, DeviceTensor]:
+        bufs = self._buffers.get(n)
+        if bufs is None:
+            bufs = {}
+            for t in (*self.inputs, *self.outputs):
+                shape = shapes[t] if t in shapes else tuple(self._context.get_tensor_shape(t))
+                size = max(int(np.prod(shape)) * np.dtype(self._dtype(t)).itemsize, 1)
+                err, ptr = self._cudart.cudaMalloc(size)
+                _check(err, "cudaMalloc")
+                bufs[t] = DeviceTensor(int(ptr), shape, self._dtype(t), self._stream)
+            self._buffers[n] = bufs
+        return bufs
+
+    def run(self, inputs: Mapping[str, Any], abort: Any = None) -> dict[str, Any]:
+        cudart = self._cudart
+        first = inputs[self.inputs[0]]
+        n = int(first.shape[0])
+        if not self._range[0] <= n <= self._range[1]:
+            raise TargetError(f"{self.name}: batch {n} is outside the engine's profile {self._range}; rebuild with "
+                              "--max-batch covering it")
+        with self._lock:
+            for t in self.inputs:
+                self._context.set_input_shape(t, tuple(inputs[t].shape))
+            bufs = self._alloc(n, {t: tuple(inputs[t].shape) for t in self.inputs})
+            addresses = []
+            for t in self.inputs:
+                a = inputs[t]
+                if isinstance(a, DeviceTensor):  # carried on the GPU from the previous stage: no copy
+                    ptr = a.ptr
+                else:
+                    a = np.ascontiguousarray(a, self._dtype(t))
+                    ptr = bufs[t].ptr
+                    _check(cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes,
+                                                  cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream)[0],
+                           "memcpy H2D")
+                self._context.set_tensor_address(t, ptr)
+                addresses.append(ptr)
+            for t in self.outputs:
+                self._context.set_tensor_address(t, bufs[t].ptr)
+            if self._cuda_graphs:
+                self._launch_graph(n, tuple(addresses))
+            elif not self._context.execute_async_v3(self._stream):
+                raise RuntimeError(f"TensorRT failed running {self.name}")
+            out: dict[str, Any] = {}
+            for t in self.outputs:
+                out[t] = bufs[t].numpy() if t in self._host else bufs[t]  # numpy() synchronises the stream
+            if not any(t in self._host for t in self.outputs):
+                _check(cudart.cudaStreamSynchronize(self._stream)[0], "cudaStreamSynchronize")
+        return out
+
+    def _launch_graph(self, n: int, addresses: tuple[int, ...]) -> None:
+        """Capture ``execute_async_v3`` once per batch size and input addresses; replay it."""
+        cudart = self._cudart
+        key = (n, addresses)
+        g = self._graphs.get(key)
+        if g is None:
+            self._context.execute_async_v3(self._stream)  # settle shapes and allocations outside the capture
+            _check(cudart.cudaStreamBeginCapture(
+                self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal)[0], "cudaStreamBeginCapture")
+            self._context.execute_async_v3(self._stream)
+            err, graph = cudart.cudaStreamEndCapture(self._stream)
+            _check(err, "cudaStreamEndCapture")
+            err, g = cudart.cudaGraphInstantiate(graph, 0)
+            _check(err, "cudaGraphInstantiate")
+            self._graphs[key] = g
+        _check(cudart.cudaGraphLaunch(g, self._stream)[0], "cudaGraphLaunch")
+
+    def abort_handle(self) -> Any:
+        raise TargetError(f"{self.name}: the tensorrt target cannot abort a running stage (can_abort is False)")
+
+    def close(self) -> None:
+        for bufs in self._buffers.values():
+            for b in bufs.values():
+                self._cudart.cudaFree(b.ptr)
+        self._buffers.clear()
+        self._graphs.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# the target
+
+
+class TensorRTTarget(Target):
+    """Engines per stage and prefix, built from the stage ONNX on the device."""
+
+    name = "tensorrt"
+    description = "TensorRT engines (10 or 11) per stage and prefix, built from the stage ONNX on the device"
+    caps = Capabilities(precisions=("fp32", "fp16", "int8"), dynamic_batch=True, can_abort=False, devices=("cuda",),
+                        source="onnx")
+    compile_requires = ("tensorrt", "onnx")
+    run_requires = ("tensorrt",)
+    extra = "tensorrt"
+    folder = "tensorrt"
+    suffix = ".plan"
+
+    def compile(self, graphs: Sequence[GraphSource], spec: CompileSpec, out_dir: Path) -> dict[str, CompiledFile]:
+        spec = self.check(spec)
+        self.require("compile")
+        import tensorrt as trt
+
+        major = trt_major(trt.__version__)
+        here = device_facts()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir = Path(spec.options.get("timing_cache_dir", Path.home() / ".cache" / "kdedge" / "tensorrt"))
+        cache_path = timing_cache_path(cache_dir, here)
+        out = {}
+        for g in graphs:
+            out[g.name] = self._build(trt, major, here, g, spec, out_dir, cache_path)
+        return out
+
+    def _build(self, trt: Any, major: int, here: Mapping[str, Any], g: GraphSource, spec: CompileSpec,
+               out_dir: Path, cache_path: Path) -> CompiledFile:
+        if g.onnx is None:
+            raise TargetError(f"{g.name}: the tensorrt target builds from the stage ONNX file, none was given")
+        plan = precision_plan(major, spec.precision, onnx_is_qdq(Path(g.onnx)),
+                              have_calibration=spec.options.get("calibration") is not None)
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        flags = 0
+        if plan["strongly_typed"]:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(g.onnx)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise TargetError(f"TensorRT cannot parse {g.name}'s ONNX (an op or shape it does not support): {errors}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.options.get("workspace_mb", 1024)) << 20)
+        for f in plan["flags"]:
+            config.set_flag(getattr(trt.BuilderFlag, f))
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile_shapes(list(zip(g.inputs, g.input_shapes)), spec.min_batch,
+                                                  spec.opt_batch, spec.max_batch).items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+        if plan["calibrator"]:
+            config.int8_calibrator = _calibrator(trt, spec.options["calibration"], g.inputs[0],
+                                                 cache_path.with_suffix(f".{g.name}.calib"))
+            config.set_calibration_profile(profile)
+        blob = cache_path.read_bytes() if cache_path.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        engine = builder.build_serialized_network(network, config)
+        if engine is None:
+            raise TargetError(f"TensorRT could not build an engine for {g.name} ({spec.precision}); see the "
+                              "TensorRT log above")
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f".{cache_path.name}.tmp")
+        tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+        os.replace(tmp, cache_path)
+        meta = {**here, "name": g.name, "inputs": list(g.inputs), "outputs": list(g.outputs),
+                "precision": spec.precision, "batch_range": [spec.min_batch, spec.max_batch],
+                "opt_batch": spec.opt_batch, "strongly_typed": plan["strongly_typed"], "flags": plan["flags"]}
+        dest = out_dir / f"{g.name}{self.suffix}"
+        write_engine(dest, meta, bytes(memoryview(engine)))
+        return CompiledFile(dest, spec.precision, {k: meta[k] for k in (
+            "tensorrt", "cuda", "gpu", "compute_capability", "jetson_l4t", "batch_range", "strongly_typed")})
+
+    def open(self, path: str | Path, *, name: str, inputs: Sequence[str], outputs: Sequence[str],
+             **options: Any) -> TensorRTSession:
+        """A :class:`TensorRTSession`; options ``host_outputs``, ``cuda_graphs``."""
+        self.require("run")
+        unknown = set(options) - {"host_outputs", "cuda_graphs", "facts"}
+        if unknown:
+            raise TargetError(f"unknown tensorrt session option(s) {sorted(unknown)}; known: host_outputs, cuda_graphs")
+        return TensorRTSession(path, name=name, inputs=inputs, outputs=outputs, **options)
+
+    def open_entry(self, bundle: Any, entry: Any, options: Any = None) -> TensorRTSession:
+        opts = dict(options or {})
+        opts.setdefault("host_outputs", (entry.logits_tensor,))
+        return self.open(bundle.file(entry, self.name), name=entry.name, inputs=[i.tensor for i in entry.inputs],
+                         outputs=[o.tensor for o in entry.outputs], **opts)
+
+
+def _calibrator(trt: Any, batches: Any, input_name: str, cache_file: Path) -> Any:
+    """A TensorRT 10 entropy calibrator over an iterable of input arrays [N, C, H, W] (float32)."""
+    cudart = _cudart()
+
+    class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self._it = iter(batches)
+            self._ptr = None
+            self._n = 0
+
+        def get_batch_size(self) -> int:
+            return self._n or 1
+
+        def get_batch(self, names: Sequence[str]) -> Any:
+            try:
+                x = np.ascontiguousarray(next(self._it), np.float32)
+            except StopIteration:
+                return None
+            if self._ptr is None:
+                err, self._ptr = cudart.cudaMalloc(x.nbytes)
+                _check(err, "cudaMalloc")
+                self._n = x.shape[0]
+            _check(cudart.cudaMemcpy(self._ptr, x.ctypes.data, x.nbytes,
+                                     cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)[0], "memcpy H2D")
+            return [int(self._ptr)]
+
+        def read_calibration_cache(self) -> Any:
+            return cache_file.read_bytes() if cache_file.is_file() else None
+
+        def write_calibration_cache(self, cache: Any) -> None:
+            cache_file.write_bytes(bytes(cache))
+
+    return Calibrator()
