@@ -24,10 +24,12 @@ epochs). A seed fixes the labelled subset, the validation split and the initial 
 groups of one seed are paired; the test split is the same 1,000 images for every run.
 
 Runs are trained one at a time in this process (one torch thread); each run's result JSON is
-written to ``<out-dir>/runs/`` as soon as it ends and a rerun skips runs whose JSON holds the same
-settings. Order: the main comparison (vanilla, ONE, CL, AHBF; seed-major) first, then the
-ablations and the detach switch, then DML. ``--budget-min`` stops starting runs when the next one
-would not finish in time; the tables then say PARTIAL. After every run the tables are printed and
+written to ``<out-dir>/per_run/`` (not ``runs/``, which .gitignore excludes) as soon as it ends,
+and a rerun skips runs whose JSON holds the same settings. Defaults: 5 seeds for the main
+comparison, 3 for the ablations, the detach switch and DML (~1 minute per run here). Order:
+the main comparison (vanilla, ONE, CL, AHBF; seed-major) first, then the ablations and the
+detach switch, then DML. ``--budget-min`` stops starting runs when the next one would not finish
+in time; the tables then say PARTIAL. After every run the tables are printed and
 written into ``--doc`` between markers (text outside them is kept), with ``<out-dir>/summary.json``;
 ``<out-dir>/compare.png`` plots every run's target accuracy per group.
 
@@ -179,7 +181,7 @@ def train_one(spec: dict[str, Any], run_root: Path, result_path: Path) -> dict[s
 
 def load_result(out_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The saved result of ``spec``, or None if missing or trained with other settings."""
-    p = out_dir / "runs" / f"{spec['name']}.json"
+    p = out_dir / "per_run" / f"{spec['name']}.json"
     if not p.is_file():
         return None
     rec = json.loads(p.read_text())
@@ -256,7 +258,8 @@ def word(d: np.ndarray) -> str:
 
 def main_table(groups: dict[str, list[dict[str, Any]]], names: Sequence[str]) -> str:
     rows = ["| method | runs | **target (deployed) test acc.** | strongest teacher acc. | deepest branch acc. | "
-            "val acc. (target) | wall s / step |", "|---|---|---|---|---|---|---|"]
+            "val acc. (target) | training model MMACs / k params | wall s / step |",
+            "|---|---|---|---|---|---|---|---|"]
     for g in names:
         runs = groups.get(g, [])
         if not runs:
@@ -268,6 +271,7 @@ def main_table(groups: dict[str, list[dict[str, Any]]], names: Sequence[str]) ->
             runs[0]["spec"]["model"].get("branches", 1) > 1 else "–"
         rows.append(f"| {GROUPS[g][0]} | {len(runs)} | **{cell([acc(r) for r in runs])}** | {teacher} | {deep} | "
                     f"{cell([acc(r, split='val') for r in runs], False)} | "
+                    f"{runs[0]['test']['train_macs'] / 1e6:.2f} / {runs[0]['test']['train_params'] / 1e3:.1f} | "
                     f"{statistics.median(r['step_seconds'] for r in runs):.3f} |")
     return "\n".join(rows) + "\n"
 
@@ -283,7 +287,8 @@ def gain_table(groups: dict[str, list[dict[str, Any]]], pairs: Sequence[tuple[st
 
 
 def ablation_table(groups: dict[str, list[dict[str, Any]]]) -> str:
-    rows = ["| λ1 (TAKL) | λ2 (BTKL) | runs | **target test acc.** | TA 3 acc. | branch 3 acc. | target − (λ1=λ2=0), paired |",
+    rows = ["| λ1 (TAKL) | λ2 (BTKL) | runs | **target test acc.** | TA 3 acc. | branch 3 acc. | "
+            "target − (λ1=λ2=0), paired |",
             "|---|---|---|---|---|---|---|"]
     for g, l1, l2 in FIG3D:
         runs = groups.get(g, [])
@@ -434,7 +439,7 @@ def settings_text(args: argparse.Namespace, records: list[dict[str, Any]], n_exp
     lines = [
         f"- status: {status}",
         f"- command: `{cmd}`" if not args.report_only
-        else f"- tables regenerated with `{cmd}` from `{args.out_dir}/runs/*.json`",
+        else f"- tables regenerated with `{cmd}` from `{args.out_dir}/per_run/*.json`",
         f"- machine: `nproc` = {m['nproc']}, CPU {m['cpu']}, Python {m['python']}, torch {m['torch']}, "
         f"load average when written {m['loadavg']} (shared with other jobs: the timings are not benchmarks); "
         f"commit {commit()}",
@@ -457,9 +462,9 @@ def settings_text(args: argparse.Namespace, records: list[dict[str, Any]], n_exp
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main comparison")
-    p.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
-                   help="seeds of the ablations, the detach switch and DML (default: --seeds)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds of the main comparison")
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds of the ablations, the detach switch and DML")
     p.add_argument("--groups", nargs="+", default=[*MAIN, *ABLATION, *LATE], choices=list(GROUPS))
     p.add_argument("--per-class", type=int, default=100, help="labelled training images per class")
     p.add_argument("--steps", type=int, default=450, help="optimisation steps per run (rounded to whole epochs)")
@@ -468,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=3.0)
     p.add_argument("--budget-min", type=float, default=None,
                    help="start no run that would end after this many minutes (estimate: the slowest run so far)")
-    p.add_argument("--out-dir", type=Path, default=Path(DEFAULT_OUT), help="result JSONs (runs/), summary, PNG")
+    p.add_argument("--out-dir", type=Path, default=Path(DEFAULT_OUT), help="result JSONs (per_run/), summary, PNG")
     p.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS), help="scratch run directories")
     p.add_argument("--doc", type=Path, default=Path(DEFAULT_DOC))
     p.add_argument("--report-only", action="store_true", help="no training: tables from the result JSONs so far")
@@ -477,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Main comparison seed-major first, then ablations + detach seed-major, then DML."""
-    abl_seeds = args.ablation_seeds if args.ablation_seeds is not None else args.seeds
+    abl_seeds = args.ablation_seeds
     kw = dict(per_class=args.per_class, steps=args.steps, batch_size=args.batch_size, lr=args.lr, tau=args.tau)
     specs = [run_spec(g, s, **kw) for s in args.seeds for g in MAIN if g in args.groups]
     specs += [run_spec(g, s, **kw) for s in abl_seeds for g in ABLATION if g in args.groups]
@@ -490,6 +495,7 @@ def report(args: argparse.Namespace, specs: list[dict[str, Any]], final: bool) -
 
     records = [r for r in (load_result(args.out_dir, s) for s in specs) if r is not None]
     groups = {g: [r for r in records if r["spec"]["group"] == g] for g in GROUPS}
+    abl_groups = {**groups, "ahbf": [r for r in groups["ahbf"] if r["spec"]["seed"] in args.ablation_seeds]}
     seeds_of = {g: sorted({s["seed"] for s in specs if s["group"] == g}) for g in GROUPS
                 if any(s["group"] == g for s in specs)}
     body = "\n".join([
@@ -504,10 +510,12 @@ def report(args: argparse.Namespace, specs: list[dict[str, Any]], final: bool) -
                    + [("vanilla", g) for g in ("one", "cl", "dml")]),
         "\nComputed reading:\n", verdict(groups),
         "\n### Fig. 3(d) ablation: the assistant losses\n",
+        f"Seeds {', '.join(map(str, args.ablation_seeds))} (the AHBF-OKD rows below use only these seeds, so "
+        "every row of a table is paired).\n",
         "All with hierarchical branches and the AHBF fusion; λ1 = λ2 = 0 still trains the branches and the TAs "
         "with cross-entropy (Eq. 14 without L_FKL). The (4, 2) row is the main AHBF-OKD run.\n",
-        ablation_table(groups),
-        "\n### Teacher side detached or not (`loss.detach_teacher`)\n", detach_table(groups),
+        ablation_table(abl_groups),
+        "\n### Teacher side detached or not (`loss.detach_teacher`)\n", detach_table(abl_groups),
         "\n### Every run: target test accuracy (%) per seed\n", per_seed_table(groups),
     ])
     settings = settings_text(args, records, len(specs), seeds_of)
@@ -541,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         todo = [s for s in specs if load_result(args.out_dir, s) is None]
         _log(f"AHBF comparison: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to train "
              f"({args.steps} steps each, one at a time)")
-        (args.out_dir / "runs").mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "per_run").mkdir(parents=True, exist_ok=True)
         args.runs_dir.mkdir(parents=True, exist_ok=True)
         t_start, slowest = time.perf_counter(), 0.0
         for n, s in enumerate(todo, 1):
@@ -550,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _log(f"budget of {args.budget_min} min reached: {len(todo) - n + 1} runs not started")
                 break
             try:
-                rec = train_one(s, args.runs_dir, args.out_dir / "runs" / f"{s['name']}.json")
+                rec = train_one(s, args.runs_dir, args.out_dir / "per_run" / f"{s['name']}.json")
             except Exception as e:  # keep the sweep going; the run is retried on the next call
                 _log(f"[{n}/{len(todo)}] {s['name']} FAILED: {type(e).__name__}: {e}")
                 traceback.print_exc()
