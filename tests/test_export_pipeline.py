@@ -107,13 +107,13 @@ def test_bad_requests_fail_with_one_clear_line(tmp_path: Path, monkeypatch: pyte
         assert "\n" not in str(err.value), str(err.value)
     from kdedge.export import targets
 
-    fake = targets.ExportTarget(name="fake", description="needs a missing library", precisions=("fp32",),
-                                requires=("kdedge_no_such_runtime",), extra="fake", folder="fake", suffix=".bin")
-    monkeypatch.setitem(targets.TARGETS, "fake", fake)
-    with pytest.raises(ExportError, match=r"target 'fake' needs kdedge_no_such_runtime, which is not installed; "
-                                          r"install it with: pip install 'kdedge\[fake\]'"):
-        export(model, out, info=info, val_data=(xv[:16], yv[:16]), target="fake")
-    assert "fake" in targets.format_table()
+    missing = targets.ExportTarget(name="missinglib", description="needs a missing library", precisions=("fp32",),
+                                   requires=("kdedge_no_such_runtime",), extra="nosuch", folder="x", suffix=".bin")
+    monkeypatch.setitem(targets.TARGETS, "missinglib", missing)
+    with pytest.raises(ExportError, match=r"target 'missinglib' needs kdedge_no_such_runtime, which is not "
+                                          r"installed; install it with: pip install 'kdedge\[nosuch\]'"):
+        export(model, out, info=info, val_data=(xv[:16], yv[:16]), target="missinglib")
+    assert "missinglib" in targets.format_table()
     assert not out.exists()
 
 
