@@ -11,7 +11,7 @@ from kdedge.cli.common import err, handle_errors, print_json
 
 
 def _help() -> str:
-    from kdedge.export.targets import format_table
+    from kdedge.targets import format_table
 
     return f"""Slice a finished run into stages (HNE levels, the AHBF student, multi-exit exits),
 export each stage, verify every stage and every combined prediction against torch on the
@@ -22,6 +22,12 @@ Examples:
   kdedge export runs/hne-demo --target onnx --out hne.kdedge
 
   kdedge export runs/hne-demo --out hne-int8.kdedge --precision int8 --int8-max-drop 1.0
+
+  kdedge export runs/hne-demo --out hne.kdedge --target coreml --precision fp16 --device cpu_ne
+
+Every bundle holds the ONNX stage files (the reference); another --target adds its files
+beside them, verified against onnxruntime where they run here. TensorRT engines are built on
+the device: kdedge build BUNDLE --target tensorrt.
 
 Targets:
 
@@ -37,7 +43,10 @@ def command(
     run_dir: Path = typer.Argument(..., help="A finished run directory (from kdedge train)."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Bundle directory to create."),
     target: str = typer.Option("onnx", help="Export target (see the table above)."),
-    precision: str = typer.Option("fp32", help="fp32 or int8 (static QDQ, gated by accuracy)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 (targets other than onnx) or int8 (static QDQ, gated by accuracy)."),
+    device: Optional[str] = typer.Option(None, help="Device the target's files are for (torch: cpu/cuda; coreml compute "
+                                                    "units: all/cpu/cpu_gpu/cpu_ne)."),
+    max_batch: int = typer.Option(64, help="Largest batch the target's files accept."),
     opset: int = typer.Option(18, help="ONNX opset."),
     simplify: bool = typer.Option(False, help="Simplify stage graphs with onnxsim."),
     split: str = typer.Option("val", help="Split that verifies the export and gives the manifest's accuracies."),
@@ -59,7 +68,7 @@ def command(
 
     path = export_run(run_dir, out_path, data_root=data_root, split=split, calib_size=calib_size, val_limit=val_limit,
                       target=target, precision=precision, opset=opset, simplify=simplify, int8_max_drop=int8_max_drop,
-                      int8_keep_fp32=int8_keep_fp32, atol=atol, rtol=rtol, force=force, progress=progress)
+                      int8_keep_fp32=int8_keep_fp32, device=device, max_batch=max_batch, atol=atol, rtol=rtol, force=force, progress=progress)
     summary = inspect_bundle(path)
     if json_out:
         print_json(summary)

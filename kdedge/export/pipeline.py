@@ -94,7 +94,8 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
            int8_max_drop: float = 1.0, int8_keep_fp32: bool = False, provenance: dict[str, Any] | None = None,
            force: bool = False, progress: Progress | None = None, atol: float = 1e-4, rtol: float = 1e-3,
            min_top1_agreement: float = 0.99, exporter: str = "auto", batch_size: int = 64,
-           calib_size: int | None = None, int8_scheme: str = "u8s8") -> Path:
+           calib_size: int | None = None, int8_scheme: str = "u8s8", device: str | None = None,
+           max_batch: int = 64, target_options: dict[str, Any] | None = None) -> Path:
     """Export a trained model to a verified bundle directory.
 
     Args:
@@ -106,8 +107,11 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
         val_data: validation images for verification and the manifest's accuracies: ``(x, y)``
             arrays/tensors (x normalised, [N, C, H, W]), a Dataset or a DataLoader.
         calib_data: INT8 only: calibration images (training images), same forms; labels unused.
-        target: export target (``kdedge.export.targets.TARGETS``).
-        precision: ``fp32`` or ``int8``.
+        target: export target (``kdedge.targets.TARGETS``): ``onnx``, or a target whose files
+            are added beside the ONNX reference (``torch``, ``coreml``, ``tensorrt``) and verified
+            against it (docs/targets.md).
+        precision: ``fp32``, ``fp16`` (targets other than onnx; the ONNX reference stays fp32)
+            or ``int8``.
         opset: ONNX opset.
         simplify: simplify graphs with onnxsim.
         int8_max_drop: INT8 gate, in accuracy points per stage and rule.
@@ -122,6 +126,8 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
         calib_size: use at most this many calibration images (None: all of ``calib_data``).
         int8_scheme: ``u8s8`` (uint8 asymmetric activations: onnxruntime's fast path on x86) or
             ``s8s8`` (int8 symmetric activations, as TensorRT reads QDQ graphs).
+        device, max_batch, target_options: the target's compile spec
+            (:class:`kdedge.targets.CompileSpec`); ignored for ``onnx``.
 
     Returns:
         the bundle path.
@@ -139,7 +145,8 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
                        precision=precision, opset=opset, simplify=simplify, int8_max_drop=int8_max_drop,
                        int8_keep_fp32=int8_keep_fp32, provenance=provenance, force=force, progress=progress,
                        tol=(atol, rtol, min_top1_agreement), exporter=exporter, batch_size=batch_size,
-                       calib_size=calib_size, int8_scheme=int8_scheme)
+                       calib_size=calib_size, int8_scheme=int8_scheme,
+                       tspec=(device, max_batch, dict(target_options or {})))
     finally:  # export runs in eval mode; give the caller's model back as it was
         for m, was in flags:
             m.training = was
@@ -149,9 +156,25 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
             opset: int, simplify: bool, int8_max_drop: float, int8_keep_fp32: bool,
             provenance: dict[str, Any] | None, force: bool, progress: Progress | None,
             tol: tuple[float, float, float], exporter: str, batch_size: int, calib_size: int | None,
-            int8_scheme: str = "u8s8") -> Path:
+            int8_scheme: str = "u8s8", tspec: tuple[str | None, int, dict[str, Any]] = (None, 64, {})) -> Path:
     say: Progress = progress or (lambda _m: None)
-    spec = check_request(target, precision)
+    compile_spec = None
+    from kdedge.export.targets import TARGETS as _EXPORT_TARGETS
+    from kdedge.targets import TARGETS as _TARGETS, TEST_TARGETS as _TEST_TARGETS
+
+    if target not in _EXPORT_TARGETS and (target in _TARGETS or target in _TEST_TARGETS):
+        # a target of kdedge.targets: checked now, compiled beside the ONNX reference
+        from kdedge.targets import CompileSpec, TargetError, get_target
+
+        try:
+            tgt = get_target(target)
+            compile_spec = tgt.check(CompileSpec(precision=precision, device=tspec[0], max_batch=tspec[1],
+                                                 opt_batch=min(tspec[1], 1), options=tspec[2]))
+            tgt.require("compile")
+        except TargetError as e:
+            raise ExportError(str(e)) from None
+        precision = "int8" if precision == "int8" else "fp32"  # the ONNX reference's precision
+    spec = check_request("onnx" if compile_spec is not None else target, precision)
     check_opset(opset)
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
@@ -277,7 +300,7 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
             "preprocessing": {k: inf[k] for k in ("dataset", "input_size", "resize", "scale", "mean", "std",
                                                   "channel_order")},
             "combine": {"default": rules[0], "supported": rules},
-            "targets": [target],
+            "targets": [spec.name],
             "stages": stage_entries,
             "prefixes": prefix_entries,
             "evaluation": {"split": str(prov.pop("split", "val")), "n": report["n"]},
@@ -290,6 +313,17 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
                                                          "fallbacks": {n: m["fallback_reason"] for n, m in meta.items()
                                                                        if m.get("fallback_reason")}}),
         }
+        if compile_spec is not None:
+            from kdedge.targets import TargetError
+            from kdedge.targets.build import add_target, graph_sources
+
+            try:
+                target_report = add_target(bd.tmp, manifest, target, compile_spec,
+                                           graph_sources(plan, examples, bd.tmp, spec.folder, spec.suffix),
+                                           verify_x=ex, progress=say)
+            except TargetError as e:
+                raise ExportError(str(e)) from None
+            manifest["provenance"]["targets"] = {target: target_report}
         return bd.commit(manifest)
 
 

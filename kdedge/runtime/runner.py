@@ -160,7 +160,8 @@ class Runner:
 
     Args:
         bundle: a bundle directory or an opened :class:`~kdedge.runtime.bundle.Bundle`.
-        target: which of the bundle's targets to run (``onnx``).
+        target: which of the bundle's targets to run (``onnx``, ``torch``, ``coreml``, ``tensorrt``), or
+            ``auto``: the first of them that runs here (:data:`kdedge.targets.PREFERENCE`).
         threads: CPU threads per session (default: the CPUs this process may use); part of the
             latency profile's key.
         optimization: onnxruntime graph optimisation level (``all``, ``extended``, …).
@@ -190,6 +191,11 @@ class Runner:
                  session_factory: Callable[[Bundle, StageEntry, Any], Session] | None = None,
                  session_options: Any = None, clock: Callable[[], float] = time.perf_counter,
                  watchdog: bool = True, check_inputs: bool = True, bind: bool = True) -> None:
+        if target == "auto":  # the first of the bundle's targets that runs on this device
+            from kdedge.runtime.bundle import read_manifest
+            from kdedge.targets import pick_target
+
+            target = pick_target(bundle.targets if isinstance(bundle, Bundle) else read_manifest(bundle)["targets"])
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, targets=[target])
         if target not in self.bundle.targets:
             raise ValueError(f"bundle {self.bundle.path} has no {target!r} files; it holds "

@@ -127,7 +127,11 @@ SESSION_FACTORIES: dict[str, str] = {
 def get_session_factory(target: str) -> SessionFactory:
     """The session factory of ``target`` (see :data:`SESSION_FACTORIES`)."""
     if target not in SESSION_FACTORIES:
-        raise ValueError(f"the runtime cannot run target {target!r} yet; it runs: {', '.join(SESSION_FACTORIES)}")
+        from kdedge.targets import TARGETS, TEST_TARGETS, get_target  # the other targets (docs/targets.md)
+
+        if target in TARGETS or target in TEST_TARGETS:
+            return get_target(target).open_entry
+        raise ValueError(f"the runtime cannot run target {target!r}; it runs: {', '.join([*SESSION_FACTORIES, *TARGETS])}")
     module, _, fn = SESSION_FACTORIES[target].partition(":")
     return getattr(importlib.import_module(module), fn)
 
