@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("kdedge.cli.run", "Run a bundle on inputs under a deadline / confidence budget."),
     "profile": ("kdedge.cli.profile", "Measure latency (and energy) per stage of a bundle on this device."),
     "inspect": ("kdedge.cli.inspect", "Show a bundle's manifest: stages, members, FLOPs, accuracy, files."),
+    "build": ("kdedge.cli.build", "Compile a bundle's ONNX stages for a device target (TensorRT) and add them."),
     "doctor": ("kdedge.cli.doctor", "What this machine can train on and run."),
 }
 
