@@ -41,10 +41,12 @@ def replicate(x: Tensor, nodes: int) -> Tensor:
 
     Node ``i``'s features are copied to nodes ``2i`` and ``2i+1`` (its two children). Written
     with ``unflatten``/``cat``/``flatten`` on the channel axis only, so the batch stays dynamic
-    in exported graphs.
+    in exported graphs; the spatial axes are flattened first so no tensor exceeds rank 5
+    (CoreML's limit).
     """
-    u = x.unflatten(1, (nodes, 1, -1))
-    return torch.cat([u, u], dim=2).flatten(1, 3)
+    h, w = x.shape[-2:]
+    u = x.flatten(2).unflatten(1, (nodes, 1, -1))  # [N, nodes, 1, C, H·W]
+    return torch.cat([u, u], dim=2).flatten(1, 3).unflatten(2, (h, w))
 
 
 class NodeModule(nn.Module):
