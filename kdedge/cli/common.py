@@ -60,6 +60,10 @@ def handle_errors(fn: F) -> F:
         except FloatingPointError as e:
             fail(one_line(e), code=1)
         except USER_ERRORS as e:
+            summary = getattr(e, "summary", None)
+            if summary and str(e) != summary:  # e.g. a failed verification: its table, then one line
+                sys.stderr.write(str(e).replace(summary, "", 1).strip("\n") + "\n")
+                fail(summary, code=2)
             fail(one_line(e), code=2)
 
     return wrapper  # type: ignore[return-value]
