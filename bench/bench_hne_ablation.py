@@ -258,13 +258,14 @@ def gain_table(groups: dict[str, list[dict[str, Any]]], pairs: Sequence[tuple[st
 
 
 def extras_table(groups: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown: mean single-member accuracy, best/worst member, full-ensemble diversity, train CE."""
-    lines = ["| objective | mean member acc. | member 1 acc. | diversity of the full ensemble | last-epoch train CE |",
-             "|---|---|---|---|---|"]
+    """Markdown: mean and worst single-member accuracy, full-ensemble diversity, last-epoch label term."""
+    lines = ["| objective | mean member acc. | worst member acc. | diversity of the full ensemble | "
+             "last-epoch label term |", "|---|---|---|---|---|"]
     for g, runs in groups.items():
         if not runs:
             continue
-        mem = stats([[float(np.mean(r["test"]["member_accuracy"])), r["test"]["member_accuracy"][0]] for r in runs])
+        mem = stats([[float(np.mean(r["test"]["member_accuracy"])), float(np.min(r["test"]["member_accuracy"]))]
+                     for r in runs])
         div = stats([[r["test"]["diversity"][-1], r["train_last_epoch"].get("ce", float("nan"))] for r in runs])
         lines.append(f"| {VARIANTS[g]} | {cell(mem, 0, False)} | {cell(mem, 1, False)} | "
                      f"{div['mean'][0]:.2f} ± {div['std'][0]:.2f} | {div['mean'][1]:.3f} ± {div['std'][1]:.3f} |")
@@ -331,21 +332,22 @@ def commit() -> str:
         return "unknown"
 
 
-def plot(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]]]]) -> None:
-    """Accuracy vs cumulative MMACs per objective: mean line, ± std band, min–max bars; one panel per size."""
+def plot(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]]]], ncols: int) -> None:
+    """Accuracy vs cumulative MMACs per objective: mean line, ± std band, min–max bars; ``ncols`` panels a row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.2), squeeze=False)
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.0 * nrows), squeeze=False)
     colours = {"i": "tab:blue", "s": "tab:orange", "d": "tab:green", "hd": "tab:red", "hd_semi": "tab:purple"}
     for ax, (title, groups) in zip(axes.flat, panels):
         for j, (g, runs) in enumerate(groups.items()):
             if not runs:
                 continue
             st = stats([_acc(r) for r in runs])
-            x = np.asarray(runs[0]["test"]["ensemble_macs"]) / 1e6 * (1 + 0.012 * (j - 2))  # dodge the bars
+            x = np.asarray(runs[0]["test"]["ensemble_macs"]) / 1e6 * (1 + 0.012 * (j - 1.5))  # dodge the bars
             mean, std = 100 * np.asarray(st["mean"]), 100 * np.asarray(st["std"])
             lo, hi = mean - 100 * np.asarray(st["min"]), 100 * np.asarray(st["max"]) - mean
             c = colours.get(g, "k")
@@ -363,7 +365,10 @@ def plot(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]]]]) 
         ax.set_ylabel("test top-1 accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("HNE (mnist config, width 0.5, 8 members) on mnist5k: mean, ± std band, min–max bars", fontsize=10)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("HNE on mnist5k, test accuracy of the first 1, 2, 4, 8 members: mean, ± std band, min–max bars",
+                 fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
@@ -397,11 +402,12 @@ def settings_text(args: argparse.Namespace, records: list[dict[str, Any]], n_exp
                    r["steps"]) for r in records}, key=lambda t: (t[1], list(VARIANTS).index(t[0])))
     secs = [r["seconds"] for r in records]
     cpus = [r.get("cpu_seconds", float("nan")) for r in records]
-    cmd = " ".join(shlex.quote(a) for a in [sys.executable.replace(str(ROOT) + "/", ""), *sys.argv])
+    argv = [a for a in sys.argv if a != "--report-only"]
+    cmd = " ".join(shlex.quote(a) for a in [sys.executable.replace(str(ROOT) + "/", ""), *argv])
     lines = [
         f"- status: {status}",
-        f"- command: `{cmd}`" if not args.report_only
-        else f"- tables regenerated with `{cmd}` from `{args.out_dir}/runs/*.json`",
+        f"- command: `{cmd}`" + (f" (tables regenerated with `--report-only` from `{args.out_dir}/runs/*.json`)"
+                                 if args.report_only else ""),
         f"- machine: `nproc` = {m['nproc']}, CPU {m['cpu']}, Python {m['python']}, torch {m['torch']}, "
         f"load average when written {m['loadavg']} (shared with other jobs: timings are not benchmarks); "
         f"commit {commit()}",
@@ -458,16 +464,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections = [f"Test accuracy (%) of the anytime ensembles of the first 1, 2, 4 … N members; mean ± std "
                 f"[min, max] over seeds. Paired differences: mean ± std over seeds (seeds where the first "
                 f"objective is ahead / seeds).\n"]
-    panels, summary = [], {}
+    panels, semi_panels, summary = [], [], {}
     for pc in args.sizes:
         groups = {v: [r for r in records if r["spec"]["variant"] == v and r["spec"]["per_class"] == pc]
                   for v in args.variants}
-        pairs = [("i", v) for v in ("s", "d", "hd", "hd_semi") if v in groups] + [("hd", "hd_semi")]
+        pairs = [("i", v) for v in ("s", "d", "hd", "hd_semi") if v in groups] + [("d", "hd"), ("hd", "hd_semi")]
         sections += [f"### {pc} labelled images per class\n", accuracy_table(groups),
                      "\nPaired differences (accuracy points):\n", gain_table(groups, pairs),
-                     "\nMembers alone and diversity (8-member tree):\n", extras_table(groups),
+                     "\nMembers alone, diversity of the 8 members (std of their logits, the paper's measure) and "
+                     "the label term of the loss averaged over the last epoch (Σ of the 8 members' CE for L_I, "
+                     "L_D and L_HD; Σ of the 4 sub-ensembles' CE for L_S; labelled samples only):\n",
+                     extras_table(groups),
                      "\nComputed reading:\n", verdict(groups, pc)]
-        panels.append((f"{pc} labelled images per class", groups))
+        panels.append((f"{pc} labelled images per class: labelled objectives",
+                       {v: runs for v, runs in groups.items() if v != "hd_semi"}))
+        semi_panels.append((f"{pc} labelled images per class: + unlabelled pool",
+                            {v: runs for v, runs in groups.items() if v in ("i", "hd", "hd_semi")}))
         summary[str(pc)] = {v: {"seeds": [r["spec"]["seed"] for r in runs], **stats([_acc(r) for r in runs]),
                                 "macs": runs[0]["test"]["ensemble_macs"]}
                             for v, runs in groups.items() if runs}
@@ -477,7 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_text(args, records, n)
     print(settings)
     if records:
-        plot(args.out_dir / "ablation.png", panels)
+        plot(args.out_dir / "ablation.png", panels + (semi_panels if "hd_semi" in args.variants else []),
+             ncols=len(args.sizes))
         from kdedge.io import atomic_write_json
 
         atomic_write_json(args.out_dir / "summary.json", {"complete": len(records) == n, "runs": len(records),
