@@ -86,6 +86,9 @@ def test_run_a_npy_batch_with_each_policy(env) -> None:
     out = run_json(b, "--input", x, "--threads", "1", "--deadline-ms", "0.000001")
     assert {r["stage"] for r in out["results"]} == {0} and not any(r["budget_met"] for r in out["results"])
     assert out["summary"]["misses"] == 5
+    out = run_json(b, "--input", x, "--threads", "1", "--deadline-ms", "1000", "--fused")
+    assert out["policy"] == "deadline-1000ms-fused" and {r["stage"] for r in out["results"]} == {2}
+    assert {len(r["stage_ms"]) for r in out["results"]} == {1}  # one fused graph
     out = run_json(b, "--input", x, "--threads", "1", "--deadline-ms", "1000", "--confidence", "0")
     assert out["policy"] == "deadline-1000ms+confidence-max-0" and {r["stage"] for r in out["results"]} == {0}
 

@@ -12,14 +12,17 @@ from kdedge.cli.common import err, handle_errors, out, print_json
 HELP = """Run a bundle's stages one by one on this device and stop when the budget says so:
 a deadline per request (--deadline-ms, needs a latency profile from kdedge profile), a
 confidence threshold (--confidence), or a fixed number of stages (--stages, through the fused
-prefix graph when the bundle has one). Prints each prediction with the stage it came from and
-the time spent. Each batch of --batch inputs is one request.
+prefix graph when the bundle has one). With --deadline-ms --fused, the deepest fused prefix
+whose profiled latency fits the deadline runs instead (budget mode). Prints each prediction
+with the stage it came from and the time spent. Each batch of --batch inputs is one request.
 
 Examples:
 
   kdedge run hne.kdedge --input digit.png
 
   kdedge run hne.kdedge --input images/ --deadline-ms 2 --json
+
+  kdedge run hne.kdedge --input images/ --deadline-ms 2 --fused
 
   kdedge run hne.kdedge --input batch.npy --confidence 0.9 --batch 32
 
@@ -29,7 +32,7 @@ Examples:
 """
 
 
-def _policy(deadline_ms: Optional[float], confidence: Optional[float], stages: Optional[int], fused: bool,
+def _policy(deadline_ms: Optional[float], confidence: Optional[float], stages: Optional[int], fused: Optional[bool],
             margin_ms: float, stat: str, measure: str) -> Any:
     from kdedge.runtime.policies import make_policy
 
@@ -100,7 +103,7 @@ def command(
     confidence: Optional[float] = typer.Option(None, help="Stop a sample once the combined max probability reaches this."),
     measure: str = typer.Option("max", help="Confidence measure: max (max probability) or margin (top-1 minus top-2)."),
     stages: Optional[int] = typer.Option(None, help="Run exactly the first N stages (budget mode)."),
-    fused: bool = typer.Option(True, "--fused/--no-fused", help="With --stages: use the fused prefix graph when the bundle has one."),
+    fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Budget mode: run one fused prefix graph chosen in advance when the bundle has them (default: on with --stages, off with --deadline-ms)."),
     batch: int = typer.Option(1, help="Inputs per request (per runner call)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads per session (default: all usable CPUs); part of the profile's key."),
     target: str = typer.Option("onnx", help="Which of the bundle's targets to run."),

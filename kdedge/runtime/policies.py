@@ -187,9 +187,15 @@ class Deadline:
     Before stage k ≥ 1: continue if ``latency(k) + margin_ms <= deadline_ms - elapsed``, where
     ``latency(k)`` is the profiled ``stat`` (default p99) of stage k at the active batch size on
     this device and setting. A stage that is started but overruns is aborted by the runner's
-    watchdog at ``deadline_ms - margin_ms`` where the target can abort, and the previous
-    answer is returned. Stage 0 always runs: a deadline shorter than stage 0 still returns stage
-    0's answer, marked as a miss.
+    watchdog at ``deadline_ms - margin_ms`` where the target can abort (for stages predicted to
+    take at least ``watchdog_min_ms``), and the previous answer is returned. Stage 0 always
+    runs: a deadline shorter than stage 0 still returns stage 0's answer, marked as a miss.
+
+    With ``fused=True`` (budget mode: the deadline is known when the request starts) and a
+    bundle with fused prefix graphs, the policy instead runs, before stage 0, the deepest prefix
+    whose profiled ``stat`` plus the margin fits; one fused graph is faster than its stages one
+    by one, but it is all or nothing (an abort leaves no earlier answer, so it is not armed).
+    When no prefix fits it falls back to the stages.
 
     Args:
         deadline_ms: the per-request latency budget, from the request's start.
@@ -198,10 +204,18 @@ class Deadline:
             ``median``, ``mean``, ``max``.
         latencies_ms: explicit per-stage latencies instead of the profile (tests, simulations).
         watchdog: abort overrunning stages (where the target can).
+        watchdog_min_ms: arm the watchdog only for stages predicted to take at least this long.
+            Arming wakes a Python thread, which needs the GIL: on a 2-core machine this cost
+            about 50 µs per request and, under load, millisecond stalls — more than an abort
+            can save on a sub-millisecond stage (docs/runtime.md, benchmarks).
+        fused: budget mode through the fused prefix graphs (see above).
+        prefix_latencies_ms: explicit per-prefix latencies for ``fused`` (tests, simulations).
     """
 
     def __init__(self, deadline_ms: float, margin_ms: float = 0.1, stat: str = "p99",
-                 latencies_ms: Sequence[float] | None = None, watchdog: bool = True) -> None:
+                 latencies_ms: Sequence[float] | None = None, watchdog: bool = True,
+                 watchdog_min_ms: float = 1.0, fused: bool = False,
+                 prefix_latencies_ms: Sequence[float] | None = None) -> None:
         if not (isinstance(deadline_ms, (int, float)) and math.isfinite(deadline_ms) and deadline_ms > 0):
             raise ValueError(f"the deadline must be a positive number of milliseconds, got {deadline_ms!r}")
         if not (isinstance(margin_ms, (int, float)) and math.isfinite(margin_ms) and margin_ms >= 0):
@@ -210,14 +224,20 @@ class Deadline:
 
         if stat not in STATS:
             raise ValueError(f"unknown latency statistic {stat!r}; known: {', '.join(STATS)}")
+        if not (isinstance(watchdog_min_ms, (int, float)) and watchdog_min_ms >= 0):
+            raise ValueError(f"watchdog_min_ms must be >= 0, got {watchdog_min_ms!r}")
         self.deadline_ms = float(deadline_ms)
         self.margin_ms = float(margin_ms)
         self.stat = stat
         self.latencies_ms = None if latencies_ms is None else tuple(float(v) for v in latencies_ms)
+        self.prefix_latencies_ms = (None if prefix_latencies_ms is None
+                                    else tuple(float(v) for v in prefix_latencies_ms))
         self.watchdog = watchdog
+        self.watchdog_min_ms = float(watchdog_min_ms)
+        self.fused = fused
         self.budget_ms: float | None = self.deadline_ms
-        self.needs_profile = self.latencies_ms is None
-        self.name = f"deadline-{self.deadline_ms:g}ms"
+        self.needs_profile = self.latencies_ms is None or (fused and self.prefix_latencies_ms is None)
+        self.name = f"deadline-{self.deadline_ms:g}ms" + ("-fused" if fused else "")
 
     def latency(self, ctx: Context, k: int) -> float:
         if self.latencies_ms is not None:
@@ -226,16 +246,31 @@ class Deadline:
             return self.latencies_ms[k]
         return ctx.cost(f"stage{k}", self.stat)
 
+    def prefix_latency(self, ctx: Context, j: int) -> float:
+        if self.prefix_latencies_ms is not None:
+            if len(self.prefix_latencies_ms) != ctx.prefixes:
+                raise ValueError(f"{len(self.prefix_latencies_ms)} prefix latencies given for {ctx.prefixes} prefixes")
+            return self.prefix_latencies_ms[j]
+        return ctx.cost(f"prefix{j}", self.stat)
+
     def decide(self, ctx: Context) -> Decision:
-        if ctx.stage == 0:
-            return CONTINUE  # stage 0 always runs, unguarded: it is the answer of last resort
         left = self.deadline_ms - ctx.elapsed_ms
-        if self.latency(ctx, ctx.stage) + self.margin_ms > left:
+        if ctx.stage == 0:
+            if self.fused:
+                for j in range(ctx.prefixes - 1, -1, -1):
+                    if self.prefix_latency(ctx, j) + self.margin_ms <= left:
+                        return Decision(True, fused=j)
+            return CONTINUE  # stage 0 always runs, unguarded: it is the answer of last resort
+        latency = self.latency(ctx, ctx.stage)
+        if latency + self.margin_ms > left:
             return STOP
-        return Decision(True, abort_after_ms=self.deadline_ms - self.margin_ms if self.watchdog else None)
+        if self.watchdog and latency >= self.watchdog_min_ms:
+            return Decision(True, abort_after_ms=self.deadline_ms - self.margin_ms)
+        return CONTINUE
 
     def __repr__(self) -> str:
-        return f"Deadline({self.deadline_ms:g}, margin_ms={self.margin_ms:g}, stat={self.stat!r})"
+        return (f"Deadline({self.deadline_ms:g}, margin_ms={self.margin_ms:g}, stat={self.stat!r}"
+                + (", fused=True)" if self.fused else ")"))
 
 
 MEASURES = ("max", "margin")
@@ -346,12 +381,14 @@ class AllOf:
 
 
 def make_policy(*, deadline_ms: float | None = None, confidence: float | Sequence[float] | None = None,
-                stages: int | None = None, fused: bool = True, margin_ms: float = 0.1, stat: str = "p99",
+                stages: int | None = None, fused: bool | None = None, margin_ms: float = 0.1, stat: str = "p99",
                 measure: str = "max") -> Any:
     """The policy for a set of command-line style options.
 
     ``stages`` alone gives :class:`Fixed`; ``deadline_ms`` and/or ``confidence`` give
     :class:`Deadline`, :class:`Confidence` or both (:class:`AllOf`); nothing gives :class:`Full`.
+    ``fused`` (budget mode through fused prefixes) defaults to True for ``stages`` and False
+    for a deadline.
 
     Raises:
         ValueError: ``stages`` together with a deadline or a confidence threshold.
@@ -360,10 +397,13 @@ def make_policy(*, deadline_ms: float | None = None, confidence: float | Sequenc
         if deadline_ms is not None or confidence is not None:
             raise ValueError("--stages fixes the stages in advance; it cannot be combined with --deadline-ms or "
                              "--confidence (drop one)")
-        return Fixed(stages, fused=fused)
+        return Fixed(stages, fused=True if fused is None else fused)
     chosen: list[Any] = []
     if deadline_ms is not None:
-        chosen.append(Deadline(deadline_ms, margin_ms=margin_ms, stat=stat))
+        if fused and confidence is not None:
+            raise ValueError("--fused runs one fused graph chosen in advance; it cannot be combined with "
+                             "--confidence, which decides per sample after each stage (drop one)")
+        chosen.append(Deadline(deadline_ms, margin_ms=margin_ms, stat=stat, fused=bool(fused)))
     if confidence is not None:
         chosen.append(Confidence(confidence, measure=measure))
     if not chosen:
