@@ -246,5 +246,11 @@ def _toy_bundle(precision: str, with_prefixes: bool) -> Path:
 
     xtr, ytr, xv, yv, info = digits()
     out = _scratch() / f"toy-{precision}-{int(with_prefixes)}.kdedge"
+    # The toy's INT8 loss sits near one point; a gate of 2 points keeps the fixture from flipping
+    # on a single borderline image when thread counts differ between test processes.
     return export(trained_toy(with_prefixes), out, info=info, val_data=(xv, yv),
-                  calib_data=(xtr[:128], ytr[:128]) if precision == "int8" else None, precision=precision)
+                  calib_data=(xtr[:128], ytr[:128]) if precision == "int8" else None, precision=precision,
+                  **({"int8_max_drop": TOY_INT8_MAX_DROP} if precision == "int8" else {}))
+
+
+TOY_INT8_MAX_DROP = 2.0
