@@ -283,7 +283,8 @@ def verdict(groups: dict[str, list[dict[str, Any]]], per_class: int) -> str:
         first, last = m[0], m[-1]
         clear = len(d) >= 2 and first > 0 and first > std[0] and wins[0] == len(d)
         word = ("reproduces" if clear else
-                f"does not reproduce (a mean gain smaller than the seed spread, in {wins[0]} of {len(d)} seeds)"
+                f"does not reproduce (the mean gain is smaller than its seed spread; positive in {wins[0]} of "
+                f"{len(d)} seeds)"
                 if first > 0 else "does not reproduce")
         out.append(f"{METHODS[other]} vs exit-wise at {per_class}/class: exit 1 {first:+.1f} points "
                    f"(± {std[0]:.1f}, better in {wins[0]}/{len(d)} seeds), last exit {last:+.1f} points; "

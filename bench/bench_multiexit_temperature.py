@@ -24,8 +24,6 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 import bench_multiexit_table2 as t2  # noqa: E402
 
 
