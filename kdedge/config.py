@@ -46,7 +46,7 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     schedule: str = "cosine"          # cosine | step | constant
-    milestones: list[int] = field(default_factory=list)  # epochs, for schedule=step
+    milestones: list[float] = field(default_factory=list)  # epochs (fractions allowed: lr is set per step), for schedule=step
     gamma: float = 0.1
     warmup_epochs: int = 0
     grad_clip: float | None = None    # max global grad norm; None = off
