@@ -243,6 +243,11 @@ def bench_deadlines(runner: Any, x: np.ndarray, y: np.ndarray, requests: int, ma
         "requests": requests, "margin_ms": margin_ms, "deadline_range_ms": [lo, hi],
         "answer_ready_median_ms": cum_med.tolist(), "answer_ready_p99_ms": cum_p99.tolist(),
         "counted": int(counted.sum()), "mean_deepest_feasible": float(deepest[feasible].mean()),
+        # the floor no policy can beat: plain full requests that the machine delayed by more
+        # than 50 µs / 1 ms beyond their median (preemption by other processes)
+        "full_requests_delayed_50us": float((ready[:, -1] > cum_med[-1] + 0.05).mean()),
+        "full_requests_delayed_1ms": float((ready[:, -1] > cum_med[-1] + 1.0).mean()),
+        "stage0_answers_delayed_50us": float((ready[:, 0] > cum_med[0] + 0.05).mean()),
         "stage_accuracy": stage_correct.mean(axis=1).tolist(),
         "fixed": [{k: v for k, v in f.items() if k != "correct"} for f in fixed],
         "fixed_accuracy": {s_: float(v.mean()) for s_, v in fixed_correct.items()},
@@ -252,9 +257,9 @@ def bench_deadlines(runner: Any, x: np.ndarray, y: np.ndarray, requests: int, ma
                                  for s_, v in fixed_correct.items()},
         "policies": {},
     }
-    for spec in stats:  # "p99", "median", "median+watchdog" (armed for every stage)
+    for spec in stats:  # "p99", "median+watchdog" (armed for every stage), "median+fused" (budget mode)
         stat, _, extra = spec.partition("+")
-        kw = {"watchdog_min_ms": 0.0} if extra == "watchdog" else {}
+        kw: dict[str, Any] = {"watchdog": {"watchdog_min_ms": 0.0}, "fused": {"fused": True}, "": {}}[extra]
         stage = np.empty(requests, np.int64)
         total = np.empty(requests)
         correct = np.empty(requests, bool)
@@ -378,8 +383,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--margin-ms", type=float, default=0.1)
-    ap.add_argument("--stats", default="p99,p90,median,median+watchdog",
-                    help="profile statistics the deadline policy is run with (+watchdog: armed for every stage)")
+    ap.add_argument("--stats", default="p99,p90,median,median+watchdog,p99+fused,median+fused",
+                    help="profile statistics the deadline policy is run with (+watchdog: armed for every "
+                         "stage; +fused: budget mode through the fused prefixes)")
     ap.add_argument("--test-limit", type=int, default=1000)
     ap.add_argument("--rounds1", type=int, default=3000, help="timed rounds at batch 1")
     ap.add_argument("--rounds32", type=int, default=300, help="timed rounds at batch 32")

@@ -206,8 +206,8 @@ class Deadline:
         watchdog: abort overrunning stages (where the target can).
         watchdog_min_ms: arm the watchdog only for stages predicted to take at least this long.
             Arming wakes a Python thread, which needs the GIL: on a 2-core machine this cost
-            about 50 µs per request and, under load, millisecond stalls — more than an abort
-            can save on a sub-millisecond stage (docs/runtime.md, benchmarks).
+            25–50 µs per request and, under load, millisecond stalls — more than an abort can
+            save on a sub-millisecond stage (docs/runtime.md, benchmarks).
         fused: budget mode through the fused prefix graphs (see above).
         prefix_latencies_ms: explicit per-prefix latencies for ``fused`` (tests, simulations).
     """
