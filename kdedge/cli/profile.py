@@ -22,6 +22,12 @@ Examples:
   kdedge profile hne.kdedge --batch 1,32 --runs 500 --threads 2
 
   kdedge profile hne.kdedge --json
+
+  kdedge profile hne.kdedge --meter auto      # also energy per stage (mJ per inference)
+
+With --meter, each graph's energy per inference is measured after the latency rounds over a
+window of --runs runs (energy of the window / runs) and stored as energy_mj, with the meter's
+name and sampling period; --meter none records that energy is not measured.
 """
 
 
@@ -51,30 +57,61 @@ def command(
     threads: Optional[int] = typer.Option(None, help="CPU threads per session (default: all usable CPUs)."),
     optimization: str = typer.Option("all", help="onnxruntime graph optimisation: disable, basic, extended, layout, all."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the accuracy-vs-latency PNG next to the profile."),
+    meter: Optional[str] = typer.Option(None, "--meter", help="Power meter for energy per stage: auto, none, "
+                                        "jetson-sysfs, tegrastats, jtop, nvml, rapl (default: no energy)."),
+    meter_period_ms: Optional[float] = typer.Option(None, "--meter-period-ms",
+                                                    help="Sampling period of a sampling meter (its default otherwise)."),
     json_out: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    from kdedge.profile.latency import STATS, format_table, profile_bundle
-
     batches = parse_batches(batch)
     if runs < 1:
         raise ValueError(f"--runs must be at least 1, got {runs}")
     if warmup < 0:
         raise ValueError(f"--warmup must be 0 or more, got {warmup}")
-    if json_out or quiet:
-        prof, path, png = profile_bundle(bundle, target=target, batches=batches, runs=runs, warmup=warmup,
-                                         threads=threads, optimization=optimization, plot=plot)
-    else:
-        from kdedge.cli.progress import make_progress
+    power_meter = None
+    if meter is not None:
+        import inspect
 
-        with make_progress() as bar:
-            task = bar.add_task("profile", total=len(batches) * (runs + warmup), info="")
+        from kdedge.profile.meters import METERS, create_meter
 
-            def tick(done: int, total: int, message: str) -> None:
-                bar.update(task, completed=done, info=message)
+        if meter_period_ms is not None and meter_period_ms <= 0:
+            raise ValueError(f"--meter-period-ms must be positive, got {meter_period_ms}")
+        takes_period = meter == "auto" or (meter in METERS
+                                           and "period_s" in inspect.signature(METERS[meter].__init__).parameters)
+        kwargs = {"period_s": meter_period_ms / 1e3} if meter_period_ms is not None and takes_period else {}
+        power_meter = create_meter(meter, **kwargs)
+    try:
+        prof, path, png = _measure(bundle, target, batches, runs, warmup, threads, optimization, plot,
+                                   json_out or quiet, power_meter)
+    finally:
+        if power_meter is not None:
+            power_meter.close()
+    _report(prof, path, png, plot, json_out)
 
-            prof, path, png = profile_bundle(bundle, target=target, batches=batches, runs=runs, warmup=warmup,
-                                             threads=threads, optimization=optimization, plot=plot, progress=tick)
+
+def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: int, threads: Optional[int],
+             optimization: str, plot: bool, silent: bool, meter: object) -> tuple:
+    from kdedge.profile.latency import profile_bundle
+
+    if silent:
+        return profile_bundle(bundle, target=target, batches=batches, runs=runs, warmup=warmup,
+                              threads=threads, optimization=optimization, plot=plot, meter=meter)
+    from kdedge.cli.progress import make_progress
+
+    with make_progress() as bar:
+        task = bar.add_task("profile", total=len(batches) * (runs + warmup), info="")
+
+        def tick(done: int, total: int, message: str) -> None:
+            bar.update(task, completed=done, info=message)
+
+        return profile_bundle(bundle, target=target, batches=batches, runs=runs, warmup=warmup,
+                                  threads=threads, optimization=optimization, plot=plot, progress=tick, meter=meter)
+
+
+def _report(prof: object, path: Path, png: Optional[Path], plot: bool, json_out: bool) -> None:
+    from kdedge.profile.latency import STATS, format_table
+
     if json_out:
         print_json({**prof.data, "path": str(path), "plot": None if png is None else str(png)})
         return
@@ -88,6 +125,19 @@ def command(
     for row in format_table(prof):
         t.add_row(row["graph"], str(row["batch"]), *[_ms(row[k]) for k in STATS])
     out.print(t)
+    energy = prof.energy
+    if energy is not None and energy.get("measured"):
+        e = Table(box=box.SIMPLE_HEAD, pad_edge=False,
+                  title=f"energy (mJ per inference, mean over windows of {energy['runs_per_window']} runs), "
+                        f"meter {energy['source']}")
+        for col in ("graph", "batch", "mJ"):
+            e.add_column(col, justify="left" if col == "graph" else "right", no_wrap=True)
+        for row in format_table(prof):
+            mj = prof.data["graphs"][row["graph"]][str(row["batch"])].get("energy_mj")
+            e.add_row(row["graph"], str(row["batch"]), "-" if mj is None else f"{mj['mean']:.4g}")
+        out.print(e)
+    elif energy is not None:
+        err.print(f"energy: {energy.get('note')}", highlight=False, soft_wrap=True)
     err.print(f"profile: {path}", highlight=False, soft_wrap=True)
     if png is not None:
         err.print(f"plot: {png}", highlight=False, soft_wrap=True)

@@ -193,7 +193,24 @@ class LatencyProfile:
             have = ", ".join(sorted(entry))
             raise ProfileError(f"{self.where()} has no {metric} measurements (it has {have}); "
                                f"measure them with kdedge profile")
+        if stat not in entry[metric]:
+            have = ", ".join(k for k in entry[metric] if k != "n")
+            raise ProfileError(f"{self.where()} has no {stat} of {metric} (it has {have}); energy is measured "
+                               "over windows of many runs, so only its mean per inference exists")
         return float(entry[metric][stat])
+
+    @property
+    def energy(self) -> dict[str, Any] | None:
+        """How energy was measured (``measured``, ``source``, ``period_s``, ``note``), or None
+        when the profile was made without a meter."""
+        e = self.data.get("energy")
+        return dict(e) if isinstance(e, dict) else None
+
+    @property
+    def has_energy(self) -> bool:
+        """Whether the profile holds measured energy per stage."""
+        e = self.energy
+        return bool(e and e.get("measured"))
 
     def to_json(self) -> str:
         return json.dumps(self.data, indent=2, allow_nan=False) + "\n"
@@ -295,7 +312,7 @@ Progress = Callable[[int, int, str], None]
 def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int] = (1,), runs: int = 200,
                     warmup: int = 20, threads: int | None = None, optimization: str = "all",
                     providers: Sequence[str] | None = None, progress: Progress | None = None,
-                    seed: int = 0) -> LatencyProfile:
+                    seed: int = 0, meter: Any | None = None) -> LatencyProfile:
     """Measure every stage (inside the runner's stage loop), every fused prefix and the full chain.
 
     Args:
@@ -309,6 +326,10 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
         progress: called as ``progress(done, total, message)`` after each round.
         seed: seed of the random input batch (the latency of these graphs does not depend on
             the values).
+        meter: a power meter (:mod:`kdedge.profile.meters`): after the latency rounds, each
+            graph's energy per inference is measured over windows of ``runs`` runs
+            (:func:`kdedge.profile.energy.measure_energy`) and stored as ``energy_mj``; the
+            ``none`` meter records that energy is not measured. None: no energy section.
 
     Returns:
         the :class:`LatencyProfile` (not yet written; see :func:`write_profile`).
@@ -348,6 +369,18 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
                 if progress is not None:
                     progress(done, total, f"batch {n}")
         graphs = {g: {str(n): {"latency_ms": summarize(v)} for n, v in per.items()} for g, per in samples.items()}
+        energy: dict[str, Any] | None = None
+        if meter is not None:
+            from kdedge.profile.energy import measure_energy
+
+            for n in batches:
+                x = rng.standard_normal((n, *runner.input_shape)).astype(np.float32)
+                info, per_graph = measure_energy(runner, x, runs, meter)
+                clamped = [f"{g}@{n}" for g in info["clamped"]]  # graph@batch
+                energy = {**info, "clamped": clamped} if energy is None else {**energy,
+                                                                              "clamped": energy["clamped"] + clamped}
+                for g, e in per_graph.items():
+                    graphs.setdefault(g, {}).setdefault(str(n), {})["energy_mj"] = e
         opts = runner.options
         data = {
             "format": FORMAT,
@@ -368,6 +401,8 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
             "batches": batches,
             "graphs": graphs,
         }
+        if energy is not None:
+            data["energy"] = energy
     return LatencyProfile(data)
 
 
@@ -461,7 +496,8 @@ def plot_accuracy_latency(bundle: Any, profile: LatencyProfile, path: str | Path
 def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: Sequence[int] = (1,), runs: int = 200,
                    warmup: int = 20, threads: int | None = None, optimization: str = "all",
                    providers: Sequence[str] | None = None, plot: bool = True,
-                   progress: Progress | None = None) -> tuple[LatencyProfile, Path, Path | None]:
+                   progress: Progress | None = None, meter: Any | None = None,
+                   ) -> tuple[LatencyProfile, Path, Path | None]:
     """Measure a bundle on this device and store the profile (and its PNG) in the bundle.
 
     Returns:
@@ -474,7 +510,7 @@ def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: S
 
     b = bundle if hasattr(bundle, "manifest") else open_bundle(bundle, targets=[target])
     prof = measure_profile(b, target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
-                           optimization=optimization, providers=providers, progress=progress)
+                           optimization=optimization, providers=providers, progress=progress, meter=meter)
     path = write_profile(b, prof)
     prof = LatencyProfile(prof.data, path)
     png = plot_accuracy_latency(b, prof, path.with_suffix(".png")) if plot else None
