@@ -19,7 +19,7 @@ $KD eval "$OUT/hne.kdedge"
 echo "== profile: latency of every stage and fused prefix on this machine (stored in the bundle)"
 $KD profile "$OUT/hne.kdedge" --runs 100 --quiet
 echo "== run under deadlines: a tight one stops early in the tree, a loose one reaches all 8 members"
-$KD run "$OUT/hne.kdedge" --data mnist5k --deadline-ms 0.1
+$KD run "$OUT/hne.kdedge" --data mnist5k --deadline-ms 0.1 --margin-ms 0.01
 $KD run "$OUT/hne.kdedge" --data mnist5k --deadline-ms 2
 echo "== run on images: the first test digits as a .npy batch, confidence policy"
 .venv/bin/python - "$OUT" <<'PY'
