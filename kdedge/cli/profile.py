@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -25,9 +25,15 @@ Examples:
 
   kdedge profile hne.kdedge --meter auto      # also energy per stage (mJ per inference)
 
+  sudo -E kdedge profile hne.kdedge --meter auto --power-mode 15W,25W,MAXN_SUPER
+
 With --meter, each graph's energy per inference is measured after the latency rounds over a
 window of --runs runs (energy of the window / runs) and stored as energy_mj, with the meter's
 name and sampling period; --meter none records that energy is not measured.
+
+With --power-mode (a Jetson; needs root), the bundle is profiled in each nvpmodel mode in turn
+and one profile per mode is stored (profiles/<device>-<mode>.json); your mode and clocks are
+restored afterwards, also on an error or Ctrl-C.
 """
 
 
@@ -61,6 +67,14 @@ def command(
                                         "jetson-sysfs, tegrastats, jtop, nvml, rapl (default: no energy)."),
     meter_period_ms: Optional[float] = typer.Option(None, "--meter-period-ms",
                                                     help="Sampling period of a sampling meter (its default otherwise)."),
+    power_mode: Optional[str] = typer.Option(None, "--power-mode", help="nvpmodel modes to profile in, comma-separated "
+                                             "(e.g. 15W,25W); one profile per mode."),
+    lock_clocks: bool = typer.Option(False, "--lock-clocks", help="Run jetson_clocks in each --power-mode."),
+    nvpmodel_exe: str = typer.Option("nvpmodel", "--nvpmodel-exe", hidden=True, envvar="KDEDGE_NVPMODEL"),
+    nvpmodel_conf: str = typer.Option("/etc/nvpmodel.conf", "--nvpmodel-conf", hidden=True,
+                                      envvar="KDEDGE_NVPMODEL_CONF"),
+    jetson_clocks_exe: str = typer.Option("jetson_clocks", "--jetson-clocks-exe", hidden=True,
+                                          envvar="KDEDGE_JETSON_CLOCKS"),
     json_out: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
@@ -81,32 +95,57 @@ def command(
                                            and "period_s" in inspect.signature(METERS[meter].__init__).parameters)
         kwargs = {"period_s": meter_period_ms / 1e3} if meter_period_ms is not None and takes_period else {}
         power_meter = create_meter(meter, **kwargs)
+    modes = None
+    if power_mode is not None:
+        modes = [m for m in power_mode.replace(" ", "").split(",") if m]
+        if not modes:
+            raise ValueError(f"--power-mode takes comma-separated nvpmodel mode names such as 15W,25W; got {power_mode!r}")
     try:
-        prof, path, png = _measure(bundle, target, batches, runs, warmup, threads, optimization, plot,
-                                   json_out or quiet, power_meter)
+        if modes is None:
+            results = [_measure(bundle, target, batches, runs, warmup, threads, optimization, plot,
+                                json_out or quiet, power_meter)]
+        else:
+            from kdedge.profile.modes import Nvpmodel
+
+            nv = Nvpmodel(conf=nvpmodel_conf, nvpmodel=nvpmodel_exe, jetson_clocks=jetson_clocks_exe or None)
+            results = _measure(bundle, target, batches, runs, warmup, threads, optimization, plot,
+                               json_out or quiet, power_meter, modes=modes, nvpmodel=nv, lock_clocks=lock_clocks)
     finally:
         if power_meter is not None:
             power_meter.close()
-    _report(prof, path, png, plot, json_out)
+    if json_out and modes is not None:
+        print_json([{**prof.data, "path": str(path), "plot": None if png is None else str(png)}
+                    for prof, path, png in results])
+        return
+    for prof, path, png in results:
+        _report(prof, path, png, plot, json_out)
 
 
 def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: int, threads: Optional[int],
-             optimization: str, plot: bool, silent: bool, meter: object) -> tuple:
-    from kdedge.profile.latency import profile_bundle
+             optimization: str, plot: bool, silent: bool, meter: object, modes: Optional[list[str]] = None,
+             nvpmodel: object = None, lock_clocks: bool = False) -> Any:
+    """One (profile, path, png) without ``modes``; a list of them, one per mode, with."""
+    from kdedge.profile.latency import profile_bundle, profile_power_modes
+
+    kw: dict[str, Any] = dict(target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
+                              optimization=optimization, plot=plot, meter=meter)
+
+    def go(progress: Any) -> Any:
+        if modes is None:
+            return profile_bundle(bundle, progress=progress, **kw)
+        return profile_power_modes(bundle, modes, nvpmodel=nvpmodel, lock_clocks=lock_clocks, progress=progress, **kw)
 
     if silent:
-        return profile_bundle(bundle, target=target, batches=batches, runs=runs, warmup=warmup,
-                              threads=threads, optimization=optimization, plot=plot, meter=meter)
+        return go(None)
     from kdedge.cli.progress import make_progress
 
     with make_progress() as bar:
-        task = bar.add_task("profile", total=len(batches) * (runs + warmup), info="")
+        task = bar.add_task("profile", total=len(batches) * (runs + warmup) * len(modes or [None]), info="")
 
         def tick(done: int, total: int, message: str) -> None:
-            bar.update(task, completed=done, info=message)
+            bar.update(task, completed=done, total=total, info=message)
 
-        return profile_bundle(bundle, target=target, batches=batches, runs=runs, warmup=warmup,
-                                  threads=threads, optimization=optimization, plot=plot, progress=tick, meter=meter)
+        return go(tick)
 
 
 def _report(prof: object, path: Path, png: Optional[Path], plot: bool, json_out: bool) -> None:

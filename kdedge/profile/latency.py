@@ -56,7 +56,7 @@ CHAIN = "chain"
 __all__ = [
     "CHAIN", "FORMAT", "ForeignProfileError", "LatencyProfile", "MissingProfileError", "ProfileError", "STATS",
     "StaleProfileError", "VERSION", "bundle_fingerprint", "check_profile", "current_key", "format_table",
-    "measure_profile", "plot_accuracy_latency", "profile_bundle", "profile_filename", "resolve_profile",
+    "measure_profile", "plot_accuracy_latency", "profile_bundle", "profile_power_modes", "profile_filename", "resolve_profile",
     "summarize", "write_profile",
 ]
 
@@ -118,11 +118,13 @@ def _device_id() -> str:
     return device_id()
 
 
-def current_key(threads: int) -> tuple[str, str, dict[str, Any]]:
-    """(device id, setting name, setting details) of this machine for ``threads`` CPU threads."""
+def current_key(threads: int, nvpmodel: Any | None = None) -> tuple[str, str, dict[str, Any]]:
+    """(device id, setting name, setting details) of this machine for ``threads`` CPU threads
+    (``nvpmodel``: the :class:`kdedge.profile.modes.Nvpmodel` to read the power mode from;
+    default: the system's, when it has one)."""
     from kdedge.profile.modes import current_setting
 
-    setting = current_setting(threads=threads)
+    setting = current_setting(threads=threads, nvpmodel=nvpmodel)
     return _device_id(), setting.name, setting.to_dict()
 
 
@@ -312,7 +314,7 @@ Progress = Callable[[int, int, str], None]
 def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int] = (1,), runs: int = 200,
                     warmup: int = 20, threads: int | None = None, optimization: str = "all",
                     providers: Sequence[str] | None = None, progress: Progress | None = None,
-                    seed: int = 0, meter: Any | None = None) -> LatencyProfile:
+                    seed: int = 0, meter: Any | None = None, nvpmodel: Any | None = None) -> LatencyProfile:
     """Measure every stage (inside the runner's stage loop), every fused prefix and the full chain.
 
     Args:
@@ -330,6 +332,7 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
             graph's energy per inference is measured over windows of ``runs`` runs
             (:func:`kdedge.profile.energy.measure_energy`) and stored as ``energy_mj``; the
             ``none`` meter records that energy is not measured. None: no energy section.
+        nvpmodel: where the setting (power mode) is read from (default: the system's).
 
     Returns:
         the :class:`LatencyProfile` (not yet written; see :func:`write_profile`).
@@ -346,7 +349,7 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
     with Runner(bundle, target=target, threads=threads, optimization=optimization, providers=providers,
                 profile=None, watchdog=False) as runner:
         b = runner.bundle
-        device, setting, detail = current_key(runner.threads)
+        device, setting, detail = current_key(runner.threads, nvpmodel)
         full = Full()
         fixed = [Fixed(j + 1, fused=True) for j in range(runner.num_prefixes)]
         samples: dict[str, dict[int, list[float]]] = {}
@@ -496,7 +499,7 @@ def plot_accuracy_latency(bundle: Any, profile: LatencyProfile, path: str | Path
 def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: Sequence[int] = (1,), runs: int = 200,
                    warmup: int = 20, threads: int | None = None, optimization: str = "all",
                    providers: Sequence[str] | None = None, plot: bool = True,
-                   progress: Progress | None = None, meter: Any | None = None,
+                   progress: Progress | None = None, meter: Any | None = None, nvpmodel: Any | None = None,
                    ) -> tuple[LatencyProfile, Path, Path | None]:
     """Measure a bundle on this device and store the profile (and its PNG) in the bundle.
 
@@ -510,8 +513,51 @@ def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: S
 
     b = bundle if hasattr(bundle, "manifest") else open_bundle(bundle, targets=[target])
     prof = measure_profile(b, target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
-                           optimization=optimization, providers=providers, progress=progress, meter=meter)
+                           optimization=optimization, providers=providers, progress=progress, meter=meter, nvpmodel=nvpmodel)
     path = write_profile(b, prof)
     prof = LatencyProfile(prof.data, path)
     png = plot_accuracy_latency(b, prof, path.with_suffix(".png")) if plot else None
     return prof, path, png
+
+
+def profile_power_modes(bundle: str | Path | Any, modes: Sequence[str], *, nvpmodel: Any | None = None,
+                        lock_clocks: bool = False, progress: Progress | None = None,
+                        **kwargs: Any) -> list[tuple[LatencyProfile, Path, Path | None]]:
+    """Profile the bundle in each nvpmodel power mode; one profile per mode
+    (``profiles/<device>-<mode>.json``). The user's mode (and clocks) are restored afterwards,
+    also on an error or Ctrl-C (:meth:`kdedge.profile.modes.Nvpmodel.sweep`).
+
+    Args:
+        bundle: a bundle path or an opened Bundle.
+        modes: mode names (or ids) of the board's nvpmodel.conf; all are checked before any
+            switch.
+        nvpmodel: the :class:`kdedge.profile.modes.Nvpmodel` (default: the system's).
+        lock_clocks: run ``jetson_clocks`` in each mode (stable clocks while measuring).
+        progress: called as ``progress(done, total, message)`` over all modes.
+        kwargs: passed to :func:`profile_bundle` (target, batches, runs, warmup, threads, meter...).
+
+    Returns:
+        (profile, path, PNG path or None) per mode, in the order given.
+
+    Example:
+        >>> profile_power_modes("hne.kdedge", ["15W", "25W"], meter=auto_meter())
+    """
+    from kdedge.profile.modes import Nvpmodel, slug
+    from kdedge.runtime.bundle import open_bundle
+
+    nv = nvpmodel if nvpmodel is not None else Nvpmodel()
+    target = kwargs.get("target", "onnx")
+    b = bundle if hasattr(bundle, "manifest") else open_bundle(bundle, targets=[target])
+    out: list[tuple[LatencyProfile, Path, Path | None]] = []
+    with nv.sweep(list(modes), lock_clocks=lock_clocks) as visit:
+        for i, mode in enumerate(visit):
+            def tick(done: int, total: int, message: str, i: int = i, name: str = mode.name) -> None:
+                if progress is not None:
+                    progress(i * total + done, len(modes) * total, f"{name} {message}")
+
+            prof, path, png = profile_bundle(b, progress=tick, nvpmodel=nv, **kwargs)
+            if prof.setting != slug(mode.name, lower=False):  # the switch did not take: do not mislabel
+                raise ProfileError(f"asked for power mode {mode.name} but the device reports {prof.setting}; "
+                                   f"the profile {path} was measured under {prof.setting}")
+            out.append((prof, path, png))
+    return out
