@@ -13,7 +13,9 @@ HELP = """Run a bundle's stages one by one on this device and stop when the budg
 a deadline per request (--deadline-ms, needs a latency profile from kdedge profile), a
 confidence threshold (--confidence), or a fixed number of stages (--stages, through the fused
 prefix graph when the bundle has one). With --deadline-ms --fused, the deepest fused prefix
-whose profiled latency fits the deadline runs instead (budget mode). Prints each prediction
+whose profiled latency fits the deadline runs instead (budget mode). --energy-mj keeps each
+request within an energy budget (the profile's mean energy per stage, from kdedge profile
+--meter; combinable with --deadline-ms and --confidence). Prints each prediction
 with the stage it came from and the time spent. Each batch of --batch inputs is one request.
 
 Examples:
@@ -29,17 +31,19 @@ Examples:
   kdedge run hne.kdedge --input batch.npy --stages 2
 
   kdedge run hne.kdedge --data mnist5k --deadline-ms 0.5
+
+  kdedge run hne.kdedge --input images/ --energy-mj 3      # needs kdedge profile --meter
 """
 
 
 def _policy(deadline_ms: Optional[float], confidence: Optional[float], stages: Optional[int], fused: Optional[bool],
-            margin_ms: float, stat: str, measure: str) -> Any:
+            margin_ms: float, stat: str, measure: str, energy_mj: Optional[float] = None) -> Any:
     from kdedge.runtime.policies import make_policy
 
     if confidence is not None and not 0.0 <= confidence <= 1.0:
         raise ValueError(f"--confidence is a probability threshold in [0, 1], got {confidence}")
     return make_policy(deadline_ms=deadline_ms, confidence=confidence, stages=stages, fused=fused,
-                       margin_ms=margin_ms, stat=stat, measure=measure)
+                       margin_ms=margin_ms, stat=stat, measure=measure, energy_mj=energy_mj)
 
 
 def _dataset(name: str, data_root: Optional[str], split: str, seed: int, limit: Optional[int], bundle: Any) -> tuple[Any, Any, str]:
@@ -98,6 +102,7 @@ def command(
     limit: Optional[int] = typer.Option(None, help="With --data: use at most this many samples."),
     seed: int = typer.Option(0, help="With --data: the data seed (the test split is the same for every seed)."),
     deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms", help="Latency budget per request in ms (uses the latency profile of this device)."),
+    energy_mj: Optional[float] = typer.Option(None, "--energy-mj", help="Energy budget per request in mJ (uses the profile's mean energy per stage, from kdedge profile --meter)."),
     margin_ms: float = typer.Option(0.1, "--margin-ms", help="Deadline safety margin in ms."),
     stat: str = typer.Option("p99", help="Profile statistic that predicts a stage's latency (p99, p95, median, max...)."),
     confidence: Optional[float] = typer.Option(None, help="Stop a sample once the combined max probability reaches this."),
@@ -120,11 +125,13 @@ def command(
         raise ValueError(f"--batch must be at least 1, got {batch}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
-    policy = _policy(deadline_ms, confidence, stages, fused, margin_ms, stat, measure)
+    policy = _policy(deadline_ms, confidence, stages, fused, margin_ms, stat, measure, energy_mj)
     with Runner(bundle, target=target, threads=threads, combine=combine,
                 profile=str(profile) if profile is not None else "auto") as runner:
         if getattr(policy, "needs_profile", False):
             runner.profile  # noqa: B018 - a missing/stale/foreign profile fails before any work
+            if energy_mj is not None:  # a profile without energy fails here too, not mid-run
+                runner.profile.stat(runner.bundle.stages[0].name, 1, "mean", "energy_mj")
         if data is not None:
             x, y, name = _dataset(data, data_root, split, seed, limit, runner.bundle)
             runner.warmup(sorted({min(batch, len(x)), len(x) % batch or batch}))

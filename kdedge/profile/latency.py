@@ -193,6 +193,14 @@ class LatencyProfile:
         entry = self._entry(graph, batch)
         if metric not in entry:
             have = ", ".join(sorted(entry))
+            if metric == "energy_mj":
+                e = self.energy
+                why = ("its meter measured nothing: " + str(e.get("note")) if e is not None
+                       else "it was made without --meter")
+                raise ProfileError(f"{self.where()} has no energy_mj measurements: no energy per stage ({why}); "
+                                   f"run `kdedge profile "
+                                   f"{self.data['bundle'].get('path', 'BUNDLE')} --meter auto` on a device with a "
+                                   "power meter (see docs/power.md)")
             raise ProfileError(f"{self.where()} has no {metric} measurements (it has {have}); "
                                f"measure them with kdedge profile")
         if stat not in entry[metric]:
@@ -269,14 +277,21 @@ def check_profile(profile: LatencyProfile, bundle: Any, target: str, device: str
                                 f"this bundle's (the bundle was re-exported since); {redo}")
 
 
-def resolve_profile(bundle: Any, arg: Any, target: str, threads: int) -> LatencyProfile:
+def resolve_profile(bundle: Any, arg: Any, target: str, threads: int, setting: str | None = None) -> LatencyProfile:
     """The profile a runner uses: ``arg`` is ``"auto"`` (the bundle's profile of this device and
     setting), a path, a :class:`LatencyProfile`, or None (none given).
+
+    Args:
+        setting: the setting (power mode) to use instead of reading the current one (a runner
+            that follows the power mode passes what its mode callable returned).
 
     Raises:
         MissingProfileError, ForeignProfileError, StaleProfileError.
     """
-    device, setting, _ = current_key(threads)
+    if setting is None:
+        device, setting, _ = current_key(threads)
+    else:
+        device = _device_id()
     how = f"run `kdedge profile {bundle.path} --target {target} --threads {threads}` first"
     if arg is None:
         raise MissingProfileError(f"this policy needs a latency profile and the runner has none; {how}")

@@ -38,7 +38,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 __all__ = [
-    "AllOf", "CONTINUE", "Confidence", "Context", "Deadline", "Decision", "Fixed", "Full", "Policy", "STOP",
+    "AllOf", "CONTINUE", "Confidence", "Context", "Deadline", "Decision", "Energy", "Fixed", "Full", "Policy", "STOP",
     "confidence_of", "make_policy",
 ]
 
@@ -276,6 +276,71 @@ class Deadline:
 MEASURES = ("max", "margin")
 
 
+class Energy:
+    """Go on only while the next stage's energy fits in the energy budget of the request.
+
+    Before stage k ≥ 1: continue if ``spent + energy(k) <= budget_mj``, where ``spent`` is the
+    profiled energy of stages 0..k-1 and ``energy(k)`` the profiled energy of stage k, both at
+    the active batch size, from the ``energy_mj`` of the latency profile of this device and
+    setting (``kdedge profile BUNDLE --meter auto``). The budget is per request (one runner
+    call; at batch 1, one inference), like the profile's energy.
+
+    Which statistic: the **mean** energy per inference. A power meter cannot resolve one stage
+    (it is sampled every few ms), so the profile measures energy over windows of many runs and
+    only the mean per inference exists; there is no p99 of energy to be conservative with. Use
+    ``margin_mj`` for headroom. ``spent`` is predicted from the profile, not metered live.
+
+    Stage 0 always runs: a budget below stage 0's energy still returns stage 0's answer.
+
+    Args:
+        budget_mj: the energy budget per request, in millijoules.
+        margin_mj: headroom kept free of the budget.
+        energies_mj: explicit per-stage energies instead of the profile (tests, simulations).
+
+    Raises:
+        ValueError: a budget that is not a positive number.
+        ProfileError: (at the first request) the profile has no energy; the message says how
+            to measure it.
+
+    Example:
+        >>> runner.run(x, policy=Energy(5.0))     # at most ~5 mJ per request
+    """
+
+    budget_ms: float | None = None
+
+    def __init__(self, budget_mj: float, margin_mj: float = 0.0,
+                 energies_mj: Sequence[float] | None = None) -> None:
+        if not (isinstance(budget_mj, (int, float)) and math.isfinite(budget_mj) and budget_mj > 0):
+            raise ValueError(f"the energy budget must be a positive number of millijoules, got {budget_mj!r}")
+        if not (isinstance(margin_mj, (int, float)) and math.isfinite(margin_mj) and margin_mj >= 0):
+            raise ValueError(f"the energy margin must be >= 0 mJ, got {margin_mj!r}")
+        self.budget_mj = float(budget_mj)
+        self.margin_mj = float(margin_mj)
+        self.energies_mj = None if energies_mj is None else tuple(float(v) for v in energies_mj)
+        self.needs_profile = self.energies_mj is None
+        self.name = f"energy-{self.budget_mj:g}mJ"
+
+    def energy(self, ctx: Context, k: int) -> float:
+        """The predicted energy (mJ) of stage ``k`` at the active batch size."""
+        if self.energies_mj is not None:
+            if len(self.energies_mj) != ctx.num_stages:
+                raise ValueError(f"{len(self.energies_mj)} energies given for {ctx.num_stages} stages")
+            return self.energies_mj[k]
+        return ctx.cost(f"stage{k}", "mean", "energy_mj")
+
+    def decide(self, ctx: Context) -> Decision:
+        if ctx.stage == 0:
+            self.energy(ctx, 0)  # a profile without energy is refused before anything runs
+            return CONTINUE
+        spent = sum(self.energy(ctx, k) for k in range(ctx.stage))
+        if spent + self.energy(ctx, ctx.stage) + self.margin_mj > self.budget_mj:
+            return STOP
+        return CONTINUE
+
+    def __repr__(self) -> str:
+        return f"Energy({self.budget_mj:g}" + (f", margin_mj={self.margin_mj:g})" if self.margin_mj else ")")
+
+
 def confidence_of(probs: np.ndarray, measure: str = "max") -> np.ndarray:
     """Per-sample confidence of probabilities [N, K]: the max probability, or the margin between
     the two largest (``margin``)."""
@@ -382,11 +447,12 @@ class AllOf:
 
 def make_policy(*, deadline_ms: float | None = None, confidence: float | Sequence[float] | None = None,
                 stages: int | None = None, fused: bool | None = None, margin_ms: float = 0.1, stat: str = "p99",
-                measure: str = "max") -> Any:
+                measure: str = "max", energy_mj: float | None = None) -> Any:
     """The policy for a set of command-line style options.
 
-    ``stages`` alone gives :class:`Fixed`; ``deadline_ms`` and/or ``confidence`` give
-    :class:`Deadline`, :class:`Confidence` or both (:class:`AllOf`); nothing gives :class:`Full`.
+    ``stages`` alone gives :class:`Fixed`; ``deadline_ms``, ``energy_mj`` and/or ``confidence``
+    give :class:`Deadline`, :class:`Energy`, :class:`Confidence` or several (:class:`AllOf`);
+    nothing gives :class:`Full`.
     ``fused`` (budget mode through fused prefixes) defaults to True for ``stages`` and False
     for a deadline.
 
@@ -394,16 +460,21 @@ def make_policy(*, deadline_ms: float | None = None, confidence: float | Sequenc
         ValueError: ``stages`` together with a deadline or a confidence threshold.
     """
     if stages is not None:
-        if deadline_ms is not None or confidence is not None:
-            raise ValueError("--stages fixes the stages in advance; it cannot be combined with --deadline-ms or "
-                             "--confidence (drop one)")
+        if deadline_ms is not None or confidence is not None or energy_mj is not None:
+            raise ValueError("--stages fixes the stages in advance; it cannot be combined with --deadline-ms, "
+                             "--energy-mj or --confidence (drop one)")
         return Fixed(stages, fused=True if fused is None else fused)
     chosen: list[Any] = []
     if deadline_ms is not None:
         if fused and confidence is not None:
             raise ValueError("--fused runs one fused graph chosen in advance; it cannot be combined with "
                              "--confidence, which decides per sample after each stage (drop one)")
+        if fused and energy_mj is not None:
+            raise ValueError("--fused runs one fused graph chosen by latency; it cannot be combined with "
+                             "--energy-mj, which budgets the stages one by one (drop one)")
         chosen.append(Deadline(deadline_ms, margin_ms=margin_ms, stat=stat, fused=bool(fused)))
+    if energy_mj is not None:
+        chosen.append(Energy(energy_mj))
     if confidence is not None:
         chosen.append(Confidence(confidence, measure=measure))
     if not chosen:

@@ -179,6 +179,13 @@ class Runner:
         watchdog: abort overrunning stages for policies that ask (a thread started on first use).
         check_inputs: validate every batch (shape, dtype, finite values).
         bind: use preallocated, bound buffers where the target supports them.
+        mode: a callable returning the current setting name (the nvpmodel power mode, e.g.
+            ``"15W"``), read at each request of a policy that needs a profile: when it changes,
+            that request and the next use the bundle's profile of the new mode
+            (``profiles/<device>-<mode>.json``; profiles are cached per mode). The mode is read
+            once per request, so a request keeps its profile to the end (in one thread; requests
+            in other threads switch the shared profile when they start).
+            None: the setting is read once, when the profile is first needed.
 
     Raises:
         BundleError: the bundle is missing, malformed, tampered with or too new.
@@ -190,7 +197,8 @@ class Runner:
                  policy: Policy | None = None, profile: Any = "auto",
                  session_factory: Callable[[Bundle, StageEntry, Any], Session] | None = None,
                  session_options: Any = None, clock: Callable[[], float] = time.perf_counter,
-                 watchdog: bool = True, check_inputs: bool = True, bind: bool = True) -> None:
+                 watchdog: bool = True, check_inputs: bool = True, bind: bool = True,
+                 mode: Callable[[], str] | None = None) -> None:
         if target == "auto":  # the first of the bundle's targets that runs on this device
             from kdedge.runtime.bundle import read_manifest
             from kdedge.targets import pick_target
@@ -243,6 +251,9 @@ class Runner:
         self._profile_arg = profile
         self._profile: Any = None
         self._cost_cache: dict[tuple[str, int, str, str], float] = {}
+        self._mode_fn = mode
+        self._mode_name: str | None = None
+        self._mode_profiles: dict[str, Any] = {}
         self._watchdog_enabled = watchdog
         self._watchdog: Watchdog | None = None
 
@@ -281,6 +292,9 @@ class Runner:
                 setting); the message says what to run.
         """
         if self._profile is None:
+            if self._mode_fn is not None:
+                self._follow_mode()
+                return self._profile
             from kdedge.profile.latency import resolve_profile
 
             with self._lock:
@@ -289,11 +303,35 @@ class Runner:
                                                     threads=self.threads)
         return self._profile
 
+    @property
+    def mode(self) -> str | None:
+        """The setting (power mode) whose profile is in use, when the runner follows the mode."""
+        return self._mode_name
+
+    def _follow_mode(self) -> None:
+        """Read the mode; on a change, switch to (and cache) that mode's profile."""
+        name = str(self._mode_fn())  # type: ignore[misc]
+        if name == self._mode_name and self._profile is not None:
+            return
+        from kdedge.profile.latency import resolve_profile
+
+        with self._lock:
+            prof = self._mode_profiles.get(name)
+            if prof is None:
+                prof = resolve_profile(self.bundle, self._profile_arg, target=self.target, threads=self.threads,
+                                       setting=name)
+                self._mode_profiles[name] = prof
+            self._profile = prof
+            self._cost_cache = {}
+            self._mode_name = name
+
     def reload_profile(self) -> None:
         """Forget the loaded profile (e.g. after the power mode changed); the next use reloads it."""
         with self._lock:
             self._profile = None
             self._cost_cache = {}
+            self._mode_profiles = {}
+            self._mode_name = None
 
     def _cost(self, graph: str, batch: int, stat: str, metric: str) -> float:
         key = (graph, batch, stat, metric)
@@ -423,6 +461,8 @@ class Runner:
         t0 = clock() if start is None else start
         policy = self.policy if policy is None else policy
         if getattr(policy, "needs_profile", False):
+            if self._mode_fn is not None:
+                self._follow_mode()  # this request uses the profile of the mode the device is in now
             self.profile  # noqa: B018 - load and check it before running anything
         if self._check_inputs:
             x = check_batch(x, self.input_shape)
