@@ -66,6 +66,7 @@ def test_one_profile_per_mode_and_mode_restored(toy: Path, tmp_path: Path, board
     assert [p.setting for p, _, _ in res] == ["15W", "MAXN_SUPER"]
     for prof, path, _ in res:
         assert path == dst / "profiles" / profile_filename(device, prof.setting) and path.is_file()
+        assert path.with_suffix(".csv").read_text().count(f",{prof.setting},") == 7
         data = json.loads(path.read_text())
         assert data["setting_detail"]["kind"] == "nvpmodel" and data["setting_detail"]["mode"]["name"] == prof.setting
         assert data["energy"]["measured"] is False

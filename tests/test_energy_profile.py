@@ -117,3 +117,28 @@ def test_cli_meter_none_and_unknown(toy: Path, tmp_path: Path) -> None:
     assert data["energy"]["measured"] is False
     res = cli.invoke(app, ["profile", str(dst), "--threads", "1", "--runs", "2", "--meter", "rapel", "--quiet"])
     assert res.exit_code != 0 and "unknown power meter 'rapel'" in res.output and "rapl" in res.output
+
+
+def test_csv_and_plots_per_mode(toy: Path, tmp_path: Path) -> None:
+    import csv
+
+    from kdedge.profile.latency import CSV_COLUMNS, STATS
+
+    dst = _copy(toy, tmp_path)
+    prof, path, png = profile_bundle(dst, batches=(1, 2), runs=3, warmup=0, threads=1, meter=FakeMeter(2.0))
+    rows = list(csv.DictReader(path.with_suffix(".csv").open()))
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 7 * 2
+    by = {(r["graph"], int(r["batch"])): r for r in rows}
+    for (g, n), r in by.items():
+        lat = prof.data["graphs"][g][str(n)]["latency_ms"]
+        assert [float(r[f"latency_ms_{k}"]) for k in STATS] == [lat[k] for k in STATS]
+        assert float(r["energy_mj_mean"]) == prof.stat(g, n, "mean", "energy_mj")
+        assert r["setting"] == prof.setting and r["energy_source"] == "fake" and float(r["energy_period_s"]) == 0.01
+    assert png == path.with_suffix(".png") and png.read_bytes()[:4] == b"\x89PNG"
+    assert path.with_name(path.stem + "-energy.png").read_bytes()[:4] == b"\x89PNG"
+    # without energy: empty energy cells, no energy plot
+    dst2 = _copy(toy, tmp_path / "b")
+    prof2, path2, _ = profile_bundle(dst2, batches=(1,), runs=1, warmup=0, threads=1, meter=NoneMeter("x"))
+    rows = list(csv.DictReader(path2.with_suffix(".csv").open()))
+    assert {r["energy_mj_mean"] for r in rows} == {""} and {r["energy_source"] for r in rows} == {"none"}
+    assert not path2.with_name(path2.stem + "-energy.png").exists()

@@ -12,7 +12,8 @@ from kdedge.cli.common import err, handle_errors, out, print_json
 HELP = """Measure the latency of every stage and fused prefix of a bundle on this device, after
 warm-up: min, mean, median, p90, p95, p99 and max at each batch size. The profile is written
 atomically into the bundle as profiles/<device>-<setting>.json (the setting includes the thread
-count), with a PNG of accuracy against latency per stage; the deadline policy of kdedge run
+count), with a CSV of the numbers and PNGs of accuracy against latency (and energy, with
+--meter) per stage; the deadline policy of kdedge run
 uses the profile that matches the device and setting it runs under.
 
 Examples:
@@ -178,6 +179,10 @@ def _report(prof: object, path: Path, png: Optional[Path], plot: bool, json_out:
     elif energy is not None:
         err.print(f"energy: {energy.get('note')}", highlight=False, soft_wrap=True)
     err.print(f"profile: {path}", highlight=False, soft_wrap=True)
+    err.print(f"csv: {Path(path).with_suffix('.csv')}", highlight=False, soft_wrap=True)
+    energy_png = Path(path).with_name(Path(path).stem + "-energy.png")
+    if png is not None and prof.has_energy and energy_png.is_file():
+        err.print(f"energy plot: {energy_png}", highlight=False, soft_wrap=True)
     if png is not None:
         err.print(f"plot: {png}", highlight=False, soft_wrap=True)
     elif plot:

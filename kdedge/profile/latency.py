@@ -56,8 +56,8 @@ CHAIN = "chain"
 __all__ = [
     "CHAIN", "FORMAT", "ForeignProfileError", "LatencyProfile", "MissingProfileError", "ProfileError", "STATS",
     "StaleProfileError", "VERSION", "bundle_fingerprint", "check_profile", "current_key", "format_table",
-    "measure_profile", "plot_accuracy_latency", "profile_bundle", "profile_power_modes", "profile_filename", "resolve_profile",
-    "summarize", "write_profile",
+    "measure_profile", "plot_accuracy_energy", "plot_accuracy_latency", "profile_bundle", "profile_csv",
+    "profile_filename", "profile_power_modes", "resolve_profile", "summarize", "write_profile", "write_reports",
 ]
 
 
@@ -469,6 +469,34 @@ def plot_accuracy_latency(bundle: Any, profile: LatencyProfile, path: str | Path
     The stage curve puts stage k at the sum of stages 0..k's ``stat`` latency; each fused prefix
     is a separate point. Returns None (and writes nothing) when matplotlib is not installed.
     """
+    return _plot_accuracy(bundle, profile, path, batch, stat, "latency_ms", "latency, {stat} at batch {n} (ms)")
+
+
+def plot_accuracy_energy(bundle: Any, profile: LatencyProfile, path: str | Path,
+                         batch: int | None = None) -> Path | None:
+    """A PNG of accuracy against energy per inference (mean, mJ) per stage and fused prefix.
+
+    The stage curve puts stage k at the sum of stages 0..k's mean energy. Returns None when
+    matplotlib is not installed.
+
+    Raises:
+        ProfileError: the profile has no energy.
+    """
+    return _plot_accuracy(bundle, profile, path, batch, "mean", "energy_mj",
+                          "energy per inference, mean at batch {n} (mJ)")
+
+
+def _plot_accuracy(bundle: Any, profile: LatencyProfile, path: str | Path, batch: int | None, stat: str,
+                   metric: str, xlabel: str) -> Path | None:
+    n = batch if batch is not None else profile.batches[0]
+    rule = bundle.combine_default
+    xs, ys = [], []
+    acc_total = 0.0
+    for e in bundle.stages:
+        acc_total += profile.stat(e.name, n, stat, metric)
+        xs.append(acc_total)
+        ys.append(100 * e.accuracy.get(rule, math.nan))
+    px = [profile.stat(p.name, n, stat, metric) for p in bundle.prefixes]
     try:
         import matplotlib
 
@@ -476,24 +504,15 @@ def plot_accuracy_latency(bundle: Any, profile: LatencyProfile, path: str | Path
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    n = batch if batch is not None else profile.batches[0]
-    rule = bundle.combine_default
-    xs, ys = [], []
-    acc_total = 0.0
-    for e in bundle.stages:
-        acc_total += profile.stat(e.name, n, stat)
-        xs.append(acc_total)
-        ys.append(100 * e.accuracy.get(rule, math.nan))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot(xs, ys, "o-", label=f"stages one by one ({rule})")
     for k, (a, b_) in enumerate(zip(xs, ys)):
         ax.annotate(f"{k}: {bundle.stages[k].members_total}m", (a, b_), textcoords="offset points", xytext=(4, -10),
                     fontsize=7)
     if bundle.prefixes:
-        px = [profile.stat(p.name, n, stat) for p in bundle.prefixes]
         py = [100 * p.accuracy.get(rule, math.nan) for p in bundle.prefixes]
         ax.plot(px, py, "s--", label="fused prefixes (budget mode)", alpha=0.8)
-    ax.set_xlabel(f"latency, {stat} at batch {n} (ms)")
+    ax.set_xlabel(xlabel.format(stat=stat, n=n))
     ax.set_ylabel(f"accuracy on {bundle.manifest['evaluation']['split']} (%)")
     ax.set_title(f"{bundle.family}: {profile.device} {profile.setting}", fontsize=9)
     ax.grid(alpha=0.3)
@@ -511,12 +530,59 @@ def plot_accuracy_latency(bundle: Any, profile: LatencyProfile, path: str | Path
     return out
 
 
+CSV_COLUMNS = ("device", "setting", "graph", "batch", *[f"latency_ms_{k}" for k in STATS], "latency_n",
+               "energy_mj_mean", "energy_n", "energy_source", "energy_period_s")
+
+
+def profile_csv(profile: LatencyProfile) -> str:
+    """The profile as CSV: one row per graph and batch, latency statistics and mean energy
+    (energy columns empty when not measured; ``energy_source`` says ``none`` then)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    e = profile.energy or {}
+    for row in format_table(profile):
+        mj = profile.data["graphs"][row["graph"]][str(row["batch"])].get("energy_mj")
+        w.writerow([profile.device, profile.setting, row["graph"], row["batch"], *[repr(row[k]) for k in STATS],
+                    row["n"], "" if mj is None else repr(mj["mean"]), "" if mj is None else mj["n"],
+                    e.get("source", ""), "" if e.get("period_s") is None else repr(e["period_s"])])
+    return buf.getvalue()
+
+
+def write_reports(bundle: Any, profile: LatencyProfile, path: str | Path, plot: bool = True) -> dict[str, Path]:
+    """Write the CSV (``<profile>.csv``) and, with ``plot``, the accuracy-vs-latency PNG
+    (``<profile>.png``) and, when the profile has energy, accuracy-vs-energy (``<profile>-energy.png``).
+
+    Returns:
+        the files written by kind: ``csv``, ``latency_png``, ``energy_png``.
+    """
+    path = Path(path)
+    out: dict[str, Path] = {}
+    text = profile_csv(profile)
+    csv_path = path.with_suffix(".csv")
+    _atomic_write(csv_path, lambda p: p.write_text(text, encoding="utf-8"))
+    out["csv"] = csv_path
+    if plot:
+        png = plot_accuracy_latency(bundle, profile, path.with_suffix(".png"))
+        if png is not None:
+            out["latency_png"] = png
+        if profile.has_energy:
+            png = plot_accuracy_energy(bundle, profile, path.with_name(path.stem + "-energy.png"))
+            if png is not None:
+                out["energy_png"] = png
+    return out
+
+
 def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: Sequence[int] = (1,), runs: int = 200,
                    warmup: int = 20, threads: int | None = None, optimization: str = "all",
                    providers: Sequence[str] | None = None, plot: bool = True,
                    progress: Progress | None = None, meter: Any | None = None, nvpmodel: Any | None = None,
                    ) -> tuple[LatencyProfile, Path, Path | None]:
-    """Measure a bundle on this device and store the profile (and its PNG) in the bundle.
+    """Measure a bundle on this device and store the profile in the bundle, with its CSV and PNGs
+    (:func:`write_reports`: ``<profile>.csv``, ``<profile>.png``, ``<profile>-energy.png``).
 
     Returns:
         (profile, profile path, PNG path or None).
@@ -531,8 +597,8 @@ def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: S
                            optimization=optimization, providers=providers, progress=progress, meter=meter, nvpmodel=nvpmodel)
     path = write_profile(b, prof)
     prof = LatencyProfile(prof.data, path)
-    png = plot_accuracy_latency(b, prof, path.with_suffix(".png")) if plot else None
-    return prof, path, png
+    reports = write_reports(b, prof, path, plot=plot)
+    return prof, path, reports.get("latency_png")
 
 
 def profile_power_modes(bundle: str | Path | Any, modes: Sequence[str], *, nvpmodel: Any | None = None,
