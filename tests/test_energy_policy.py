@@ -136,3 +136,30 @@ def test_runner_follows_the_power_mode(base, tmp_path: Path) -> None:
     with Runner(bundle, threads=1, mode=lambda: "7W") as r:
         with pytest.raises(ProfileError, match="no latency profile.*7W"):
             r.run(x[:1], pol)
+
+
+def test_cli_follow_power_mode(base, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_energy_power_modes import CONF, fake_tool
+
+    bundle0, data, x = base
+    bundle = tmp_path / "toy.kdedge"
+    shutil.copytree(bundle0, bundle)
+    np.save(tmp_path / "x.npy", x)
+    device = current_key(1)[0]
+    (bundle / "profiles" / profile_filename(device, "25W")).write_text(
+        json.dumps(synthetic(data, setting="25W", latency=[4.0, 12.0, 12.0])))
+    monkeypatch.setenv("FAKE_NVPMODEL_CONF", CONF)
+    monkeypatch.setenv("FAKE_NVPMODEL_STATE", str(tmp_path / "mode"))  # the conf's default: 25W
+    monkeypatch.setenv("FAKE_TOOL_LOG", str(tmp_path / "log"))
+    args = ["run", str(bundle), "--input", str(tmp_path / "x.npy"), "--threads", "1", "--json", "--deadline-ms", "10",
+            "--margin-ms", "0", "--follow-power-mode", "--nvpmodel-exe", fake_tool(tmp_path, "nvpmodel"),
+            "--nvpmodel-conf", CONF]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert {r["stage"] for r in json.loads(res.stdout)["results"]} == {0}  # the 25W profile, not this CPU's
+    assert (tmp_path / "log").read_text().splitlines().count("nvpmodel -q") == 1  # read once, not per request
+    (tmp_path / "mode").write_text("0")  # 15W: no profile for it
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0 and "15W" in res.output
+    res = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "nope.conf")])
+    assert res.exit_code != 0 and "needs a Jetson's nvpmodel configuration" in res.output

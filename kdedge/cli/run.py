@@ -46,6 +46,28 @@ def _policy(deadline_ms: Optional[float], confidence: Optional[float], stages: O
                        margin_ms=margin_ms, stat=stat, measure=measure, energy_mj=energy_mj)
 
 
+def _mode_follower(exe: str, conf: str, period_s: float = 1.0) -> Any:
+    """A mode callable for the runner: the nvpmodel mode's setting name, re-read at most every
+    ``period_s`` (``nvpmodel -q`` is a subprocess, too slow to run per request)."""
+    import time
+
+    from kdedge.profile.modes import Nvpmodel, slug
+
+    if not Path(conf).is_file():
+        raise ValueError(f"--follow-power-mode needs a Jetson's nvpmodel configuration; {conf} does not exist")
+    nv = Nvpmodel(conf=conf, nvpmodel=exe, jetson_clocks=None)
+    state: dict[str, Any] = {"t": -float("inf"), "name": None}
+
+    def mode() -> str:
+        now = time.monotonic()
+        if now - state["t"] >= period_s:
+            state["name"] = slug(nv.current_mode().name, lower=False)
+            state["t"] = now
+        return str(state["name"])
+
+    return mode
+
+
 def _dataset(name: str, data_root: Optional[str], split: str, seed: int, limit: Optional[int], bundle: Any) -> tuple[Any, Any, str]:
     """Raw images of a dataset split, preprocessed by the bundle's rule, and their labels (needs torch)."""
     import numpy as np
@@ -114,6 +136,9 @@ def command(
     target: str = typer.Option("onnx", help="Which of the bundle's targets to run."),
     combine: Optional[str] = typer.Option(None, help="Combine rule (default: the bundle's): mean_logits, mean_probs, last."),
     profile: Optional[Path] = typer.Option(None, help="A latency profile file to use instead of the bundle's own for this device."),
+    follow_power_mode: bool = typer.Option(False, "--follow-power-mode", help="On a Jetson: read the nvpmodel mode (at most once a second) and use that mode's profile; a mode change applies from the next request."),
+    nvpmodel_exe: str = typer.Option("nvpmodel", "--nvpmodel-exe", hidden=True, envvar="KDEDGE_NVPMODEL"),
+    nvpmodel_conf: str = typer.Option("/etc/nvpmodel.conf", "--nvpmodel-conf", hidden=True, envvar="KDEDGE_NVPMODEL_CONF"),
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     from kdedge.runtime import Runner
@@ -126,8 +151,9 @@ def command(
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
     policy = _policy(deadline_ms, confidence, stages, fused, margin_ms, stat, measure, energy_mj)
+    mode = _mode_follower(nvpmodel_exe, nvpmodel_conf) if follow_power_mode else None
     with Runner(bundle, target=target, threads=threads, combine=combine,
-                profile=str(profile) if profile is not None else "auto") as runner:
+                profile=str(profile) if profile is not None else "auto", mode=mode) as runner:
         if getattr(policy, "needs_profile", False):
             runner.profile  # noqa: B018 - a missing/stale/foreign profile fails before any work
             if energy_mj is not None:  # a profile without energy fails here too, not mid-run
