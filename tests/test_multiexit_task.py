@@ -202,11 +202,11 @@ def test_fit_trains_and_resumes_with_the_temperature(tmp_path: Path):
 def _rank_mean(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from kdedge.train.tasks.multiexit import _mean_over_ranks
+    from kdedge.train.task import mean_over_ranks
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        value = _mean_over_ranks(torch.tensor(0.2 + 0.6 * rank))  # ranks see 0.2 and 0.8
+        value = mean_over_ranks(torch.tensor(0.2 + 0.6 * rank))  # ranks see 0.2 and 0.8
         Path(out, f"rank{rank}.txt").write_text(repr(float(value)))
     finally:
         dist.destroy_process_group()

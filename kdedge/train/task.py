@@ -93,6 +93,18 @@ class Task:
         del state
 
 
+def mean_over_ranks(value: Tensor) -> Tensor:
+    """Average a scalar over DDP ranks (identity on one process), e.g. so that every rank
+    anneals a temperature identically."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP / compiled wrapper."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):  # type: ignore[union-attr]

@@ -32,8 +32,8 @@ Every function here is pure; the task (:mod:`kdedge.train.tasks.hne`) owns T.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from kdedge.train.losses.common import anneal_temperature, labelled_cross_entropy, soft_cross_entropy  # noqa: F401 (re-exported)
 
 IGNORE_INDEX = -100  # same value as kdedge.train.task.IGNORE_INDEX (no import: keep losses standalone)
 LOSSES = ("i", "s", "d", "hd")
@@ -70,34 +70,6 @@ def sub_ensembles(z: Tensor) -> Tensor:
     csum = z.cumsum(0)
     sizes = [2 ** b for b in range(B + 1)]
     return torch.stack([csum[s - 1] / s for s in sizes])
-
-
-def labelled_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """CE(y, softmax(logits)) averaged over labelled samples (``y != -100``); 0 if there are none.
-
-    The zero keeps the graph connected (every parameter gets a zero gradient), so DDP stays in
-    step when a batch holds only unlabelled samples.
-    """
-    labelled = (y != IGNORE_INDEX).sum()
-    total = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / labelled.clamp(min=1)
-
-
-def soft_cross_entropy(student: Tensor, teacher: Tensor, T: float) -> Tensor:
-    """ℓ^T = -T² Σ_k softmax(teacher/T)_k · log softmax(student/T)_k, averaged over the batch.
-
-    The teacher is detached. Its gradient w.r.t. the student logits is T·(softmax(student/T) −
-    softmax(teacher/T)).
-
-    Args:
-        student: logits [batch, K] (gets the gradient).
-        teacher: logits [batch, K] (treated as constant).
-        T: temperature > 0.
-    """
-    if not T > 0:
-        raise ValueError(f"temperature must be positive, got {T!r}")
-    target = torch.softmax(teacher.detach().float() / T, dim=-1)
-    return -(T * T) * (target * torch.log_softmax(student.float() / T, dim=-1)).sum(-1).mean()
 
 
 def independent_loss(z: Tensor, y: Tensor) -> Tensor:
@@ -196,16 +168,3 @@ def ensemble_confidence(z: Tensor, T: float) -> Tensor:
     """
     _check_members(z)
     return torch.softmax(z.detach().float().mean(0) / T, dim=-1).amax(-1).mean()
-
-
-def anneal_temperature(T: float, confidence: float, mu: float, factor: float = 1.05) -> float:
-    """Adaptive temperature annealing (multi-exit paper §3.4): T·factor if the teacher's
-    temperature-adjusted confidence exceeds μ, else T unchanged (T never decreases).
-
-    Example:
-        >>> anneal_temperature(2.0, 0.7, mu=0.5)
-        2.1
-    """
-    if not factor > 1.0:
-        raise ValueError(f"the annealing factor must be > 1, got {factor!r}")
-    return T * factor if confidence > mu else T

@@ -23,8 +23,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from kdedge.train.losses.common import anneal_temperature, labelled_cross_entropy, soft_cross_entropy  # noqa: F401 (re-exported)
 
 IGNORE_INDEX = -100  # same value as kdedge.train.task.IGNORE_INDEX (no import: keep losses standalone)
 TEACHER_CHOICES = ("last", "later")
@@ -80,17 +80,6 @@ def teacher_sets(teachers: TeacherSpec, num_exits: int) -> list[tuple[int, ...]]
     return out
 
 
-def labelled_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """CE(y, softmax(logits)) averaged over labelled samples (``y != -100``); 0 if there are none.
-
-    The zero keeps the graph connected (every parameter gets a zero gradient), so DDP stays in
-    step when a batch holds only unlabelled samples.
-    """
-    labelled = (y != IGNORE_INDEX).sum()
-    total = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / labelled.clamp(min=1)
-
-
 def exitwise_loss(logits: Sequence[Tensor], y: Tensor) -> Tensor:
     """Exit-wise loss, Eq. 7 (= L_cls, Eq. 5): 1/M Σ_m CE(y, p_m) over labelled samples.
 
@@ -105,21 +94,6 @@ def exitwise_loss(logits: Sequence[Tensor], y: Tensor) -> Tensor:
     if len(logits) == 0:
         raise ValueError("exitwise_loss needs at least one exit")
     return torch.stack([labelled_cross_entropy(z, y) for z in logits]).mean()
-
-
-def soft_cross_entropy(student: Tensor, teacher: Tensor, T: float) -> Tensor:
-    """Temperature-scaled cross-entropy ℓ^τ, Eq. 2, averaged over the batch:
-    -τ² Σ_k softmax(teacher/τ)_k · log softmax(student/τ)_k. The teacher is detached.
-
-    Args:
-        student: logits [N, K] (gets the gradient).
-        teacher: logits [N, K] (treated as constant).
-        T: the temperature τ > 0.
-    """
-    if not T > 0:
-        raise ValueError(f"temperature must be positive, got {T!r}")
-    target = torch.softmax(teacher.detach().float() / T, dim=-1)
-    return -(T * T) * (target * torch.log_softmax(student.float() / T, dim=-1)).sum(-1).mean()
 
 
 def distillation_loss(logits: Sequence[Tensor], teachers: Sequence[Sequence[int]], T: float) -> Tensor:
@@ -177,16 +151,3 @@ def teacher_confidence(logits: Sequence[Tensor], teachers: Sequence[Sequence[int
         return None
     probs = torch.stack([torch.softmax(logits[t].detach().float() / T, dim=-1) for t in union]).mean(0)
     return probs.max(dim=-1).values.mean()
-
-
-def anneal_temperature(T: float, confidence: float, mu: float, factor: float = 1.05) -> float:
-    """Adaptive temperature annealing, §3.4: τ·τ* if the teachers' temperature-adjusted
-    confidence exceeds μ, else τ unchanged (τ never decreases).
-
-    Example:
-        >>> anneal_temperature(1.0, 0.7, mu=0.5)
-        1.05
-    """
-    if not factor > 1.0:
-        raise ValueError(f"the annealing factor must be > 1, got {factor!r}")
-    return T * factor if confidence > mu else T

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kdedge.models.hne import HNE
 from kdedge.train.losses.hne import LOSSES, anneal_temperature, ensemble_confidence, hne_loss
-from kdedge.train.task import IGNORE_INDEX, Task, unwrap
+from kdedge.train.task import IGNORE_INDEX, Task, mean_over_ranks, unwrap
 
 __all__ = ["HNEConfig", "HNETask", "member_logits", "summarize", "complexity"]
 
@@ -93,7 +93,7 @@ class HNETask(Task):
         loss, ce, kd = hne_loss(z, y, self.cfg.loss, T, self.cfg.alpha)
         out = {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}
         if self.cfg.loss in ("d", "hd"):
-            conf = _mean_over_ranks(ensemble_confidence(z, T))
+            conf = mean_over_ranks(ensemble_confidence(z, T))
             out["teacher_conf"] = conf
             if self.cfg.anneal:
                 self.temperature = anneal_temperature(T, float(conf), self.cfg.mu, self.cfg.anneal_factor)
@@ -132,17 +132,6 @@ class HNETask(Task):
         self.check_model(inner)
         z, labels, shape = member_logits(inner, loader, device)
         return summarize(z, labels, self._stage_macs(inner, shape), inner.B)  # type: ignore[arg-type]
-
-
-def _mean_over_ranks(value: Tensor) -> Tensor:
-    """Average a scalar over DDP ranks, so every rank anneals the temperature identically."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
 
 
 @torch.no_grad()

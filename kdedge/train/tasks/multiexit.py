@@ -33,7 +33,7 @@ from kdedge.train.losses.multiexit import (
     teacher_confidence,
     teacher_sets,
 )
-from kdedge.train.task import IGNORE_INDEX, Task, unwrap
+from kdedge.train.task import IGNORE_INDEX, Task, mean_over_ranks, unwrap
 
 LOSSES = ("exitwise", "distill")
 
@@ -125,7 +125,7 @@ class MultiExitTask(Task):
                   "temperature": torch.tensor(T)}
         conf = teacher_confidence(logits, teachers, T)
         if conf is not None:
-            conf = _mean_over_ranks(conf)
+            conf = mean_over_ranks(conf)
             result["teacher_conf"] = conf
             if self.cfg.anneal:
                 self.temperature = anneal_temperature(T, float(conf), self.cfg.mu, self.cfg.tau_factor)
@@ -196,17 +196,6 @@ class MultiExitTask(Task):
         """Test metrics plus budget mode and early-exit curves fitted on validation."""
         found = self.evaluate_modes(model, val_loader, test_loader, device)
         return {**found["test"], "modes": {k: found[k] for k in ("val_per_exit", "budget", "early_exit")}}
-
-
-def _mean_over_ranks(value: Tensor) -> Tensor:
-    """Average a scalar over DDP ranks, so every rank anneals the temperature identically."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
 
 
 @torch.no_grad()
