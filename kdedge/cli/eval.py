@@ -127,7 +127,9 @@ def _eval_bundle(path: Path, data: Optional[str], data_root: Optional[str], spli
 def _print(result: dict[str, Any]) -> None:
     from rich.table import Table
 
-    head = f"{result.get('method', result.get('family', ''))} on {result.get('data')} [{result.get('split')}]"
+    from rich.markup import escape
+
+    head = escape(f"{result.get('method', result.get('family', ''))} on {result.get('data')} [{result.get('split')}]")
     out.print(f"[bold]{head}[/]: accuracy {100 * result['accuracy']:.2f}% (n={result.get('n', '?')})", highlight=False)
     stages = result.get("stages")
     if stages:
