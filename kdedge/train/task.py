@@ -11,6 +11,7 @@ modules are imported lazily.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -91,6 +92,23 @@ class Task:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state
+
+
+class TemperatureState:
+    """Mixin for tasks whose distillation temperature is annealed during training: the
+    temperature is part of the task's state, saved in checkpoints and restored on resume."""
+
+    temperature: float
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "temperature" in state:
+            t = float(state["temperature"])
+            if not (t > 0 and math.isfinite(t)):
+                raise ValueError(f"checkpoint holds an invalid temperature {state['temperature']!r}")
+            self.temperature = t
 
 
 def mean_over_ranks(value: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kdedge.models.hne import HNE
 from kdedge.train.losses.hne import LOSSES, anneal_temperature, ensemble_confidence, hne_loss
-from kdedge.train.task import IGNORE_INDEX, Task, mean_over_ranks, unwrap
+from kdedge.train.task import IGNORE_INDEX, Task, TemperatureState, mean_over_ranks, unwrap
 
 __all__ = ["HNEConfig", "HNETask", "member_logits", "summarize", "complexity"]
 
@@ -63,7 +63,7 @@ class HNEConfig:
             raise ValueError(f"loss.anneal_factor must be > 1 (the temperature only grows), got {self.anneal_factor!r}")
 
 
-class HNETask(Task):
+class HNETask(TemperatureState, Task):
     """Train an ``hne`` model with L_I, L_S, L_D or L_HD; evaluate it as an anytime ensemble."""
 
     name = "hne"
@@ -101,16 +101,6 @@ class HNETask(Task):
 
     def log_values(self) -> dict[str, float]:
         return {"temperature": self.temperature} if self.cfg.loss in ("d", "hd") else {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"temperature": self.temperature}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "temperature" in state:
-            t = float(state["temperature"])
-            if not (t > 0 and math.isfinite(t)):
-                raise ValueError(f"checkpoint holds an invalid temperature {state['temperature']!r}")
-            self.temperature = t
 
     # -- evaluation -----------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from kdedge.train.losses.multiexit import (
     teacher_confidence,
     teacher_sets,
 )
-from kdedge.train.task import IGNORE_INDEX, Task, mean_over_ranks, unwrap
+from kdedge.train.task import IGNORE_INDEX, Task, TemperatureState, mean_over_ranks, unwrap
 
 LOSSES = ("exitwise", "distill")
 
@@ -78,7 +78,7 @@ class MultiExitConfig:
                              f"got {self.teachers!r}")
 
 
-class MultiExitTask(Task):
+class MultiExitTask(TemperatureState, Task):
     """Exit-wise or distillation-based training of an ``msdnet`` / ``multiexit`` model."""
 
     name = "multiexit"
@@ -133,16 +133,6 @@ class MultiExitTask(Task):
 
     def log_values(self) -> dict[str, float]:
         return {"temperature": self.temperature} if self.cfg.loss == "distill" else {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"temperature": self.temperature}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "temperature" in state:
-            t = float(state["temperature"])
-            if not (t > 0 and math.isfinite(t)):
-                raise ValueError(f"checkpoint holds an invalid temperature {state['temperature']!r}")
-            self.temperature = t
 
     # -- evaluation -----------------------------------------------------------------------------
     def _cumulative_macs(self, model: nn.Module, stages: Sequence[nn.Module], input_shape: tuple[int, ...]) -> list[int]:
