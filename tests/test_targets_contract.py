@@ -205,3 +205,121 @@ def test_torch_cuda_graphs_match_eager(multi: Path) -> None:
             a, g = eager.run({"input": xv[:8]}), graphed.run({"input": xv[:8]})
             for k in a:
                 np.testing.assert_allclose(g[k], a[k], atol=1e-5)
+
+
+# -- run options: device, CUDA graphs, and the profile key -------------------------------------
+
+
+def test_run_key_names_the_target_device_and_cuda_graphs(multi: Path) -> None:
+    from kdedge.runtime.sessions import default_threads
+
+    with Runner(multi, target="onnx") as r:
+        assert r.run_key == ""  # onnxruntime on the CPU: the profile file keeps its short name
+    with Runner(multi, target="torch") as r:
+        assert r.run_key == "torch-cpu"
+        assert r.options == {"device": "cpu", "threads": default_threads()}  # explicit, so the key is true
+    with Runner(multi, target="torch", threads=1, device="cpu") as r:
+        assert r.options["threads"] == 1 and r.threads == 1
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"target": "torch", "cuda_graphs": True}, "CUDA graphs need a CUDA device, not 'cpu'"),
+    ({"target": "onnx", "cuda_graphs": True}, "target 'onnx' does not use CUDA graphs"),
+    ({"target": "onnx", "device": "cuda:1"}, "takes no device index"),
+    ({"target": "torch", "device": "npu"}, "target 'torch' does not run on device 'npu'"),
+])
+def test_run_requests_a_target_cannot_honour_are_refused(multi: Path, kw: dict[str, Any], msg: str) -> None:
+    with pytest.raises(TargetError, match=msg):
+        Runner(multi, **kw)
+
+
+def test_cuda_runs_without_a_cuda_runtime_say_what_is_missing(multi: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ValueError, match="CUDAExecutionProvider.*not available here"):
+            Runner(multi, target="onnx", device="cuda")
+    if not _cuda():
+        with pytest.raises(TargetError, match="torch sees no CUDA device"):
+            Runner(multi, target="torch", device="cuda")
+
+
+def test_profiles_are_kept_per_run_key(multi: Path, tmp_path: Path) -> None:
+    import json
+
+    from kdedge.profile.latency import ForeignProfileError, MissingProfileError, current_key, profile_bundle
+    from kdedge.profile.latency import profile_filename
+
+    copy = tmp_path / "p.kdedge"
+    shutil.copytree(multi, copy)
+    kw: dict[str, Any] = dict(batches=(1,), runs=3, warmup=1, threads=1, plot=False)
+    p_onnx, path_onnx, _ = profile_bundle(copy, target="onnx", **kw)
+    with Runner(copy, target="torch", threads=1) as r:  # the onnx profile is not the torch run's
+        with pytest.raises(MissingProfileError, match="run as torch-cpu.*--target torch --device cpu"):
+            r.profile  # noqa: B018
+    p_torch, path_torch, _ = profile_bundle(copy, target="torch", **kw)
+    device, setting, _ = current_key(1)
+    assert path_onnx.name == profile_filename(device, setting)
+    assert path_torch.name == f"{device}-{setting}-torch-cpu.json" and path_onnx.is_file()
+    assert (p_onnx.run_key, p_torch.run_key) == ("", "torch-cpu")
+    assert p_torch.data["options"] == {"device": "cpu", "threads": 1}
+    with Runner(copy, target="torch", threads=1) as r:
+        assert r.profile.path == path_torch
+    with Runner(copy, target="onnx", threads=1) as r:
+        assert r.profile.path == path_onnx
+    # a profile measured with CUDA graphs on the GPU is refused for a CPU run, with the flags to re-measure
+    data = json.loads(path_torch.read_text())
+    other = tmp_path / "cuda.json"
+    other.write_text(json.dumps({**data, "run_key": "torch-cuda1-cudagraphs"}))
+    with Runner(copy, target="torch", threads=1, profile=str(other)) as r:
+        with pytest.raises(ForeignProfileError, match="measured as 'torch-cuda1-cudagraphs'.*runs 'torch-cpu'.*"
+                                                      "--target torch --device cpu"):
+            r.profile  # noqa: B018
+    # a profile from before run keys existed reads as onnxruntime on the CPU
+    legacy = {k: v for k, v in json.loads(path_onnx.read_text()).items() if k != "run_key"}
+    path_onnx.write_text(json.dumps(legacy))
+    with Runner(copy, target="onnx", threads=1) as r:
+        assert r.profile.run_key == ""
+
+
+def test_cli_profile_and_run_take_the_target_and_its_device(multi: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kdedge.cli.main import app
+
+    copy = tmp_path / "c.kdedge"
+    shutil.copytree(multi, copy)
+    _, _, xv, _, _ = digits()
+    np.save(tmp_path / "x.npy", xv[:4])
+    cli = CliRunner()
+    res = cli.invoke(app, ["profile", str(copy), "--target", "torch", "--device", "cpu", "--threads", "1", "--runs",
+                           "3", "--warmup", "1", "--no-plot", "--json"])
+    assert res.exit_code == 0, res.output
+    assert '"run_key": "torch-cpu"' in res.output
+    res = cli.invoke(app, ["run", str(copy), "--target", "torch", "--threads", "1", "--input", str(tmp_path / "x.npy"),
+                           "--deadline-ms", "1000", "--json"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count('"budget_met": true') == 4
+    res = cli.invoke(app, ["run", str(copy), "--target", "torch", "--cuda-graphs", "--input",
+                           str(tmp_path / "x.npy")])
+    assert res.exit_code == 2
+    assert "CUDA graphs need a CUDA device" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.cuda
+def test_torch_cuda_profile_and_deadline_run(multi: Path, tmp_path: Path) -> None:
+    if not _cuda():
+        pytest.skip("torch sees no CUDA device here (run on the GPU machine)")
+    from kdedge.profile.latency import profile_bundle
+
+    copy = tmp_path / "g.kdedge"
+    shutil.copytree(multi, copy)
+    _, _, xv, _, _ = digits()
+    for graphs in (False, True):
+        prof, path, _ = profile_bundle(copy, target="torch", device="cuda", cuda_graphs=graphs, batches=(1, 8),
+                                       runs=20, warmup=5, plot=False)
+        assert prof.run_key == "torch-cuda" + ("-cudagraphs" if graphs else "")
+        with Runner(copy, target="torch", device="cuda", cuda_graphs=graphs) as r:
+            assert r.profile.path == path
+            res = r.run(xv[:8], make_policy(deadline_ms=1000.0))
+            assert res.stage.min() == r.num_stages - 1

@@ -11,8 +11,9 @@ from kdedge.cli.common import err, handle_errors, out, print_json
 
 HELP = """Measure the latency of every stage and fused prefix of a bundle on this device, after
 warm-up: min, mean, median, p90, p95, p99 and max at each batch size. The profile is written
-atomically into the bundle as profiles/<device>-<setting>.json (the setting includes the thread
-count), with a CSV of the numbers and PNGs of accuracy against latency (and energy, with
+atomically into the bundle as profiles/<device>-<setting>[-<target>-<device>].json (the setting
+includes the thread count; targets other than onnxruntime on the CPU add the run key, e.g.
+torch-cuda-cudagraphs), with a CSV of the numbers and PNGs of accuracy against latency (and energy, with
 --meter) per stage; the deadline policy of kdedge run
 uses the profile that matches the device and setting it runs under.
 
@@ -23,6 +24,8 @@ Examples:
   kdedge profile hne.kdedge --batch 1,32 --runs 500 --threads 2
 
   kdedge profile hne.kdedge --json
+
+  kdedge profile hne.kdedge --target torch --device cuda --cuda-graphs --batch 1,32
 
   kdedge profile hne.kdedge --meter auto      # also energy per stage (mJ per inference)
 
@@ -57,7 +60,10 @@ def _ms(v: float) -> str:
 @handle_errors
 def command(
     bundle: Path = typer.Argument(..., help="A bundle directory (from kdedge export)."),
-    target: str = typer.Option("onnx", help="Which of the bundle's targets to measure."),
+    target: str = typer.Option("onnx", help="Which of the bundle's targets to measure (auto: the fastest that runs here)."),
+    device: Optional[str] = typer.Option(None, help="Where the target's sessions run: cpu, cuda, cuda:N (torch), "
+                                         "CoreML compute units (default: the device its files were compiled for)."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Capture and replay CUDA graphs (torch, tensorrt)."),
     batch: str = typer.Option("1", "--batch", help="Batch sizes, comma-separated (e.g. 1,32)."),
     runs: int = typer.Option(200, help="Timed rounds per batch size (each runs the chain and every prefix once)."),
     warmup: int = typer.Option(20, help="Untimed rounds first."),
@@ -104,13 +110,14 @@ def command(
     try:
         if modes is None:
             results = [_measure(bundle, target, batches, runs, warmup, threads, optimization, plot,
-                                json_out or quiet, power_meter)]
+                                json_out or quiet, power_meter, device=device, cuda_graphs=cuda_graphs)]
         else:
             from kdedge.profile.modes import Nvpmodel
 
             nv = Nvpmodel(conf=nvpmodel_conf, nvpmodel=nvpmodel_exe, jetson_clocks=jetson_clocks_exe or None)
             results = _measure(bundle, target, batches, runs, warmup, threads, optimization, plot,
-                               json_out or quiet, power_meter, modes=modes, nvpmodel=nv, lock_clocks=lock_clocks)
+                               json_out or quiet, power_meter, modes=modes, nvpmodel=nv, lock_clocks=lock_clocks,
+                               device=device, cuda_graphs=cuda_graphs)
     finally:
         if power_meter is not None:
             power_meter.close()
@@ -124,12 +131,14 @@ def command(
 
 def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: int, threads: Optional[int],
              optimization: str, plot: bool, silent: bool, meter: object, modes: Optional[list[str]] = None,
-             nvpmodel: object = None, lock_clocks: bool = False) -> Any:
+             nvpmodel: object = None, lock_clocks: bool = False, device: Optional[str] = None,
+             cuda_graphs: bool = False) -> Any:
     """One (profile, path, png) without ``modes``; a list of them, one per mode, with."""
     from kdedge.profile.latency import profile_bundle, profile_power_modes
 
     kw: dict[str, Any] = dict(target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
-                              optimization=optimization, plot=plot, meter=meter)
+                              optimization=optimization, plot=plot, meter=meter, device=device,
+                              cuda_graphs=cuda_graphs)
 
     def go(progress: Any) -> Any:
         if modes is None:

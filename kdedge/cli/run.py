@@ -33,6 +33,8 @@ Examples:
   kdedge run hne.kdedge --data mnist5k --deadline-ms 0.5
 
   kdedge run hne.kdedge --input images/ --energy-mj 3      # needs kdedge profile --meter
+
+  kdedge run hne.kdedge --target torch --device cuda --cuda-graphs --input batch.npy --deadline-ms 1
 """
 
 
@@ -133,7 +135,12 @@ def command(
     fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Budget mode: run one fused prefix graph chosen in advance when the bundle has them (default: on with --stages, off with --deadline-ms)."),
     batch: int = typer.Option(1, help="Inputs per request (per runner call)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads per session (default: all usable CPUs); part of the profile's key."),
-    target: str = typer.Option("onnx", help="Which of the bundle's targets to run."),
+    target: str = typer.Option("onnx", help="Which of the bundle's targets to run (auto: the fastest that runs here)."),
+    device: Optional[str] = typer.Option(None, help="Where the target's sessions run: cpu, cuda, cuda:N (torch), "
+                                         "CoreML compute units (default: the device its files were compiled for); "
+                                         "part of the profile's key."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Capture and replay CUDA graphs (torch, tensorrt "
+                                     "on a CUDA device); part of the profile's key."),
     combine: Optional[str] = typer.Option(None, help="Combine rule (default: the bundle's): mean_logits, mean_probs, last."),
     profile: Optional[Path] = typer.Option(None, help="A latency profile file to use instead of the bundle's own for this device."),
     follow_power_mode: bool = typer.Option(False, "--follow-power-mode", help="On a Jetson: read the nvpmodel mode (at most once a second) and use that mode's profile; a mode change applies from the next request."),
@@ -153,7 +160,8 @@ def command(
     policy = _policy(deadline_ms, confidence, stages, fused, margin_ms, stat, measure, energy_mj)
     mode = _mode_follower(nvpmodel_exe, nvpmodel_conf) if follow_power_mode else None
     with Runner(bundle, target=target, threads=threads, combine=combine,
-                profile=str(profile) if profile is not None else "auto", mode=mode) as runner:
+                profile=str(profile) if profile is not None else "auto", mode=mode, device=device,
+                cuda_graphs=cuda_graphs) as runner:
         if getattr(policy, "needs_profile", False):
             runner.profile  # noqa: B018 - a missing/stale/foreign profile fails before any work
             if energy_mj is not None:  # a profile without energy fails here too, not mid-run

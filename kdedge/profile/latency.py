@@ -1,10 +1,14 @@
 """Latency profiles: measure every stage and fused prefix of a bundle on this device, store the
 statistics in the bundle, and hand the matching profile to the deadline policy.
 
-A profile is ``BUNDLE/profiles/<device>-<setting>.json`` (written atomically), keyed by
-:func:`kdedge.profile.modes.device_id` and the setting name of
+A profile is ``BUNDLE/profiles/<device>-<setting>[-<run key>].json`` (written atomically),
+keyed by :func:`kdedge.profile.modes.device_id`, the setting name of
 :func:`kdedge.profile.modes.current_setting` (``cpu-2t-performance``; the nvpmodel mode on a
-Jetson). Profiles are not among the bundle's checksummed files, so adding one never breaks
+Jetson) and the runner's *run key*: which target's files ran where
+(:meth:`kdedge.targets.base.Target.run_key`: ``torch-cuda``, ``torch-cuda-cudagraphs``,
+``tensorrt-cuda``; empty for onnxruntime on the CPU, so the key of a CPU profile is the
+device and setting only). A CPU profile is therefore never used for a CUDA run, nor a
+profile without CUDA graphs for a run with them. Profiles are not among the bundle's checksummed files, so adding one never breaks
 ``open_bundle``'s verification; instead each profile records a *fingerprint* of the stage files
 it measured (their sha256 from the manifest), and a profile whose fingerprint differs from the
 bundle's is refused as stale.
@@ -18,7 +22,7 @@ end-to-end time of a full runner call. Rounds interleave the graphs so that drif
 Profile JSON (version 1)::
 
     {"format": "kdedge-profile", "version": 1, "device": "...", "setting": "cpu-2t",
-     "setting_detail": {...}, "target": "onnx", "threads": 2, "options": {...},
+     "setting_detail": {...}, "target": "onnx", "run_key": "", "threads": 2, "options": {...},
      "bundle": {"fingerprint": "...", "family": "hne", "path": "..."},
      "created": "...", "versions": {...}, "runs": 200, "warmup": 20, "batches": [1, 32],
      "graphs": {"stage0": {"1": {"latency_ms": {"min": ..., ..., "n": 200}}, "32": {...}}, ...}}
@@ -107,8 +111,9 @@ def bundle_fingerprint(bundle: Any, target: str) -> str:
     return h.hexdigest()
 
 
-def profile_filename(device: str, setting: str) -> str:
-    return f"{device}-{setting}.json"
+def profile_filename(device: str, setting: str, key: str = "") -> str:
+    """``<device>-<setting>.json``, or ``<device>-<setting>-<key>.json`` for a non-empty run key."""
+    return f"{device}-{setting}" + (f"-{key}" if key else "") + ".json"
 
 
 @lru_cache(maxsize=1)
@@ -148,6 +153,16 @@ class LatencyProfile:
         return str(self.data["target"])
 
     @property
+    def run_key(self) -> str:
+        """Target and run device (``torch-cuda``); empty for onnxruntime on the CPU. Profiles
+        written before run keys existed hold none: they were onnxruntime CPU profiles unless
+        their target says otherwise (then they match no runner and are refused)."""
+        key = self.data.get("run_key")
+        if key is None:
+            return "" if self.target == "onnx" else f"{self.target}-?"
+        return str(key)
+
+    @property
     def threads(self) -> int:
         return int(self.data["threads"])
 
@@ -164,7 +179,9 @@ class LatencyProfile:
         return list(self.data["graphs"])
 
     def where(self) -> str:
-        return str(self.path) if self.path is not None else f"profile {self.device}-{self.setting}"
+        if self.path is not None:
+            return str(self.path)
+        return f"profile {Path(profile_filename(self.device, self.setting, self.run_key)).stem}"
 
     def _entry(self, graph: str, batch: int) -> dict[str, Any]:
         g = self.data["graphs"].get(graph)
@@ -255,16 +272,21 @@ class LatencyProfile:
         return cls(data, path)
 
 
-def check_profile(profile: LatencyProfile, bundle: Any, target: str, device: str, setting: str) -> None:
-    """Refuse a profile of another target, device or setting, or of other stage files.
+def check_profile(profile: LatencyProfile, bundle: Any, target: str, device: str, setting: str,
+                  key: str = "") -> None:
+    """Refuse a profile of another target, run key (run device, CUDA graphs), device or
+    setting, or of other stage files.
 
     Raises:
         ForeignProfileError, StaleProfileError: with the command that makes a usable one.
     """
-    redo = f"run `kdedge profile {bundle.path} --target {target} --threads <N>` on this device"
+    redo = f"run `kdedge profile {bundle.path} --target {target}{_run_flags(key)} --threads <N>` on this device"
     if profile.target != target:
         raise ForeignProfileError(f"{profile.where()} was measured for target {profile.target!r}, the runner "
                                   f"runs {target!r}; {redo}")
+    if profile.run_key != key:
+        raise ForeignProfileError(f"{profile.where()} was measured as {profile.run_key or 'onnx-cpu'!r} (target, "
+                                  f"device, CUDA graphs), the runner runs {key or 'onnx-cpu'!r}; {redo}")
     if profile.device != device:
         raise ForeignProfileError(f"{profile.where()} was measured on device {profile.device!r}, this is "
                                   f"{device!r}: another device's latencies would mislead the deadline policy; {redo}")
@@ -277,13 +299,27 @@ def check_profile(profile: LatencyProfile, bundle: Any, target: str, device: str
                                 f"this bundle's (the bundle was re-exported since); {redo}")
 
 
-def resolve_profile(bundle: Any, arg: Any, target: str, threads: int, setting: str | None = None) -> LatencyProfile:
+def _run_flags(key: str) -> str:
+    """The ``kdedge profile`` flags that reproduce a run key (``torch-cuda-cudagraphs`` ->
+    `` --device cuda --cuda-graphs``)."""
+    if not key:
+        return ""
+    parts = key.split("-")[1:]
+    graphs = parts[-1:] == ["cudagraphs"]
+    device = "-".join(parts[:-1] if graphs else parts)
+    device = device.replace("cuda", "cuda:", 1) if device[4:].isdigit() and device.startswith("cuda") else device
+    return f" --device {device}" + (" --cuda-graphs" if graphs else "")
+
+
+def resolve_profile(bundle: Any, arg: Any, target: str, threads: int, setting: str | None = None,
+                    key: str = "") -> LatencyProfile:
     """The profile a runner uses: ``arg`` is ``"auto"`` (the bundle's profile of this device and
     setting), a path, a :class:`LatencyProfile`, or None (none given).
 
     Args:
         setting: the setting (power mode) to use instead of reading the current one (a runner
             that follows the power mode passes what its mode callable returned).
+        key: the runner's run key (:attr:`kdedge.runtime.Runner.run_key`).
 
     Raises:
         MissingProfileError, ForeignProfileError, StaleProfileError.
@@ -292,7 +328,7 @@ def resolve_profile(bundle: Any, arg: Any, target: str, threads: int, setting: s
         device, setting, _ = current_key(threads)
     else:
         device = _device_id()
-    how = f"run `kdedge profile {bundle.path} --target {target} --threads {threads}` first"
+    how = f"run `kdedge profile {bundle.path} --target {target}{_run_flags(key)} --threads {threads}` first"
     if arg is None:
         raise MissingProfileError(f"this policy needs a latency profile and the runner has none; {how}")
     if isinstance(arg, LatencyProfile):
@@ -300,14 +336,15 @@ def resolve_profile(bundle: Any, arg: Any, target: str, threads: int, setting: s
     elif isinstance(arg, (str, Path)) and str(arg) != "auto":
         prof = LatencyProfile.load(arg)
     else:
-        path = Path(bundle.path) / "profiles" / profile_filename(device, setting)
+        path = Path(bundle.path) / "profiles" / profile_filename(device, setting, key)
         if not path.is_file():
             have = sorted(p.stem for p in (Path(bundle.path) / "profiles").glob("*.json"))
             others = f"; it has profiles for: {', '.join(have)}" if have else ""
+            runs = f", run as {key}" if key else ""
             raise MissingProfileError(f"bundle {bundle.path} has no latency profile for this device ({device}) and "
-                                      f"setting ({setting}){others}; {how}")
+                                      f"setting ({setting}){runs}{others}; {how}")
         prof = LatencyProfile.load(path)
-    check_profile(prof, bundle, target, device, setting)
+    check_profile(prof, bundle, target, device, setting, key)
     return prof
 
 
@@ -329,7 +366,8 @@ Progress = Callable[[int, int, str], None]
 def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int] = (1,), runs: int = 200,
                     warmup: int = 20, threads: int | None = None, optimization: str = "all",
                     providers: Sequence[str] | None = None, progress: Progress | None = None,
-                    seed: int = 0, meter: Any | None = None, nvpmodel: Any | None = None) -> LatencyProfile:
+                    seed: int = 0, meter: Any | None = None, nvpmodel: Any | None = None,
+                    device: str | None = None, cuda_graphs: bool = False) -> LatencyProfile:
     """Measure every stage (inside the runner's stage loop), every fused prefix and the full chain.
 
     Args:
@@ -348,6 +386,8 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
             (:func:`kdedge.profile.energy.measure_energy`) and stored as ``energy_mj``; the
             ``none`` meter records that energy is not measured. None: no energy section.
         nvpmodel: where the setting (power mode) is read from (default: the system's).
+        device, cuda_graphs: where the target's sessions run (:class:`~kdedge.runtime.Runner`);
+            part of the profile's key.
 
     Returns:
         the :class:`LatencyProfile` (not yet written; see :func:`write_profile`).
@@ -362,8 +402,9 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
         raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     rng = np.random.default_rng(seed)
     with Runner(bundle, target=target, threads=threads, optimization=optimization, providers=providers,
-                profile=None, watchdog=False) as runner:
+                profile=None, watchdog=False, device=device, cuda_graphs=cuda_graphs) as runner:
         b = runner.bundle
+        target = runner.target  # "auto" resolved
         device, setting, detail = current_key(runner.threads, nvpmodel)
         full = Full()
         fixed = [Fixed(j + 1, fused=True) for j in range(runner.num_prefixes)]
@@ -407,9 +448,9 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
             "setting": setting,
             "setting_detail": detail,
             "target": target,
+            "run_key": runner.run_key,
             "threads": runner.threads,
-            "options": {"optimization": getattr(opts, "optimization", None),
-                        "providers": list(getattr(opts, "providers", None) or ["CPUExecutionProvider"])},
+            "options": _options_record(opts),
             "bundle": {"fingerprint": bundle_fingerprint(b, target), "family": b.family, "path": str(b.path)},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.platform(),
@@ -422,6 +463,14 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
         if energy is not None:
             data["energy"] = energy
     return LatencyProfile(data)
+
+
+def _options_record(opts: Any) -> dict[str, Any]:
+    """The session options a profile was measured with, as JSON."""
+    if isinstance(opts, dict):
+        return {k: v for k, v in opts.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    return {"optimization": getattr(opts, "optimization", None),
+            "providers": list(getattr(opts, "providers", None) or ["CPUExecutionProvider"])}
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -442,9 +491,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_profile(bundle: Any, profile: LatencyProfile, path: str | Path | None = None) -> Path:
-    """Write ``profile`` atomically (default ``BUNDLE/profiles/<device>-<setting>.json``)."""
-    out = Path(path) if path is not None else Path(bundle.path) / "profiles" / profile_filename(profile.device,
-                                                                                                profile.setting)
+    """Write ``profile`` atomically (default ``BUNDLE/profiles/<device>-<setting>[-<run key>].json``)."""
+    out = Path(path) if path is not None else Path(bundle.path) / "profiles" / profile_filename(
+        profile.device, profile.setting, profile.run_key)
     text = profile.to_json()
     _atomic_write(out, lambda p: p.write_text(text, encoding="utf-8"))
     return out
@@ -576,10 +625,24 @@ def write_reports(bundle: Any, profile: LatencyProfile, path: str | Path, plot: 
     return out
 
 
+def _open(bundle: str | Path | Any, target: str) -> Any:
+    """An opened bundle (checked for ``target``'s files; ``auto``: the one the runner would pick)."""
+    from kdedge.runtime.bundle import open_bundle, read_manifest
+
+    if hasattr(bundle, "manifest"):
+        return bundle
+    if target == "auto":
+        from kdedge.targets import pick_target
+
+        target = pick_target(read_manifest(bundle)["targets"])
+    return open_bundle(bundle, targets=[target])
+
+
 def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: Sequence[int] = (1,), runs: int = 200,
                    warmup: int = 20, threads: int | None = None, optimization: str = "all",
                    providers: Sequence[str] | None = None, plot: bool = True,
                    progress: Progress | None = None, meter: Any | None = None, nvpmodel: Any | None = None,
+                   device: str | None = None, cuda_graphs: bool = False,
                    ) -> tuple[LatencyProfile, Path, Path | None]:
     """Measure a bundle on this device and store the profile in the bundle, with its CSV and PNGs
     (:func:`write_reports`: ``<profile>.csv``, ``<profile>.png``, ``<profile>-energy.png``).
@@ -590,11 +653,10 @@ def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: S
     Example:
         >>> prof, path, png = profile_bundle("hne.kdedge", batches=(1, 32))
     """
-    from kdedge.runtime.bundle import open_bundle
-
-    b = bundle if hasattr(bundle, "manifest") else open_bundle(bundle, targets=[target])
+    b = _open(bundle, target)
     prof = measure_profile(b, target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
-                           optimization=optimization, providers=providers, progress=progress, meter=meter, nvpmodel=nvpmodel)
+                           optimization=optimization, providers=providers, progress=progress, meter=meter,
+                           nvpmodel=nvpmodel, device=device, cuda_graphs=cuda_graphs)
     path = write_profile(b, prof)
     prof = LatencyProfile(prof.data, path)
     reports = write_reports(b, prof, path, plot=plot)
@@ -624,11 +686,9 @@ def profile_power_modes(bundle: str | Path | Any, modes: Sequence[str], *, nvpmo
         >>> profile_power_modes("hne.kdedge", ["15W", "25W"], meter=auto_meter())
     """
     from kdedge.profile.modes import Nvpmodel, slug
-    from kdedge.runtime.bundle import open_bundle
 
     nv = nvpmodel if nvpmodel is not None else Nvpmodel()
-    target = kwargs.get("target", "onnx")
-    b = bundle if hasattr(bundle, "manifest") else open_bundle(bundle, targets=[target])
+    b = _open(bundle, kwargs.get("target", "onnx"))
     out: list[tuple[LatencyProfile, Path, Path | None]] = []
     with nv.sweep(list(modes), lock_clocks=lock_clocks) as visit:
         for i, mode in enumerate(visit):

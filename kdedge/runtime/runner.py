@@ -149,6 +149,42 @@ class _Plan:
         self.input_calls = [c for c, e in zip(self.calls, entries) if any(i.tensor == INPUT for i in e.inputs)]
 
 
+def _session_options(bundle: Bundle, target: str, options: Any, device: str | None, cuda_graphs: bool,
+                     threads: int | None, optimization: str, providers: Sequence[str] | None) -> tuple[Any, str]:
+    """(session options, profile run key) for ``target``'s sessions on this device.
+
+    The target validates the request (a device it does not run on, CUDA graphs where it has
+    none: :class:`~kdedge.targets.base.TargetError`). Options given explicitly are used as they
+    are; the run key is then read from them.
+    """
+    from kdedge.targets import RunSpec, get_target
+
+    t = get_target(target)
+    if options is not None:
+        if isinstance(options, OrtOptions):
+            cuda = "CUDAExecutionProvider" in (options.providers or ())
+            return options, t.run_key(RunSpec(device="cuda" if cuda else "cpu"), bundle)
+        d = dict(options) if isinstance(options, dict) else {}
+        dev = d.get(t.device_option) if t.device_option else None
+        return options, t.run_key(RunSpec(device=dev, cuda_graphs=bool(d.get("cuda_graphs"))), bundle)
+    if target == "onnx":
+        if device is None and providers is not None and "CUDAExecutionProvider" in providers:
+            device = "cuda"
+        run = RunSpec(device=device, cuda_graphs=cuda_graphs, threads=threads)
+        t.session_options(run, bundle)  # refuses what onnxruntime cannot honour (CUDA graphs, device index)
+        if providers is None and t.run_device(run, bundle) == "cuda":
+            providers = ("CUDAExecutionProvider",)
+        ort = OrtOptions(threads=threads, optimization=optimization,
+                         providers=None if providers is None else tuple(providers))
+        return ort, t.run_key(run, bundle)
+    if "threads" in t.run_options and threads is None:
+        from kdedge.runtime.sessions import default_threads
+
+        threads = default_threads()  # set explicitly, so the profile's key says what ran
+    run = RunSpec(device=device, cuda_graphs=cuda_graphs, threads=threads)
+    return t.session_options(run, bundle), t.run_key(run, bundle)
+
+
 def _bindable(sessions: Sequence[Session], entries: Sequence[StageEntry]) -> bool:
     if not all(getattr(s, "can_bind", False) for s in sessions):
         return False
@@ -186,6 +222,10 @@ class Runner:
             once per request, so a request keeps its profile to the end (in one thread; requests
             in other threads switch the shared profile when they start).
             None: the setting is read once, when the profile is first needed.
+        device: where the target's sessions run (``cpu``, ``cuda``, ``cuda:N`` for torch; CoreML
+            compute units); default: the device the files were compiled for. Part of the
+            profile's key (:attr:`run_key`).
+        cuda_graphs: capture and replay CUDA graphs (torch, TensorRT; needs a CUDA device).
 
     Raises:
         BundleError: the bundle is missing, malformed, tampered with or too new.
@@ -198,7 +238,8 @@ class Runner:
                  session_factory: Callable[[Bundle, StageEntry, Any], Session] | None = None,
                  session_options: Any = None, clock: Callable[[], float] = time.perf_counter,
                  watchdog: bool = True, check_inputs: bool = True, bind: bool = True,
-                 mode: Callable[[], str] | None = None) -> None:
+                 mode: Callable[[], str] | None = None, device: str | None = None,
+                 cuda_graphs: bool = False) -> None:
         if target == "auto":  # the first of the bundle's targets that runs on this device
             from kdedge.runtime.bundle import read_manifest
             from kdedge.targets import pick_target
@@ -213,11 +254,12 @@ class Runner:
         if self.combine not in self.bundle.combine_supported:
             raise ValueError(f"bundle {self.bundle.path.name} does not support combine rule {self.combine!r}; it "
                              f"supports {', '.join(self.bundle.combine_supported)}")
-        if session_options is None and target == "onnx":
-            session_options = OrtOptions(threads=threads, optimization=optimization,
-                                         providers=None if providers is None else tuple(providers))
+        session_options, self.run_key = _session_options(self.bundle, target, session_options, device, cuda_graphs,
+                                                         threads, optimization, providers)
         self.options = session_options
-        self.threads = int(getattr(session_options, "resolved_threads", threads or 1))
+        self.threads = int(getattr(session_options, "resolved_threads", None)
+                           or (session_options.get("threads") if isinstance(session_options, dict) else None)
+                           or threads or 1)
         self.policy: Policy = policy if policy is not None else Full()
         self._factory = session_factory or get_session_factory(target)
         self._clock = clock
@@ -274,7 +316,8 @@ class Runner:
 
     def close(self) -> None:
         """Close the sessions and stop the watchdog."""
-        for s in [*self.sessions, *self._prefix_sessions.values()]:
+        # also called when __init__ fails half-way (a session that would not open)
+        for s in [*getattr(self, "sessions", ()), *getattr(self, "_prefix_sessions", {}).values()]:
             s.close()
         self.sessions = []
         self._prefix_sessions = {}
@@ -300,7 +343,7 @@ class Runner:
             with self._lock:
                 if self._profile is None:
                     self._profile = resolve_profile(self.bundle, self._profile_arg, target=self.target,
-                                                    threads=self.threads)
+                                                    threads=self.threads, key=self.run_key)
         return self._profile
 
     @property
@@ -319,7 +362,7 @@ class Runner:
             prof = self._mode_profiles.get(name)
             if prof is None:
                 prof = resolve_profile(self.bundle, self._profile_arg, target=self.target, threads=self.threads,
-                                       setting=name)
+                                       setting=name, key=self.run_key)
                 self._mode_profiles[name] = prof
             self._profile = prof
             self._cost_cache = {}

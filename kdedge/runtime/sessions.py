@@ -206,8 +206,9 @@ class OrtOptions:
         available = ort.get_available_providers()
         missing = [p for p in wanted if p not in available]
         if missing:
+            hint = ", e.g. pip install onnxruntime-gpu" if "CUDAExecutionProvider" in missing else ""
             raise ValueError(f"onnxruntime provider(s) {missing} are not available here; available: "
-                             f"{', '.join(available)} (install the onnxruntime build that has them)")
+                             f"{', '.join(available)} (install the onnxruntime build that has them{hint})")
         return wanted
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import importlib
 from typing import Any, Sequence
 
-from kdedge.targets.base import (Capabilities, CompiledFile, CompileSpec, GraphSource, Target, TargetError,
-                                 TargetUnavailable)
+from kdedge.targets.base import (Capabilities, CompiledFile, CompileSpec, GraphSource, RunSpec, Target,
+                                 TargetError, TargetUnavailable)
 
-__all__ = ["Capabilities", "CompileSpec", "CompiledFile", "GraphSource", "PREFERENCE", "TARGETS", "Target",
+__all__ = ["Capabilities", "CompileSpec", "CompiledFile", "GraphSource", "PREFERENCE", "RunSpec", "TARGETS", "Target",
            "TargetError", "TargetUnavailable", "format_table", "get_target", "pick_target", "target_table"]
 
 # name -> "module:Class"; the name is the --target value and the manifest's files key

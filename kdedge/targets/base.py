@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["Capabilities", "CompileSpec", "CompiledFile", "GraphSource", "Target", "TargetError",
+__all__ = ["Capabilities", "CompileSpec", "CompiledFile", "GraphSource", "RunSpec", "Target", "TargetError",
            "TargetUnavailable", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -55,6 +55,7 @@ class Capabilities:
         source: what compile reads: ``module`` (torch stage module) or ``onnx`` (stage ONNX).
         one_package: all graphs go into one file (CoreML multifunction package).
         max_batch: the largest batch it compiles for (None: unbounded).
+        cuda_graphs: its sessions can capture and replay CUDA graphs (``--cuda-graphs``).
     """
 
     precisions: tuple[str, ...]
@@ -64,11 +65,12 @@ class Capabilities:
     source: str
     one_package: bool = False
     max_batch: int | None = None
+    cuda_graphs: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"precisions": list(self.precisions), "dynamic_batch": self.dynamic_batch,
                 "can_abort": self.can_abort, "devices": list(self.devices), "source": self.source,
-                "one_package": self.one_package, "max_batch": self.max_batch}
+                "one_package": self.one_package, "max_batch": self.max_batch, "cuda_graphs": self.cuda_graphs}
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,23 @@ class CompileSpec:
 
     def with_device(self, device: str) -> CompileSpec:
         return replace(self, device=device)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How the runner opens a target's sessions on this device (``kdedge run/profile --device
+    --cuda-graphs --threads``).
+
+    Args:
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (torch), CoreML compute units (``all``,
+            ``cpu``, ``cpu_gpu``, ``cpu_ne``); None: the device the files were compiled for.
+        cuda_graphs: capture one CUDA graph per batch size and replay it (torch, TensorRT).
+        threads: CPU threads (targets that take a thread count).
+    """
+
+    device: str | None = None
+    cuda_graphs: bool = False
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +177,11 @@ class Target:
     extra = ""
     folder = ""
     suffix = ""
+    # the open() option that receives the run device (torch: "device"; CoreML: "compute_units");
+    # None: the session picks its device itself (TensorRT: the current CUDA device)
+    device_option: str | None = None
+    # open() options a RunSpec may fill in besides the device ("threads", "cuda_graphs")
+    run_options: tuple[str, ...] = ()
 
     # -- availability --------------------------------------------------------------------------
     @staticmethod
@@ -241,6 +265,53 @@ class Target:
         opts = dict(options or {}) if not hasattr(options, "__dataclass_fields__") else {"options": options}
         return self.open(bundle.file(entry, self.name), name=entry.name, inputs=[i.tensor for i in entry.inputs],
                          outputs=[o.tensor for o in entry.outputs], **opts)
+
+    # -- running -------------------------------------------------------------------------------
+    def run_device(self, run: RunSpec, bundle: Any = None) -> str:
+        """The device sessions run on: ``run.device``, else the device the bundle's files were
+        compiled for (their manifest entries record it), else the target's first device."""
+        if run.device:
+            return run.device
+        if bundle is not None:
+            for e in getattr(bundle, "stages", ())[:1]:
+                f = e.files.get(self.name)
+                dev = None if f is None else f.extra.get("device")
+                if isinstance(dev, str) and dev.split(":", 1)[0] in self.caps.devices:
+                    return dev
+        return self.default_device()
+
+    def session_options(self, run: RunSpec, bundle: Any = None) -> dict[str, Any]:
+        """The ``open_entry`` options for ``run``; a request this target cannot honour raises
+        :class:`TargetError` (never rewritten: ``--cuda-graphs`` on a CPU run fails)."""
+        device = self.run_device(run, bundle)
+        kind = device.split(":", 1)[0]
+        if kind not in self.caps.devices:
+            raise TargetError(f"target {self.name!r} does not run on device {device!r}; its devices: "
+                              f"{', '.join(self.caps.devices)}")
+        if kind != device and self.device_option != "device":
+            raise TargetError(f"target {self.name!r} runs on the current {kind} device and takes no device index; "
+                              f"pass --device {kind} (choose the GPU with CUDA_VISIBLE_DEVICES)")
+        if run.cuda_graphs:
+            if not self.caps.cuda_graphs:
+                raise TargetError(f"target {self.name!r} does not use CUDA graphs; drop --cuda-graphs, or run the "
+                                  "bundle's torch or tensorrt files")
+            if kind != "cuda":
+                raise TargetError(f"CUDA graphs need a CUDA device, not {device!r}; pass --device cuda or drop "
+                                  "--cuda-graphs")
+        opts: dict[str, Any] = {}
+        if self.device_option is not None:
+            opts[self.device_option] = device
+        if run.cuda_graphs:
+            opts["cuda_graphs"] = True
+        if run.threads is not None and "threads" in self.run_options:
+            opts["threads"] = int(run.threads)
+        return opts
+
+    def run_key(self, run: RunSpec, bundle: Any = None) -> str:
+        """What a latency profile of these sessions is keyed by besides the device and setting:
+        target, run device and CUDA graphs (``torch-cuda-cudagraphs``)."""
+        device = self.run_device(run, bundle).replace(":", "")
+        return f"{self.name}-{device}" + ("-cudagraphs" if run.cuda_graphs else "")
 
     def verify_here(self) -> bool:
         """Compiled files can be run here to verify them against onnxruntime."""

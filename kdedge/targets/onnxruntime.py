@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from kdedge.targets.base import Capabilities, CompiledFile, CompileSpec, GraphSource, Target, TargetError
+from kdedge.targets.base import Capabilities, CompiledFile, CompileSpec, GraphSource, RunSpec, Target, TargetError
 
 
 class OnnxRuntimeTarget(Target):
@@ -35,6 +35,12 @@ class OnnxRuntimeTarget(Target):
         if Path(graph.onnx).resolve() != dest.resolve():
             shutil.copyfile(graph.onnx, dest)
         return CompiledFile(dest, spec.precision)
+
+    def run_key(self, run: RunSpec, bundle: Any = None) -> str:
+        """Empty on the CPU (the profile file is ``<device>-<setting>.json``), ``onnx-cuda`` with
+        the CUDA execution provider."""
+        device = self.run_device(run, bundle)
+        return "" if device == "cpu" else f"onnx-{device}"
 
     def open(self, path: str | Path, *, name: str, inputs: Sequence[str], outputs: Sequence[str],
              **options: Any) -> Any:

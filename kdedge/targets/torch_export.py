@@ -154,12 +154,14 @@ class TorchExportTarget(Target):
     name = "torch"
     description = "torch.export programs (.pt2), run by torch on CPU or CUDA (optional CUDA graphs)"
     caps = Capabilities(precisions=("fp32", "fp16"), dynamic_batch=True, can_abort=False, devices=("cpu", "cuda"),
-                        source="module")
+                        source="module", cuda_graphs=True)
     compile_requires = ("torch",)
     run_requires = ("torch",)
     extra = "torch"
     folder = "torch"
     suffix = ".pt2"
+    device_option = "device"
+    run_options = ("threads", "cuda_graphs")
 
     def check(self, spec: CompileSpec) -> CompileSpec:
         spec = super().check(spec)
