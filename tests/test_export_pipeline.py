@@ -90,7 +90,7 @@ def test_bad_requests_fail_with_one_clear_line(tmp_path: Path, monkeypatch: pyte
     cases = [
         (dict(target="tflite"), "unknown export target 'tflite'"),
         (dict(precision="fp8"), "unknown precision 'fp8'; known: fp32, fp16, int8"),
-        (dict(precision="fp16"), "target 'onnx' does not write precision 'fp16'; it writes: fp32, int8"),
+        (dict(precision="fp16"), "target 'onnx' does not compile precision 'fp16'; it compiles: fp32, int8"),
         (dict(opset=7), "opset must be an integer between 13 and"),
         (dict(exporter="magic"), "unknown exporter 'magic'"),
         (dict(info={**info, "num_classes": 5, "class_names": list("abcde")}),
@@ -105,15 +105,27 @@ def test_bad_requests_fail_with_one_clear_line(tmp_path: Path, monkeypatch: pyte
         with pytest.raises(ExportError, match=message) as err:
             export(model, out, **args)  # type: ignore[arg-type]
         assert "\n" not in str(err.value), str(err.value)
-    from kdedge.export import targets
+    import kdedge.targets as targets
+    from kdedge.targets.base import Capabilities, Target
 
-    missing = targets.ExportTarget(name="missinglib", description="needs a missing library", precisions=("fp32",),
-                                   requires=("kdedge_no_such_runtime",), extra="nosuch", folder="x", suffix=".bin")
-    monkeypatch.setitem(targets.TARGETS, "missinglib", missing)
-    with pytest.raises(ExportError, match=r"target 'missinglib' needs kdedge_no_such_runtime, which is not "
-                                          r"installed; install it with: pip install 'kdedge\[nosuch\]'"):
+    class Missing(Target):
+        name, description, extra = "missinglib", "needs a missing library", "nosuch"
+        caps = Capabilities(precisions=("fp32",), dynamic_batch=True, can_abort=False, devices=("cpu",),
+                            source="module")
+        compile_requires = ("kdedge_no_such_runtime",)
+
+    monkeypatch.setitem(targets.TARGETS, "missinglib", "unused:Missing")
+    monkeypatch.setitem(targets._CACHE, "missinglib", Missing())
+    with pytest.raises(ExportError, match=r"target 'missinglib' needs kdedge_no_such_runtime to compile, which is "
+                                          r"not available here; install it with: pip install 'kdedge\[nosuch\]'"):
         export(model, out, info=info, val_data=(xv[:16], yv[:16]), target="missinglib")
     assert "missinglib" in targets.format_table()
+    from kdedge.export import pipeline
+
+    monkeypatch.setattr(pipeline, "EXPORT_REQUIRES", (*pipeline.EXPORT_REQUIRES, "kdedge_no_such_exporter"))
+    with pytest.raises(ExportError, match=r"export needs kdedge_no_such_exporter, which is not installed; "
+                                          r"install it with: pip install 'kdedge\[train\]'"):
+        export(model, out, info=info, val_data=(xv[:16], yv[:16]))
     assert not out.exists()
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 from kdedge.export.errors import ExportError
-from kdedge.export.targets import TARGETS, ExportTarget
 
-__all__ = ["ExportError", "ExportTarget", "TARGETS", "evaluate_bundle", "evaluate_bundle_on_data", "export",
+# The targets (what export can write, their capabilities) are kdedge.targets.TARGETS.
+__all__ = ["ExportError", "evaluate_bundle", "evaluate_bundle_on_data", "export",
            "export_run", "format_inspect", "format_report", "inspect_bundle"]
 
 # The heavy modules (torch, onnx) load on first use, so that `import kdedge.export` stays cheap

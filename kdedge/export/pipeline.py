@@ -24,11 +24,13 @@ from kdedge.export.errors import ExportError
 from kdedge.export.graphs import Graph, ModelPlan, graph_example_inputs, plan_model, run_torch, shapes_of
 from kdedge.export.onnx import EXPORTERS, check_opset, dtype_name, export_graph
 from kdedge.export.ortrun import OrtChain, RunGraph
-from kdedge.export.targets import check_request
 from kdedge.export.verify import Tolerances, check, summary, verify
 
 Progress = Callable[[str], None]
 _INFO_KEYS = ("num_classes", "in_channels", "input_size", "mean", "std", "scale", "channel_order", "class_names")
+
+# what writing and checking the ONNX reference needs, whatever the target
+EXPORT_REQUIRES = ("torch", "onnx", "onnxscript", "onnxruntime")
 
 
 def normalise_info(info: Any) -> dict[str, Any]:
@@ -159,22 +161,29 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
             int8_scheme: str = "u8s8", tspec: tuple[str | None, int, dict[str, Any]] = (None, 64, {})) -> Path:
     say: Progress = progress or (lambda _m: None)
     compile_spec = None
-    from kdedge.export.targets import TARGETS as _EXPORT_TARGETS
-    from kdedge.targets import TARGETS as _TARGETS, TEST_TARGETS as _TEST_TARGETS
+    from kdedge.targets import TARGETS, TEST_TARGETS, CompileSpec, Target, TargetError, get_target
 
-    if target not in _EXPORT_TARGETS and (target in _TARGETS or target in _TEST_TARGETS):
-        # a target of kdedge.targets: checked now, compiled beside the ONNX reference
-        from kdedge.targets import CompileSpec, TargetError, get_target
+    missing = Target._missing(EXPORT_REQUIRES)
+    if missing:  # the ONNX reference is written for every target
+        raise ExportError(f"export needs {', '.join(missing)}, which is not installed; install it with: "
+                          "pip install 'kdedge[train]'")
+    if target not in TARGETS and target not in TEST_TARGETS:
+        from kdedge.models import suggest
 
-        try:
-            tgt = get_target(target)
+        raise ExportError(f"unknown export target {target!r}; {suggest(target, TARGETS)}")
+    try:
+        tgt = get_target(target)
+        if target == "onnx":
+            tgt.check(CompileSpec(precision=precision))
+        else:  # a further target: checked now, compiled beside the ONNX reference
             compile_spec = tgt.check(CompileSpec(precision=precision, device=tspec[0], max_batch=tspec[1],
                                                  opt_batch=min(tspec[1], 1), options=tspec[2]))
             tgt.require("compile")
-        except TargetError as e:
-            raise ExportError(str(e)) from None
+    except TargetError as e:
+        raise ExportError(str(e)) from None
+    if compile_spec is not None:
         precision = "int8" if precision == "int8" else "fp32"  # the ONNX reference's precision
-    spec = check_request("onnx" if compile_spec is not None else target, precision)
+    spec = get_target("onnx")  # the reference: folder, suffix, name
     check_opset(opset)
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
