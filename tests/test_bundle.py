@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+import kdedge.runtime.bundle as bundle_mod
 from kdedge.runtime.bundle import (
+    SCHEMA_VERSION,
     Bundle,
     BundleError,
     BundleVersionError,
@@ -26,6 +28,7 @@ from kdedge.runtime.bundle import (
     combine,
     open_bundle,
     output_tensor_name,
+    path_bytes,
     sha256_path,
     tensor_name,
     validate_manifest,
@@ -114,11 +117,12 @@ def test_hand_written_bundle_opens(tmp_path: Path) -> None:
 
 def test_newer_schema_names_the_release_to_upgrade_to(tmp_path: Path) -> None:
     m = write_bundle(tmp_path / "b")
-    m["schema_version"] = 2
+    m["schema_version"] = SCHEMA_VERSION + 1
     m["kdedge_version"] = "0.7.0"
     m["something_new"] = {"the": "future"}
     rewrite(tmp_path / "b", m)
-    with pytest.raises(BundleVersionError, match=r"schema version 2.*upgrade kdedge to 0\.7\.0 or later"):
+    with pytest.raises(BundleVersionError,
+                       match=rf"schema version {SCHEMA_VERSION + 1}.*upgrade kdedge to 0\.7\.0 or later"):
         open_bundle(tmp_path / "b")
 
 
@@ -203,6 +207,114 @@ def test_sha256_of_directories_is_stable(tmp_path: Path) -> None:
     assert first == sha256_path(d) and len(first) == 64
     (d / "Data" / "w.bin").write_bytes(b"weightz")
     assert sha256_path(d) != first
+
+
+def test_directory_digest_follows_the_documented_definition(tmp_path: Path) -> None:
+    # docs/bundle.md: sha256 of "<relative posix path>\0<sha256 hex>\n" per regular file, sorted
+    # by the path string (so "a.b" comes before "a/b": '.' < '/'), empty directories ignored
+    d = tmp_path / "pkg"
+    (d / "a").mkdir(parents=True)
+    (d / "empty").mkdir()
+    (d / "a" / "b").write_bytes(b"one")
+    (d / "a.b").write_bytes(b"two")
+    lines = "".join(f"{rel}\0{hashlib.sha256(data).hexdigest()}\n" for rel, data in [("a.b", b"two"), ("a/b", b"one")])
+    assert sha256_path(d) == hashlib.sha256(lines.encode()).hexdigest()
+    assert path_bytes(d) == 6
+
+
+def _package(root: Path, rel: str = "coreml/model.mlpackage") -> dict[str, Any]:
+    """A directory package like a CoreML .mlpackage; its file entry without ``function``."""
+    d = root / rel
+    (d / "Data" / "weights").mkdir(parents=True)
+    (d / "Manifest.json").write_text('{"items": 2}')
+    (d / "Data" / "model.mlmodel").write_bytes(b"program of three functions")
+    (d / "Data" / "weights" / "weight.bin").write_bytes(b"\x00\x01" * 50)
+    return {"path": rel, "sha256": sha256_path(d), "bytes": path_bytes(d), "precision": "fp16"}
+
+
+def write_shared_bundle(root: Path) -> dict[str, Any]:
+    """The bundle of :func:`write_bundle` (schema 2) with a 'coreml' target: one package whose
+    functions are the three graphs."""
+    m = write_bundle(root)
+    entry = _package(root)
+    m["schema_version"] = 2
+    m["targets"] = ["onnx", "coreml"]
+    for g in (*m["stages"], *m["prefixes"]):
+        g["files"]["coreml"] = {**entry, "function": g["name"], "compute_units": "all"}
+    rewrite(root, m)
+    return m
+
+
+def test_entries_of_one_target_share_a_package_as_functions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_shared_bundle(tmp_path / "b")
+    hashed: list[Path] = []
+    real = bundle_mod.sha256_path
+    monkeypatch.setattr(bundle_mod, "sha256_path", lambda p, *a: hashed.append(Path(p)) or real(p, *a))
+    b = open_bundle(tmp_path / "b", targets=["coreml"])
+    package = tmp_path / "b" / "coreml" / "model.mlpackage"
+    assert hashed.count(package) == 1  # checked once for the three entries
+    f = b.stages[1].files["coreml"]
+    assert f.function == "stage1" and f.path == "coreml/model.mlpackage" and "function" not in f.extra
+    assert f.extra["compute_units"] == "all" and b.prefixes[0].files["coreml"].function == "prefix0"
+    assert b.file(b.stages[0], "coreml") == b.file(b.prefixes[0], "coreml") == package
+    assert b.stages[0].files["onnx"].function is None
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda m: m["stages"][1]["files"]["coreml"].pop("function"),
+     r"stage1 \(coreml\) shares the path 'coreml/model.mlpackage' with stage0 \(coreml\) but names no 'function'"),
+    (lambda m: m["prefixes"][0]["files"]["coreml"].update(function="stage0"),
+     r"prefix0 \(coreml\) and stage0 \(coreml\) both name function 'stage0'"),
+    (lambda m: m["stages"][1]["files"]["coreml"].update(sha256="0" * 64), "record different sha256 or bytes"),
+    (lambda m: m["stages"][1]["files"]["coreml"].update(m["stages"][0]["files"]["onnx"], function="stage1"),
+     r"stage1 \(coreml\) and stage0 \(onnx\) name the same file 'onnx/stage0.onnx'; only the entries of one target"),
+    (lambda m: m["stages"][1]["files"]["coreml"].update(function=""), "at stages/1/files/coreml/function"),
+    (lambda m: m.update(schema_version=1), r"stage1 \(coreml\) and stage0 \(coreml\) name the same file"),
+])
+def test_shared_paths_are_refused_unless_each_entry_names_its_function(tmp_path: Path, mutate: Any,
+                                                                       message: str) -> None:
+    m = write_shared_bundle(tmp_path / "b")
+    mutate(m)
+    rewrite(tmp_path / "b", m)
+    with pytest.raises(BundleError, match=message) as info:
+        open_bundle(tmp_path / "b", verify=False)
+    assert "\n" not in str(info.value)
+
+
+def test_a_tampered_package_is_refused(tmp_path: Path) -> None:
+    write_shared_bundle(tmp_path / "b")
+    w = tmp_path / "b" / "coreml" / "model.mlpackage" / "Data" / "weights" / "weight.bin"
+    data = bytearray(w.read_bytes())
+    data[7] ^= 0x10  # same size, other bytes
+    w.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=r"stage0 \(coreml\) file coreml/model.mlpackage has sha256"):
+        open_bundle(tmp_path / "b")
+    assert open_bundle(tmp_path / "b", targets=["onnx"]).targets == ("onnx", "coreml")  # not read: not checked
+    write_shared_bundle(tmp_path / "c")
+    (tmp_path / "c" / "coreml" / "model.mlpackage" / "Data" / "extra.bin").write_bytes(b"!")
+    with pytest.raises(ChecksumError, match="has 139 bytes, the manifest records 138"):
+        open_bundle(tmp_path / "c")
+
+
+@pytest.mark.parametrize("link", ["file", "dir", "outside"])
+def test_symlinks_inside_a_package_are_refused_not_followed(tmp_path: Path, link: str) -> None:
+    m = write_shared_bundle(tmp_path / "b")
+    pkg = tmp_path / "b" / "coreml" / "model.mlpackage"
+    w = pkg / "Data" / "weights" / "weight.bin"
+    (tmp_path / "elsewhere").mkdir()
+    if link == "file":  # the same bytes through a link: the digest would match if links were followed
+        real = pkg / "weight.real"
+        os.replace(w, real)
+        w.symlink_to(real)
+        for g in (*m["stages"], *m["prefixes"]):  # the bytes the manifest counts stay the same
+            g["files"]["coreml"]["bytes"] += real.stat().st_size
+        rewrite(tmp_path / "b", m)
+    elif link == "dir":
+        (pkg / "Data" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    else:
+        (pkg / "secret").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(BundleError, match=r"model.mlpackage holds a symbolic link '.*'; .*links are not followed"):
+        open_bundle(tmp_path / "b")
 
 
 def test_combine_rules_match_the_torch_contract() -> None:

@@ -10,7 +10,7 @@ message naming the kdedge version to upgrade to); the manifest validates against
 ``kdedge/schemas/manifest.schema.json`` and the wiring rules JSON Schema cannot express
 (bindings point backwards, tensor names follow the naming convention, the default combine rule
 is supported); every file the manifest lists exists inside the bundle and has the recorded
-sha256.
+sha256 (a path that several entries share, the functions of one CoreML package, is checked once).
 
 Example:
     >>> b = open_bundle("model.kdedge")
@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -33,7 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 
 FORMAT = "kdedge-bundle"
-SCHEMA_VERSION = 1
+# 2: a target's file entries may share one path as functions of one package (``function``)
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 INPUT = "input"
 COMBINE_RULES = ("mean_logits", "mean_probs", "last")
@@ -41,7 +44,9 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 # The kdedge release that introduced each schema version; a reader too old for a bundle
 # names the release to upgrade to (the writer's own version is recorded too, as a fallback).
-SCHEMA_INTRODUCED_IN = {1: "0.1.0"}
+SCHEMA_INTRODUCED_IN = {1: "0.1.0", 2: "0.1.0"}
+# the first schema version in which a target's entries may share a path (each naming a function)
+SHARED_PATHS_SINCE = 2
 
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 _BINDING = re.compile(r"^stage(0|[1-9][0-9]*):(.+)$")
@@ -90,15 +95,60 @@ def output_tensor_name(graph: str, output: str) -> str:
     return f"{graph}__{safe_name(output)}"
 
 
+def package_files(path: str | Path) -> list[tuple[str, Path]]:
+    """The regular files under directory ``path`` as ``(relative POSIX path, path)``, sorted by the
+    relative path (code point order, which is also UTF-8 byte order).
+
+    Symbolic links are refused, not followed: a package is checksummed as the bytes it holds, and
+    a link could point at anything outside it. So are other special files, and names that are not
+    UTF-8 or hold a newline (they would make the digest's lines ambiguous).
+
+    Raises:
+        BundleError: a symbolic link, special file or unusable name inside ``path``.
+    """
+    root = Path(path)
+    out: list[tuple[str, Path]] = []
+
+    def fail(e: OSError) -> None:
+        raise BundleError(f"cannot read {e.filename}: {e.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail, followlinks=False):
+        for name in (*dirnames, *filenames):  # a link to a directory is listed in dirnames, never entered
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BundleError(f"{root}: the name {rel!r} is not UTF-8; a package must hold UTF-8 names") from None
+            if "\n" in rel:
+                raise BundleError(f"{root}: the name {rel!r} holds a newline; a package cannot be checksummed with it")
+            mode = os.lstat(full).st_mode
+            if stat.S_ISLNK(mode):
+                raise BundleError(f"{root} holds a symbolic link {rel!r}; a package directory must hold regular files "
+                                  "only (links are not followed), re-export the bundle")
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise BundleError(f"{root} holds {rel!r}, which is not a regular file; re-export the bundle")
+            out.append((rel, full))
+    out.sort(key=lambda t: t[0])
+    return out
+
+
 def sha256_path(path: str | Path, chunk: int = 1 << 20) -> str:
     """sha256 hex digest of a file; of a directory (e.g. a CoreML ``.mlpackage``): the sha256 of
-    the lines ``"<relative posix path>\\0<sha256 of that file>\\n"`` over its files, sorted by path.
+    the UTF-8 lines ``"<relative posix path>\\0<sha256 hex of that file>\\n"`` over its regular
+    files, sorted by path (:func:`package_files`; empty directories do not count, symbolic links
+    are refused).
+
+    Raises:
+        BundleError: a directory holding a symbolic link or a special file.
     """
     path = Path(path)
     if path.is_dir():
         h = hashlib.sha256()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f"{f.relative_to(path).as_posix()}\0{sha256_path(f)}\n".encode())
+        for rel, f in package_files(path):
+            h.update(f"{rel}\0{sha256_path(f, chunk)}\n".encode())
         return h.hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -108,10 +158,11 @@ def sha256_path(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def path_bytes(path: str | Path) -> int:
-    """Size in bytes of a file, or the total size of the files of a directory."""
+    """Size in bytes of a file, or the total size of the regular files of a directory
+    (:func:`package_files`: symbolic links are refused)."""
     path = Path(path)
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return sum(f.stat().st_size for _, f in package_files(path))
     return path.stat().st_size
 
 
@@ -155,13 +206,15 @@ def combine(rule: str, logits: Sequence[np.ndarray], members: Sequence[int]) -> 
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One stage file for one target."""
+    """One stage file for one target. ``function``: the graph's function inside a package that
+    several entries share (a CoreML multifunction ``.mlpackage``); None for a file of its own."""
 
     path: str
     sha256: str
     bytes: int
     precision: str
     extra: dict[str, Any] = field(default_factory=dict)  # target-specific facts (opset, exporter)
+    function: str | None = None
 
 
 @dataclass(frozen=True)
@@ -208,7 +261,8 @@ class StageEntry:
     def from_dict(cls, d: dict[str, Any], index: int) -> StageEntry:
         files = {
             t: FileEntry(f["path"], f["sha256"], int(f["bytes"]), f["precision"],
-                         {k: v for k, v in f.items() if k not in ("path", "sha256", "bytes", "precision")})
+                         {k: v for k, v in f.items() if k not in ("path", "sha256", "bytes", "precision", "function")},
+                         function=f.get("function"))
             for t, f in d["files"].items()
         }
         inputs = tuple(TensorEntry(i["tensor"], tuple(i["shape"]), i["dtype"], binding=i["binding"]) for i in d["inputs"])
@@ -431,14 +485,38 @@ def _listed_files(manifest: dict[str, Any]) -> list[tuple[str, str | None, dict[
 
 
 def _check_paths(manifest: dict[str, Any]) -> None:
-    seen: dict[str, str] = {}
-    for what, _, f in _listed_files(manifest):
+    """Paths stay inside the bundle, and each names one file, except that entries of one target
+    may share a path as the functions of one package (schema version 2 on): every entry sharing
+    it names a distinct ``function`` and records the same ``sha256`` and ``bytes``."""
+    seen: dict[str, list[tuple[str, str | None, dict[str, Any]]]] = {}
+    for what, target, f in _listed_files(manifest):
         p = PurePosixPath(f["path"])
         if p.is_absolute() or ".." in p.parts or f["path"] in ("", ".") or "\\" in f["path"]:
             raise BundleError(f"{what}: file path {f['path']!r} must be relative to the bundle, without '..'")
-        if f["path"] in seen:
-            raise BundleError(f"{what} and {seen[f['path']]} name the same file {f['path']!r}")
-        seen[f["path"]] = what
+        seen.setdefault(f["path"], []).append((what, target, f))
+    for path, users in seen.items():
+        if len(users) == 1:
+            continue
+        (what0, target0, f0), what1 = users[0], users[1][0]
+        if manifest["schema_version"] < SHARED_PATHS_SINCE:
+            raise BundleError(f"{what1} and {what0} name the same file {path!r}")
+        for what, target, _ in users:
+            if target is None or target != target0:
+                other = what1 if what == what0 else what0
+                raise BundleError(f"{what} and {other} name the same file {path!r}; only the entries of one target "
+                                  "may share a path")
+        for what, _, f in users:
+            if not f.get("function"):
+                raise BundleError(f"{what} shares the path {path!r} with {what1 if what == what0 else what0} but "
+                                  "names no 'function'; entries may share a path only as functions of one package")
+        functions: dict[str, str] = {}
+        for what, _, f in users:
+            if f["function"] in functions:
+                raise BundleError(f"{what} and {functions[f['function']]} both name function {f['function']!r} "
+                                  f"of {path!r}; each entry sharing a package names its own function")
+            functions[f["function"]] = what
+            if (f["sha256"], f["bytes"]) != (f0["sha256"], f0["bytes"]):
+                raise BundleError(f"{what} and {what0} share {path!r} but record different sha256 or bytes")
 
 
 def validate_manifest(manifest: dict[str, Any], where: str = "manifest") -> None:
@@ -469,9 +547,13 @@ def verify_files(path: Path, manifest: dict[str, Any], targets: Sequence[str] | 
             None checks every file.
     """
     root = path.resolve()
+    checked: set[str] = set()  # a shared path (one package, several functions) is hashed once
     for what, target, f in _listed_files(manifest):
         if targets is not None and target is not None and target not in targets:
             continue
+        if f["path"] in checked:  # _check_paths made every entry sharing it record the same digest
+            continue
+        checked.add(f["path"])
         full = (path / f["path"]).resolve()
         if root not in full.parents:
             raise BundleError(f"{what}: {f['path']!r} points outside the bundle")
@@ -541,7 +623,7 @@ def open_bundle(path: str | Path, *, targets: Sequence[str] | None = None, verif
 
 __all__ = [
     "Bundle", "BundleError", "BundleVersionError", "COMBINE_RULES", "ChecksumError", "FORMAT", "FileEntry", "InputInfo",
-    "MANIFEST", "PRECISIONS", "SCHEMA_VERSION", "StageEntry", "TensorEntry", "check_version", "combine",
-    "load_schema", "open_bundle", "output_tensor_name", "path_bytes", "read_manifest", "safe_name", "sha256_path",
-    "softmax", "tensor_name", "validate_manifest", "verify_files",
+    "MANIFEST", "PRECISIONS", "SCHEMA_VERSION", "SHARED_PATHS_SINCE", "StageEntry", "TensorEntry", "check_version",
+    "combine", "load_schema", "open_bundle", "output_tensor_name", "package_files", "path_bytes", "read_manifest",
+    "safe_name", "sha256_path", "softmax", "tensor_name", "validate_manifest", "verify_files",
 ]
