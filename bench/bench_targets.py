@@ -3,6 +3,7 @@
 CPU, and on CUDA with and without CUDA graphs when torch sees a GPU.
 
     .venv/bin/python bench/bench_targets.py --out docs/results/targets.json
+    .venv/bin/python bench/bench_targets.py --families ahbf --parts coreml --out /tmp/targets.json
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def coreml_row(family: str, work: Path) -> dict[str, Any]:
     pkg = work / family / "model.mlpackage"
     from kdedge.targets.coreml import package_functions
 
+    # every graph's entry names the one package and its own function (no per-graph files)
+    functions = sorted(f.extra["function"] for f in files.values())
+    if {f.path for f in files.values()} != {pkg} or functions != sorted(files):
+        raise RuntimeError(f"{family}: the coreml files are not the functions of one package: {files}")
     funcs = package_functions(pkg)
     ops = sorted({o for f in funcs.values() for o in f.get("ops", [])})
     onnx_free = sum(p.numel() * 2 for g in plan.graphs for p in g.module.parameters())  # fp16 bytes, shared counted per graph
@@ -80,18 +85,24 @@ def torch_latency(family: str, work: Path, device: str, cuda_graphs: bool, runs:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/results/targets.json")
+    ap.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
+    ap.add_argument("--parts", default="coreml,torch", help="comma-separated: coreml (conversion), torch (latency)")
     args = ap.parse_args()
+    families = [f for f in args.families.split(",") if f]
+    parts = {p for p in args.parts.split(",") if p}
+    if not families or set(families) - set(FAMILIES) or not parts or parts - {"coreml", "torch"}:
+        ap.error(f"--families takes {', '.join(FAMILIES)}; --parts takes coreml, torch")
     res: dict[str, Any] = {"torch": torch.__version__, "coreml": [], "torch_latency": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for fam in FAMILIES:
+        for fam in families if "coreml" in parts else []:
             try:
                 row = coreml_row(fam, work)
             except ValueError as e:  # a stage CoreML cannot convert: recorded, not hidden
                 row = {"family": fam, "error": str(e)}
             print(json.dumps(row))
             res["coreml"].append(row)
-        for fam in FAMILIES:
+        for fam in families if "torch" in parts else []:
             modes = [("cpu", False)] + ([("cuda", False), ("cuda", True)] if torch.cuda.is_available() else [])
             for dev, cg in modes:
                 row = torch_latency(fam, work, dev, cg)

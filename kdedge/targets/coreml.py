@@ -6,11 +6,11 @@ functions are stored once).
 Bundle layout::
 
     coreml/model.mlpackage      one package; function NAME is graph NAME (stage0, prefix1, …)
-    coreml/stage0.json …        per graph: the package, its function, the package's sha256
 
-The manifest's file entry of each graph is its small ``.json`` descriptor (a bundle lists one
-file per graph); the descriptor pins the package's sha256, and sessions check it when they open
-the package, so the package is covered by the bundle's checksums through the descriptors.
+Every graph's manifest entry names the package itself, with the graph's ``function``
+(``{"path": "coreml/model.mlpackage", "function": "stage0", …}``; manifest schema 2 lets the
+entries of one target share a path this way). The bundle reader checks the package's digest
+(a directory digest, docs/bundle.md) once, before any session opens it.
 
 Conversion and the checks run on Linux (``MLModel(path, skip_model_load=True).get_spec()``:
 function names, inputs, outputs, shapes and the op list against the manifest); prediction
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -36,7 +35,6 @@ import numpy as np
 from kdedge.targets.base import Capabilities, CompiledFile, CompileSpec, GraphSource, Target, TargetError
 
 PACKAGE = "model.mlpackage"
-DESCRIPTOR_FORMAT = "kdedge-coreml-function"
 COMPUTE_UNITS = {"all": "ALL", "cpu": "CPU_ONLY", "cpu_gpu": "CPU_AND_GPU", "cpu_ne": "CPU_AND_NE"}
 
 
@@ -95,23 +93,24 @@ class CoreMLSession:
     can_abort = False
     can_bind = False
 
-    def __init__(self, descriptor: str | Path, *, name: str, inputs: Sequence[str], outputs: Sequence[str],
-                 compute_units: str = "all") -> None:
-        from kdedge.runtime.bundle import sha256_path
-
-        doc = _read_descriptor(Path(descriptor), name)
-        package = Path(descriptor).parent / doc["package"]
-        if sha256_path(package) != doc["package_sha256"]:
-            raise TargetError(f"{package} differs from the sha256 its descriptor {Path(descriptor).name} records; "
-                              "the package was modified, re-export the bundle with --target coreml")
-        if list(inputs) != doc["inputs"] or list(outputs) != doc["outputs"]:
-            raise TargetError(f"{descriptor}: function {name} has inputs {doc['inputs']} and outputs {doc['outputs']}, "
-                              f"the manifest lists {list(inputs)} and {list(outputs)}; re-export the bundle")
+    def __init__(self, package: str | Path, *, name: str, inputs: Sequence[str], outputs: Sequence[str],
+                 function: str | None = None, compute_units: str = "all") -> None:
+        package = _check_package(package)
+        function = function or name
         if compute_units not in COMPUTE_UNITS:
             raise TargetError(f"unknown compute units {compute_units!r}; known: {', '.join(COMPUTE_UNITS)}")
+        functions = package_functions(package)  # the spec only: a mismatch fails before the model loads
+        if function not in functions:
+            raise TargetError(f"{package} has no function {function!r} (it has {sorted(functions)}); "
+                              "re-export the bundle with --target coreml")
+        got_in = [i["name"] for i in functions[function]["inputs"]]
+        if got_in != list(inputs) or functions[function]["outputs"] != list(outputs):
+            raise TargetError(f"{package}: function {function} has inputs {got_in} and outputs "
+                              f"{functions[function]['outputs']}, the manifest lists {list(inputs)} and "
+                              f"{list(outputs)}; re-export the bundle with --target coreml")
         ct = import_coremltools()
         self.name, self.inputs, self.outputs = name, tuple(inputs), tuple(outputs)
-        self._model = ct.models.MLModel(str(package), function_name=doc["function"],
+        self._model = ct.models.MLModel(str(package), function_name=function,
                                         compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[compute_units]))
 
     def run(self, inputs: Mapping[str, np.ndarray], abort: Any = None) -> dict[str, np.ndarray]:
@@ -125,14 +124,14 @@ class CoreMLSession:
         self.__dict__.pop("_model", None)
 
 
-def _read_descriptor(path: Path, name: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise TargetError(f"cannot read the CoreML descriptor {path}: {e}") from None
-    if doc.get("format") != DESCRIPTOR_FORMAT or doc.get("function") != name:
-        raise TargetError(f"{path} is not the CoreML descriptor of {name}; re-export the bundle with --target coreml")
-    return doc
+def _check_package(path: str | Path) -> Path:
+    """``path`` if it is an ``.mlpackage`` directory; bundles of manifest schema 1 named a
+    per-graph ``.json`` descriptor instead, which this kdedge no longer reads."""
+    path = Path(path)
+    if path.suffix != ".mlpackage" or not path.is_dir():
+        raise TargetError(f"{path} is not a CoreML .mlpackage directory (bundles of manifest schema 1 named "
+                          "per-graph .json descriptors); re-export the bundle with --target coreml")
+    return path
 
 
 class CoreMLTarget(Target):
@@ -146,22 +145,31 @@ class CoreMLTarget(Target):
     run_requires = ("coremltools",)
     extra = "coreml"
     folder = "coreml"
-    suffix = ".json"
+    suffix = ".mlpackage"
+    device_option = "compute_units"  # the run device of a RunSpec is the compute units
 
     def can_run(self) -> bool:
         return sys.platform == "darwin" and super().can_run()
 
     def open(self, path: str | Path, *, name: str, inputs: Sequence[str], outputs: Sequence[str],
              **options: Any) -> CoreMLSession:
-        """A :class:`CoreMLSession` (macOS only); option ``compute_units`` (``all``, ``cpu``, ``cpu_gpu``, ``cpu_ne``)."""
+        """A :class:`CoreMLSession` of function ``function`` (default: ``name``) of the package at
+        ``path`` (macOS only); option ``compute_units`` (``all``, ``cpu``, ``cpu_gpu``, ``cpu_ne``)."""
         if sys.platform != "darwin":
             raise TargetError("CoreML packages predict only on macOS; on this machine run the bundle's onnx or "
                               "torch files (--target onnx)")
         self.require("run")
-        unknown = set(options) - {"compute_units"}
+        unknown = set(options) - {"compute_units", "function"}
         if unknown:
-            raise TargetError(f"unknown coreml session option(s) {sorted(unknown)}; known: compute_units")
+            raise TargetError(f"unknown coreml session option(s) {sorted(unknown)}; known: compute_units, function")
         return CoreMLSession(path, name=name, inputs=inputs, outputs=outputs, **options)
+
+    def open_entry(self, bundle: Any, entry: Any, options: Any = None) -> CoreMLSession:
+        """The graph's function of the bundle's package (the entry's ``function``)."""
+        opts = dict(options or {})
+        opts["function"] = entry.files[self.name].function if self.name in entry.files else None
+        return self.open(bundle.file(entry, self.name), name=entry.name, inputs=[i.tensor for i in entry.inputs],
+                         outputs=[o.tensor for o in entry.outputs], **opts)
 
     # -- compile -------------------------------------------------------------------------------
     def convert(self, graph: GraphSource, spec: CompileSpec) -> Any:
@@ -196,7 +204,12 @@ class CoreMLTarget(Target):
                               "an op or shape CoreML does not support (see docs/targets.md, op coverage)") from None
 
     def compile(self, graphs: Sequence[GraphSource], spec: CompileSpec, out_dir: Path) -> dict[str, CompiledFile]:
-        """Convert every graph, pack them as functions of ``out_dir/model.mlpackage``, write descriptors."""
+        """Convert every graph and pack them as the functions of ``out_dir/model.mlpackage``.
+
+        Returns:
+            one :class:`CompiledFile` per graph, all with the package's path; ``extra["function"]``
+            is the graph's function (it becomes the manifest entry's ``function``).
+        """
         spec = self.check(spec)
         self.require("compile")
         ct = import_coremltools()
@@ -220,47 +233,47 @@ class CoreMLTarget(Target):
             os.replace(tmp_pkg, package)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        from kdedge.runtime.bundle import path_bytes, sha256_path
-
-        digest, size = sha256_path(package), path_bytes(package)
-        out = {}
-        for g in graphs:
-            doc = {"format": DESCRIPTOR_FORMAT, "package": PACKAGE, "function": g.name, "package_sha256": digest,
-                   "inputs": list(g.inputs), "outputs": list(g.outputs), "precision": spec.precision,
-                   "compute_units": spec.device, "batch_range": [1, max(spec.max_batch, 2)]}
-            path = out_dir / f"{g.name}{self.suffix}"
-            path.write_text(json.dumps(doc, indent=1) + "\n")
-            out[g.name] = CompiledFile(path, spec.precision, {
-                "package": f"{self.folder}/{PACKAGE}", "function": g.name, "package_sha256": digest,
-                "package_bytes": size, "compute_units": spec.device, "coremltools": ct.__version__,
-                "deployment_target": "iOS18/macOS15"})
-        return out
+        # "device" is what the runner reads as the files' device (Target.run_device); for CoreML it
+        # is the compute units, recorded under that name too for readers of the manifest
+        facts = {"device": spec.device, "compute_units": spec.device, "coremltools": ct.__version__,
+                 "deployment_target": "iOS18/macOS15", "batch_range": [1, max(spec.max_batch, 2)]}
+        return {g.name: CompiledFile(package, spec.precision, {"function": g.name, **facts}) for g in graphs}
 
     def check_compiled(self, root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         """The Linux checks: the package's functions against the manifest; returns each function's ops.
 
+        Every graph's entry must name the one package and a function of it, with the manifest's
+        input names and shapes (a dynamic batch starting at 1) and output names.
+
         Raises:
-            TargetError: a function is missing, or its inputs, outputs or shapes differ.
+            TargetError: entries naming several packages or no function, a package that differs
+                from its recorded sha256, a missing function, or different inputs, outputs or shapes.
         """
-        from kdedge.runtime.bundle import sha256_path
+        from kdedge.runtime.bundle import BundleError, sha256_path
 
         graphs = [*manifest["stages"], *manifest["prefixes"]]
-        docs = {g["name"]: _read_descriptor(root / g["files"][self.name]["path"], g["name"]) for g in graphs}
-        packages = {(root / self.folder / d["package"]) for d in docs.values()}
-        if len(packages) != 1:
-            raise TargetError(f"the CoreML descriptors name {len(packages)} packages; expected one")
-        package = packages.pop()
-        digest = sha256_path(package)
-        for name, doc in docs.items():  # before reading the package: it may be damaged
-            if doc["package_sha256"] != digest:
-                raise TargetError(f"{name}: the package's sha256 differs from the one its descriptor records; "
-                                  "re-export the bundle with --target coreml")
+        entries = {g["name"]: g["files"][self.name] for g in graphs}
+        paths = sorted({e["path"] for e in entries.values()})
+        if len(paths) != 1:
+            raise TargetError(f"the coreml entries name {len(paths)} files {paths}; expected one package")
+        package = _check_package(root / paths[0])
+        unnamed = [n for n, e in entries.items() if not e.get("function")]
+        if unnamed:
+            raise TargetError(f"the coreml entries of {', '.join(unnamed)} name no function of {paths[0]}; re-export")
+        try:  # before coremltools parses the package: it may be damaged
+            digest = sha256_path(package)
+        except BundleError as e:
+            raise TargetError(str(e)) from None
+        if {e.get("sha256") for e in entries.values()} != {digest}:
+            raise TargetError(f"{paths[0]} differs from the sha256 its manifest entries record; "
+                              "re-export the bundle with --target coreml")
         functions = package_functions(package)
         for g in graphs:
-            name = g["name"]
-            if name not in functions:
-                raise TargetError(f"{package.name} has no function {name!r} (it has {sorted(functions)}); re-export")
-            f = functions[name]
+            name, function = g["name"], entries[g["name"]]["function"]
+            if function not in functions:
+                raise TargetError(f"{package.name} has no function {function!r} for {name} (it has "
+                                  f"{sorted(functions)}); re-export")
+            f = functions[function]
             want_in = [(i["tensor"], [int(d) for d in i["shape"][1:]]) for i in g["inputs"]]
             got_in = [(i["name"], i["shape"][1:]) for i in f["inputs"]]
             if got_in != want_in:
@@ -270,4 +283,4 @@ class CoreMLTarget(Target):
             want_out = [o["tensor"] for o in g["outputs"]]
             if f["outputs"] != want_out:
                 raise TargetError(f"{name}: the package's outputs {f['outputs']} differ from the manifest's {want_out}")
-        return {"package": f"{self.folder}/{PACKAGE}", "functions": functions}
+        return {"package": paths[0], "functions": functions}
