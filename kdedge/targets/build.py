@@ -12,6 +12,13 @@ inputs, outputs and ops against the manifest), and the entry says which was done
 
 ``build_bundle`` rewrites the bundle atomically (a new directory swapped in place), so an
 interrupted build leaves the old bundle as it was.
+
+INT8 engines from an FP32 bundle (TensorRT 10) are calibrated on real images:
+``spec.options["calibration"]`` is a :class:`kdedge.targets.calibration.CalibrationSet` made
+from this bundle; the build verifies on its first images (not random ones, which an INT8
+engine's calibrated ranges do not cover) and records what calibrated it in each file entry
+(``calibration``) and in ``provenance.targets``. :func:`preflight` refuses a request (calibration
+that nothing would use included) before any image is read.
 """
 
 from __future__ import annotations
@@ -160,17 +167,56 @@ def add_target(root: Path, manifest: dict[str, Any], target_name: str, spec: Com
     return report
 
 
+def preflight(bundle: Any, target_name: str, spec: CompileSpec | None = None,
+              calibration_batch: int | None = None) -> CompileSpec:
+    """Check a ``kdedge build`` request against an opened bundle before any work is done.
+
+    Args:
+        bundle: the opened bundle.
+        target_name: the target to add.
+        spec: the request (None: the defaults).
+        calibration_batch: the calibration batch size when calibration images are given.
+
+    Returns:
+        the checked spec (device filled in).
+
+    Raises:
+        TargetError: a target built from the stage modules, calibration that no graph would use
+            or that the target does not take, a precision the installed version cannot build,
+            a missing library, or a bundle that already holds the target.
+    """
+    target = get_target(target_name)
+    spec = target.check(spec or CompileSpec())
+    if target.caps.source != "onnx":
+        raise TargetError(f"target {target_name!r} compiles from the stage modules, not from ONNX; run "
+                          f"`kdedge export RUN_DIR --target {target_name}` where the training run is")
+    # the ONNX precision of each graph: int8 files are QDQ (docs/bundle.md, quantization)
+    qdq = {e.name: e.files["onnx"].precision == "int8" for e in (*bundle.stages, *bundle.prefixes)}
+    check = getattr(target, "check_build", None)
+    if check is not None:
+        check(spec, qdq, calibration_batch)
+    elif calibration_batch is not None:
+        raise TargetError(f"target {target_name!r} takes no calibration images (tensorrt does, for int8 from an "
+                          "FP32 bundle); drop --calib/--calib-data")
+    target.require("compile")
+    if target_name in bundle.targets:
+        raise TargetError(f"bundle {bundle.path} already holds {target_name!r} files; re-export it to rebuild them")
+    return spec
+
+
 def build_bundle(path: str | Path, target_name: str, spec: CompileSpec | None = None,
                  progress: Progress | None = None, verify_n: int = 4, seed: int = 0,
                  open_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compile a bundle's ONNX files for an add-on target (TensorRT on the device) and add them.
 
     The bundle is opened (checksums verified), copied into a temporary sibling directory, the
-    target's files are compiled and verified there (against onnxruntime on ``verify_n`` random
-    inputs, seeded, when both run here), and the new bundle replaces the old one atomically.
+    target's files are compiled and verified there (against onnxruntime on ``verify_n`` inputs
+    when both run here: the first calibration images when ``spec.options["calibration"]`` is
+    set, else seeded random ones), and the new bundle replaces the old one atomically.
 
     Returns:
-        the verification report.
+        the verification report, with ``calibration`` (what calibrated the build, or None); it
+        is also recorded under ``provenance.targets[target_name]``.
 
     Raises:
         TargetError: the target cannot be built from ONNX, or the request / build fails.
@@ -179,32 +225,40 @@ def build_bundle(path: str | Path, target_name: str, spec: CompileSpec | None = 
     from kdedge.export.manifest import BundleDir
 
     say = progress or (lambda _m: None)
-    target = get_target(target_name)
-    spec = target.check(spec or CompileSpec())
-    if target.caps.source != "onnx":
-        raise TargetError(f"target {target_name!r} compiles from the stage modules, not from ONNX; run "
-                          f"`kdedge export RUN_DIR --target {target_name}` where the training run is")
-    target.require("compile")
     bundle = open_bundle(path, targets=["onnx"])
-    if target_name in bundle.targets:
-        raise TargetError(f"bundle {bundle.path} already holds {target_name!r} files; re-export it to rebuild them")
+    calib = (spec.options.get("calibration") if spec is not None else None)
+    if calib is not None:
+        calib.check_bundle(bundle)
+    spec = preflight(bundle, target_name, spec, None if calib is None else int(calib.batch_size))
     manifest = {**bundle.manifest, "stages": [dict(s, files=dict(s["files"])) for s in bundle.manifest["stages"]],
                 "prefixes": [dict(s, files=dict(s["files"])) for s in bundle.manifest["prefixes"]]}
     x = None
-    if verify_n > 0:
+    if verify_n > 0 and calib is not None:
+        x = calib.images[:verify_n]
+    elif verify_n > 0:
         shape = [int(d) for d in bundle.input_shape[1:]]
         x = np.random.default_rng(seed).standard_normal((verify_n, *shape)).astype(np.float32)
-    with BundleDir(bundle.path, force=True) as bd:
-        for item in bundle.path.iterdir():
-            if item.name == "manifest.json":
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, bd.tmp / item.name)
-        # compile from the copies, so the sources are the files that are committed
-        sources = [GraphSource(**{**s.__dict__, "onnx": bd.tmp / Path(s.onnx).relative_to(bundle.path)})
-                   for s in sources_from_bundle(bundle)]
-        report = add_target(bd.tmp, manifest, target_name, spec, sources, verify_x=x, progress=say,
-                            open_options=open_options)
-        bd.commit(manifest)
+    try:
+        with BundleDir(bundle.path, force=True) as bd:
+            for item in bundle.path.iterdir():
+                if item.name == "manifest.json":
+                    continue
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, bd.tmp / item.name)
+            # compile from the copies, so the sources are the files that are committed
+            sources = [GraphSource(**{**s.__dict__, "onnx": bd.tmp / Path(s.onnx).relative_to(bundle.path)})
+                       for s in sources_from_bundle(bundle)]
+            report = add_target(bd.tmp, manifest, target_name, spec, sources, verify_x=x, progress=say,
+                                open_options=open_options)
+            if report["verified"] == "onnxruntime":
+                report["verify_inputs"] = "calibration images" if calib is not None else f"random (seed {seed})"
+            report["calibration"] = None if calib is None else calib.record()
+            prov = dict(manifest["provenance"])
+            prov["targets"] = {**prov.get("targets", {}), target_name: report}
+            manifest["provenance"] = prov
+            bd.commit(manifest)
+    finally:
+        if calib is not None:
+            calib.close()
     return report
 
 

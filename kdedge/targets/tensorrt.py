@@ -10,6 +10,14 @@ calibration batches; TensorRT 11 removed those flags and calibrators: precision 
 network (strongly typed), so INT8 needs the QDQ ONNX that ``--precision int8`` exports, and
 FP16 an FP16 ONNX (refused here, with the reason).
 
+Calibration (TensorRT 10, INT8 from an FP32 ONNX): ``spec.options["calibration"]`` is a
+:class:`kdedge.targets.calibration.CalibrationSet`; each graph gets its own calibrator over its
+own inputs (a later stage is calibrated on the carried tensors the ONNX chain computes), one
+device buffer per input, a fixed batch size with a calibration profile of exactly that batch,
+and a calibration cache keyed by the graph's ONNX sha256, the data digest and the TensorRT
+version (:func:`calibration_cache_path`). Calibration given where it has no use (a precision
+other than int8, a bundle whose graphs are all QDQ) is refused (:func:`check_calibration`).
+
 Engine file (``tensorrt/stageK.plan``): ``KDTRT1\\n`` + 4-byte little-endian length + JSON
 metadata (TensorRT, CUDA, GPU name and compute capability, JetPack/L4T, batch range,
 precision, tensor names) + the serialized engine. An engine is tied to the GPU and the
@@ -20,12 +28,14 @@ Sessions bind device buffers once per batch size, keep carried tensors on the GP
 ``execute_async_v3`` on one CUDA stream, and can replay a captured CUDA graph.
 
 Runs here: the GPU-free parts (profile shapes, metadata, mismatch refusal, version selection,
-the format table). The builder and the sessions need TensorRT and a GPU (tests marked
-``tensorrt``).
+the format table, calibration rules, cache keys, and the calibrator and the build driven by fake
+``tensorrt`` / CUDA modules). The builder and the sessions need TensorRT and a GPU (tests
+marked ``tensorrt``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -95,6 +105,43 @@ def precision_plan(major: int, precision: str, onnx_is_qdq: bool, have_calibrati
         return {"strongly_typed": True, "flags": [], "calibrator": False}
     raise TargetError("TensorRT 11 takes precision from the network and has no FP16 builder flag; an FP16 engine "
                       "needs an FP16 ONNX, which kdedge does not write: build fp32, or int8 from a QDQ bundle")
+
+
+def check_calibration(precision: str, qdq: Mapping[str, bool], calibrated: bool) -> None:
+    """Refuse calibration images where no graph would use them (never silently ignored).
+
+    Args:
+        precision: the requested precision.
+        qdq: graph name -> its ONNX is QDQ (an INT8 export; TensorRT reads its scales).
+        calibrated: calibration images were given.
+
+    Raises:
+        TargetError: calibration with a precision other than int8, or for a bundle whose graphs
+            are all QDQ.
+    """
+    if not calibrated:
+        return
+    if precision != "int8":
+        raise TargetError(f"calibration images are used only to build int8 engines, this build is {precision}; "
+                          "drop --calib/--calib-data, or build with --precision int8")
+    if qdq and all(qdq.values()):
+        raise TargetError("this bundle is INT8 QDQ (exported with --precision int8): TensorRT takes the scales from "
+                          "its Q/DQ nodes and needs no calibration; drop --calib/--calib-data")
+
+
+def calibration_cache_path(directory: Path, graph: str, onnx_sha256: str, data_digest: str, trt_version: str) -> Path:
+    """The calibration cache of one graph: keyed by its ONNX, the calibration data (images, batch
+    size and the graphs that compute its inputs) and the TensorRT version, so that a cache is
+    never reused for another bundle, other data or another TensorRT."""
+    key = hashlib.sha256(f"{onnx_sha256}\0{data_digest}\0{trt_version}".encode()).hexdigest()[:32]
+    return Path(directory) / f"calib-{re.sub(r'[^A-Za-z0-9_]', '_', graph)}-{key}.cache"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # builds in other processes may write the same key
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def profile_shapes(inputs: Sequence[tuple[str, Sequence[int]]], min_batch: int, opt_batch: int,
@@ -367,28 +414,56 @@ class TensorRTTarget(Target):
     extra = "tensorrt"
     folder = "tensorrt"
     suffix = ".plan"
+    calibrates = True  # takes spec.options["calibration"] (TensorRT 10, INT8 from an FP32 ONNX)
+
+    def check_build(self, spec: CompileSpec, qdq: Mapping[str, bool], calibration_batch: int | None) -> None:
+        """Refuse a build request before any work: calibration where it has no use, a calibration
+        batch outside the batch range and, when TensorRT is installed, a precision its version
+        cannot build (:func:`precision_plan`, per graph).
+
+        Args:
+            spec: the checked request.
+            qdq: graph name -> its ONNX is QDQ.
+            calibration_batch: the calibration batch size, None without calibration.
+        """
+        check_calibration(spec.precision, qdq, calibration_batch is not None)
+        if calibration_batch is not None and not spec.min_batch <= calibration_batch <= spec.max_batch:
+            raise TargetError(f"the calibration batch {calibration_batch} is outside the engine's batch range "
+                              f"{spec.min_batch}..{spec.max_batch}; pass --calib-batch within it")
+        if self.can_compile():
+            import tensorrt as trt
+
+            major = trt_major(trt.__version__)
+            for is_qdq in qdq.values():
+                precision_plan(major, spec.precision, is_qdq, have_calibration=calibration_batch is not None)
 
     def compile(self, graphs: Sequence[GraphSource], spec: CompileSpec, out_dir: Path) -> dict[str, CompiledFile]:
+        """One engine per graph; options: ``calibration`` (a
+        :class:`~kdedge.targets.calibration.CalibrationSet`), ``timing_cache_dir`` (also where
+        calibration caches go), ``workspace_mb``."""
         spec = self.check(spec)
         self.require("compile")
         import tensorrt as trt
 
         major = trt_major(trt.__version__)
+        calib = spec.options.get("calibration")
+        qdq = {g.name: onnx_is_qdq(Path(g.onnx)) for g in graphs if g.onnx is not None}
+        self.check_build(spec, qdq, None if calib is None else int(calib.batch_size))
         here = device_facts()
         out_dir.mkdir(parents=True, exist_ok=True)
         cache_dir = Path(spec.options.get("timing_cache_dir", Path.home() / ".cache" / "kdedge" / "tensorrt"))
         cache_path = timing_cache_path(cache_dir, here)
         out = {}
         for g in graphs:
-            out[g.name] = self._build(trt, major, here, g, spec, out_dir, cache_path)
+            out[g.name] = self._build(trt, major, here, g, spec, out_dir, cache_path, qdq.get(g.name, False))
         return out
 
     def _build(self, trt: Any, major: int, here: Mapping[str, Any], g: GraphSource, spec: CompileSpec,
-               out_dir: Path, cache_path: Path) -> CompiledFile:
+               out_dir: Path, cache_path: Path, is_qdq: bool) -> CompiledFile:
         if g.onnx is None:
             raise TargetError(f"{g.name}: the tensorrt target builds from the stage ONNX file, none was given")
-        plan = precision_plan(major, spec.precision, onnx_is_qdq(Path(g.onnx)),
-                              have_calibration=spec.options.get("calibration") is not None)
+        calib = spec.options.get("calibration")
+        plan = precision_plan(major, spec.precision, is_qdq, have_calibration=calib is not None)
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         flags = 0
@@ -408,28 +483,54 @@ class TensorRTTarget(Target):
                                                   spec.opt_batch, spec.max_batch).items():
             profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
+        calibrator = None
+        record = None
         if plan["calibrator"]:
-            config.int8_calibrator = _calibrator(trt, spec.options["calibration"], g.inputs[0],
-                                                 cache_path.with_suffix(f".{g.name}.calib"))
-            config.set_calibration_profile(profile)
+            batches = calib.for_graph(g.name)
+            if tuple(batches.inputs) != tuple(g.inputs):
+                raise TargetError(f"{g.name}: the calibration batches hold {list(batches.inputs)}, the graph reads "
+                                  f"{list(g.inputs)}; make the calibration set from this bundle")
+            from kdedge.runtime.bundle import sha256_path
+
+            cal_file = calibration_cache_path(cache_path.parent, g.name, sha256_path(g.onnx), batches.digest,
+                                              str(trt.__version__))
+            calibrator = _calibrator(trt, batches, cal_file)
+            config.int8_calibrator = calibrator
+            # a profile of exactly the calibration batch: with dynamic shapes TensorRT calibrates at
+            # the calibration profile's OPT shape, which must be the batches' shape
+            cal_profile = builder.create_optimization_profile()
+            for name, shape in zip(g.inputs, g.input_shapes):
+                full = (batches.batch_size, *shape)
+                cal_profile.set_shape(name, full, full, full)
+            config.set_calibration_profile(cal_profile)
+            record = {**calib.record(), "graph_digest": batches.digest, "cache": cal_file.name}
         blob = cache_path.read_bytes() if cache_path.is_file() else b""
         cache = config.create_timing_cache(blob)
         config.set_timing_cache(cache, ignore_mismatch=False)
-        engine = builder.build_serialized_network(network, config)
+        try:
+            engine = builder.build_serialized_network(network, config)
+        finally:
+            if calibrator is not None:
+                calibrator.close()
+        if calibrator is not None and calibrator.error is not None:
+            raise calibrator.error  # raised inside a TensorRT callback, which cannot carry it
         if engine is None:
             raise TargetError(f"TensorRT could not build an engine for {g.name} ({spec.precision}); see the "
                               "TensorRT log above")
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".{cache_path.name}.tmp")
-        tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
-        os.replace(tmp, cache_path)
+        if record is not None:
+            record.update(batches_fed=calibrator.fed, cache_reused=calibrator.cache_reused)
+        _write_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
         meta = {**here, "name": g.name, "inputs": list(g.inputs), "outputs": list(g.outputs),
                 "precision": spec.precision, "batch_range": [spec.min_batch, spec.max_batch],
-                "opt_batch": spec.opt_batch, "strongly_typed": plan["strongly_typed"], "flags": plan["flags"]}
+                "opt_batch": spec.opt_batch, "strongly_typed": plan["strongly_typed"], "flags": plan["flags"],
+                "calibration": None if record is None else record["digest"]}
         dest = out_dir / f"{g.name}{self.suffix}"
         write_engine(dest, meta, bytes(memoryview(engine)))
-        return CompiledFile(dest, spec.precision, {k: meta[k] for k in (
-            "tensorrt", "cuda", "gpu", "compute_capability", "jetson_l4t", "batch_range", "strongly_typed")})
+        extra = {k: meta[k] for k in ("tensorrt", "cuda", "gpu", "compute_capability", "jetson_l4t", "batch_range",
+                                      "strongly_typed")}
+        if record is not None:
+            extra["calibration"] = record
+        return CompiledFile(dest, spec.precision, extra)
 
     def open(self, path: str | Path, *, name: str, inputs: Sequence[str], outputs: Sequence[str],
              **options: Any) -> TensorRTSession:
@@ -447,37 +548,92 @@ class TensorRTTarget(Target):
                          outputs=[o.tensor for o in entry.outputs], **opts)
 
 
-def _calibrator(trt: Any, batches: Any, input_name: str, cache_file: Path) -> Any:
-    """A TensorRT 10 entropy calibrator over an iterable of input arrays [N, C, H, W] (float32)."""
+def _calibrator(trt: Any, batches: Any, cache_file: Path) -> Any:
+    """A TensorRT 10 entropy calibrator for one graph.
+
+    Args:
+        trt: the ``tensorrt`` module.
+        batches: the graph's :class:`~kdedge.targets.calibration.GraphBatches` (re-iterable of
+            ``{tensor name: array [batch_size, ...]}``; ``inputs``, ``shapes``, ``dtypes``,
+            ``batch_size``).
+        cache_file: where the calibration table is read from and written to (atomically).
+
+    The calibrator allocates one device buffer per input at its first batch, answers
+    ``get_batch(names)`` with one device pointer per name in the order of ``names``, returns None
+    at the end of the data, and keeps an exception raised in a callback in ``error`` (TensorRT
+    cannot carry it) for the build to re-raise. ``close()`` frees the buffers.
+    """
     cudart = _cudart()
+    names_ = tuple(batches.inputs)
+    size = int(batches.batch_size)
+    spec_ = {n: ((size, *(int(d) for d in s)), np.dtype(_NP.get(dt, dt)))
+             for n, s, dt in zip(names_, batches.shapes, batches.dtypes)}
 
     class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
-            super().__init__()
-            self._it = iter(batches)
-            self._ptr = None
-            self._n = 0
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self._it: Any = None
+            self._ptrs: dict[str, int] = {}
+            self.fed = 0
+            self.cache_reused = False
+            self.error: BaseException | None = None
 
         def get_batch_size(self) -> int:
-            return self._n or 1
+            return size  # fixed up front: TensorRT may ask before the first batch
 
         def get_batch(self, names: Sequence[str]) -> Any:
-            try:
-                x = np.ascontiguousarray(next(self._it), np.float32)
-            except StopIteration:
+            if self.error is not None:
                 return None
-            if self._ptr is None:
-                err, self._ptr = cudart.cudaMalloc(x.nbytes)
-                _check(err, "cudaMalloc")
-                self._n = x.shape[0]
-            _check(cudart.cudaMemcpy(self._ptr, x.ctypes.data, x.nbytes,
-                                     cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)[0], "memcpy H2D")
-            return [int(self._ptr)]
+            try:
+                return self._next(list(names))
+            except Exception as e:  # noqa: BLE001 - re-raised by the build, after TensorRT returns
+                self.error = e if isinstance(e, TargetError) else TargetError(
+                    f"calibrating {batches.name}: {type(e).__name__}: {e}")
+                return None
+
+        def _next(self, names: list[str]) -> list[int] | None:
+            unknown = [n for n in names if n not in spec_]
+            if unknown:
+                raise TargetError(f"calibrating {batches.name}: TensorRT asks for input(s) {unknown}, the calibration "
+                                  f"batches hold {list(names_)}")
+            if self._it is None:
+                self._it = iter(batches)
+            batch = next(self._it, None)
+            if batch is None:
+                return None
+            if not self._ptrs:
+                for n, (shape, dtype) in spec_.items():
+                    err, ptr = cudart.cudaMalloc(int(np.prod(shape)) * dtype.itemsize)
+                    _check(err, "cudaMalloc")
+                    self._ptrs[n] = int(ptr)
+            out = []
+            for n in names:
+                shape, dtype = spec_[n]
+                a = np.ascontiguousarray(batch[n], dtype)
+                if a.shape != shape:
+                    raise TargetError(f"calibrating {batches.name}: batch of {n} has shape {list(a.shape)}, expected "
+                                      f"{list(shape)}")
+                _check(cudart.cudaMemcpy(self._ptrs[n], a.ctypes.data, a.nbytes,
+                                         cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)[0], "memcpy H2D")
+                out.append(self._ptrs[n])
+            self.fed += 1
+            return out
 
         def read_calibration_cache(self) -> Any:
-            return cache_file.read_bytes() if cache_file.is_file() else None
+            if cache_file.is_file():
+                self.cache_reused = True
+                return cache_file.read_bytes()
+            return None
 
         def write_calibration_cache(self, cache: Any) -> None:
-            cache_file.write_bytes(bytes(cache))
+            try:
+                _write_atomic(cache_file, bytes(memoryview(cache)))
+            except OSError as e:
+                self.error = TargetError(f"cannot write the calibration cache {cache_file}: {e.strerror or e}")
+
+        def close(self) -> None:
+            for ptr in self._ptrs.values():
+                cudart.cudaFree(ptr)
+            self._ptrs.clear()
 
     return Calibrator()
