@@ -245,7 +245,9 @@ def test_manifest_of_a_newer_schema_is_refused(toy, tmp_path: Path) -> None:
     (dst / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="schema version 99"):
         Runner(dst)
-    assert open_bundle(toy[0]).schema_version == 1
+    from kdedge.runtime.bundle import SCHEMA_VERSION
+
+    assert open_bundle(toy[0]).schema_version == SCHEMA_VERSION == 2
 
 
 def test_runner_agrees_with_export_evaluation(toy) -> None:
