@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from kdedge.models.ahbf import AHBFNet, AHBFOutput, AHBFStudent
 from kdedge.train.losses.ahbf import ahbf_loss, cl_loss, dml_loss, labelled_ce, one_loss, rampup
-from kdedge.train.task import IGNORE_INDEX, Task, unwrap
+from kdedge.train.evaluate import eval_mode, evaluate_model, labelled_batches
+from kdedge.train.task import Task, unwrap
 
 VARIANTS = ("ahbf", "one", "cl", "dml", "vanilla")
 FUSION_OF = {"ahbf": "ahbf", "one": "one", "cl": "none", "dml": "none", "vanilla": "none"}
@@ -156,21 +157,15 @@ class AHBFTask(Task):
         """
         inner = unwrap(model)
         if isinstance(inner, AHBFStudent):  # an extracted student: a plain one-stage model
-            from kdedge.train.evaluate import evaluate_model
-
             return evaluate_model(inner, loader, device)
         if not isinstance(inner, AHBFNet):
             raise ValueError(f"the ahbf method evaluates 'ahbf' models, got {type(inner).__name__}")
-        was_training = inner.training
-        inner.eval()
         correct: dict[str, int] = {}
-        total, loss_sum, shape = 0, 0.0, None
-        try:
-            for x, y in loader:
-                keep = y != IGNORE_INDEX
-                if not bool(keep.any()):
-                    continue
-                x, y = x[keep].to(device), y[keep].to(device)
+        total, loss_sum = 0, 0.0
+        shape: tuple[int, ...] = ()
+        with eval_mode(inner):
+            for x, y in labelled_batches(loader):
+                x, y = x.to(device), y.to(device)
                 shape = tuple(int(d) for d in x.shape[1:])
                 out = inner(x)
                 named = {f"branch{m}": z for m, z in enumerate(out.branches, start=1)}
@@ -183,10 +178,6 @@ class AHBFTask(Task):
                     correct[k] = correct.get(k, 0) + int((z.argmax(1) == y).sum())
                 loss_sum += float(F.cross_entropy(out.logits.float(), y, reduction="sum"))
                 total += int(y.numel())
-        finally:
-            inner.train(was_training)
-        if total == 0 or shape is None:
-            raise ValueError("evaluation split holds no labelled samples")
         result: dict[str, Any] = {"accuracy": correct[f"branch{inner.target + 1}"] / total, "loss": loss_sum / total,
                                   "n": total, "target_branch": inner.target + 1}
         result.update({f"accuracy_{k}": c / total for k, c in correct.items()})

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from kdedge.models.hne import HNE
 from kdedge.train.losses.hne import LOSSES, anneal_temperature, ensemble_confidence, hne_loss
-from kdedge.train.task import IGNORE_INDEX, Task, TemperatureState, mean_over_ranks, unwrap
+from kdedge.train.evaluate import eval_mode, labelled_batches
+from kdedge.train.task import Task, TemperatureState, mean_over_ranks, unwrap
 
 __all__ = ["HNEConfig", "HNETask", "member_logits", "summarize", "complexity"]
 
@@ -130,25 +131,19 @@ def member_logits(model: HNE, loader: Any, device: Any) -> tuple[Tensor, Tensor,
 
     Returns:
         (logits [N, samples, K] float32 on the CPU, labels [samples], input shape (C, H, W)).
+
+    Raises:
+        ValueError: the loader holds no labelled sample.
     """
-    was_training = model.training
-    model.eval()
     chunks: list[Tensor] = []
     labels: list[Tensor] = []
-    shape: tuple[int, ...] | None = None
-    try:
-        for x, y in loader:
-            keep = y != IGNORE_INDEX
-            if not bool(keep.any()):
-                continue
-            x = x[keep].to(device)
+    shape: tuple[int, ...] = ()
+    with eval_mode(model):
+        for x, y in labelled_batches(loader):
+            x = x.to(device)
             shape = tuple(int(d) for d in x.shape[1:])
             chunks.append(model(x).float().cpu())
-            labels.append(y[keep].cpu())
-    finally:
-        model.train(was_training)
-    if shape is None:
-        raise ValueError("evaluation split holds no labelled samples")
+            labels.append(y.cpu())
     return torch.cat(chunks, dim=1), torch.cat(labels), shape
 
 

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from kdedge.models.multiexit import num_exits
-from kdedge.models.stages import run_stages
 from kdedge.runtime import exits as modes
 from kdedge.train.losses.multiexit import (
     TEACHER_CHOICES,
@@ -33,7 +32,8 @@ from kdedge.train.losses.multiexit import (
     teacher_confidence,
     teacher_sets,
 )
-from kdedge.train.task import IGNORE_INDEX, Task, TemperatureState, mean_over_ranks, unwrap
+from kdedge.train.evaluate import stage_logits
+from kdedge.train.task import Task, TemperatureState, mean_over_ranks, unwrap
 
 LOSSES = ("exitwise", "distill")
 
@@ -188,39 +188,21 @@ class MultiExitTask(TemperatureState, Task):
         return {**found["test"], "modes": {k: found[k] for k in ("val_per_exit", "budget", "early_exit")}}
 
 
-@torch.no_grad()
 def exit_probabilities(task: MultiExitTask, model: nn.Module, loader: Any,
                        device: Any) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Run the model's stages over a loader (labelled samples only).
 
     Returns:
-        (probabilities [E, N, K] float64, labels [N], cumulative MACs of reaching each exit).
+        (probabilities [E, N, K] float32, labels [N], cumulative MACs of reaching each exit).
+
+    Raises:
+        ValueError: the loader holds no labelled sample.
     """
     inner = unwrap(model)
-    stages = inner.stages()  # type: ignore[operator]
-    was_training = inner.training
-    inner.eval()
-    chunks: list[list[np.ndarray]] = [[] for _ in stages]
-    labels: list[np.ndarray] = []
-    shape: tuple[int, ...] | None = None
-    try:
-        for x, y in loader:
-            keep = y != IGNORE_INDEX
-            if not bool(keep.any()):
-                continue
-            x = x[keep].to(device)
-            shape = tuple(int(d) for d in x.shape[1:])
-            outs = run_stages(stages, x)
-            for k, (o, s) in enumerate(zip(outs, stages)):
-                chunks[k].append(o[s.spec.logits].float().cpu().numpy())
-            labels.append(y[keep].cpu().numpy())
-        if shape is None:
-            raise ValueError("evaluation split holds no labelled samples")
-        macs = task._cumulative_macs(inner, stages, shape)
-    finally:
-        inner.train(was_training)
-    probs = modes.softmax(np.stack([np.concatenate(c) for c in chunks])).astype(np.float32)  # halve the memory
-    return probs, np.concatenate(labels), macs
+    found = stage_logits(inner, loader, device)
+    macs = task._cumulative_macs(inner, inner.stages(), found.input_shape)  # type: ignore[operator]
+    probs = modes.softmax(np.stack([z.numpy() for z in found.logits])).astype(np.float32)  # halve the memory
+    return probs, found.labels.numpy(), macs
 
 
 def summarize(probs: np.ndarray, labels: np.ndarray, macs: Sequence[int]) -> dict[str, Any]:
