@@ -20,10 +20,12 @@ from kdedge.train.data import (
     DataError,
     DatasetInfo,
     EpochSampler,
+    LabelledBatchSampler,
     ShardSampler,
     load_data,
     make_loader,
     preprocess,
+    set_loader_epoch,
 )
 from kdedge.train.task import IGNORE_INDEX
 
@@ -221,6 +223,131 @@ def test_distributed_loader_matches_single_process_with_one_rank(tmp_path: Path)
         dist.destroy_process_group()
 
 
+
+# ---------------------------------------------------------------- fixed labelled images per batch
+
+
+@pytest.fixture(scope="module")
+def semi() -> tuple[DataConfig, object]:
+    """digits with 10 labelled images per class (100) and the rest (1,193) as the unlabelled pool."""
+    cfg = DataConfig(name="digits", per_class=10, unlabelled=True, batch_size=64, labelled_per_batch=16)
+    return cfg, load_data(cfg, 0)
+
+
+def _batches(sampler: LabelledBatchSampler, epoch: int) -> list[list[int]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_every_batch_holds_exactly_k_labelled_images(semi: tuple) -> None:
+    cfg, s = semi
+    ds = s.train_set(cfg)
+    loader = make_loader(ds, cfg.batch_size, train=True, seed=3, labelled_per_batch=cfg.labelled_per_batch)
+    set_loader_epoch(loader, 2)
+    ys = [y for _, y in loader]
+    n_u = len(s.unlabelled)
+    assert len(ys) == len(loader) == n_u // 48  # one pass over the unlabelled pool, last partial batch dropped
+    for y in ys:
+        assert len(y) == 64 and int((y != IGNORE_INDEX).sum()) == 16
+    # the loader yields the batches its batch sampler lists, and the labels it shows are the true ones
+    batches = list(loader.batch_sampler)
+    assert all(torch.equal(y, torch.as_tensor(ds.targets[b])) for y, b in zip(ys, batches))
+    # the labelled set is cycled evenly: 24 * 16 = 384 uses of 100 images, so each is used 3 or 4 times
+    counts = np.bincount(np.concatenate([b[:16] for b in batches]), minlength=len(s.train))[: len(s.train)]
+    assert counts.sum() == 24 * 16 and counts.max() - counts.min() <= 1
+
+
+def test_every_unlabelled_image_appears_once_per_epoch(semi: tuple) -> None:
+    cfg, s = semi
+    targets = s.train_set(cfg).targets
+    unl = set(np.flatnonzero(targets == IGNORE_INDEX).tolist())
+    keep = LabelledBatchSampler(np.flatnonzero(targets != IGNORE_INDEX), sorted(unl), 64, 16, seed=0, drop_last=False)
+    seen = [i for b in _batches(keep, 1) for i in b[16:]]
+    assert len(seen) == len(unl) and set(seen) == unl  # each exactly once
+    assert len(keep) == -(-len(unl) // 48) and len(list(keep)[-1]) == 16 + len(unl) % 48  # a smaller last batch
+    drop = LabelledBatchSampler(np.flatnonzero(targets != IGNORE_INDEX), sorted(unl), 64, 16, seed=0)
+    seen = [i for b in _batches(drop, 1) for i in b[16:]]
+    assert len(seen) == len(set(seen)) == len(drop) * 48 and len(unl) - len(seen) < 48 and set(seen) <= unl
+
+
+def test_labelled_batches_are_a_function_of_seed_and_epoch() -> None:
+    lab, unl = np.arange(30), np.arange(30, 500)
+    a = LabelledBatchSampler(lab, unl, 32, 8, seed=4)
+    first = [_batches(a, e) for e in range(3)]
+    torch.manual_seed(123)  # the global RNG plays no part
+    resumed = _batches(LabelledBatchSampler(lab, unl, 32, 8, seed=4), 2)
+    assert resumed == first[2]
+    assert first[0] != first[1] and [b[:8] for b in first[0]] != [b[:8] for b in first[1]]
+    assert _batches(LabelledBatchSampler(lab, unl, 32, 8, seed=5), 0) != first[0]
+    assert list(a) == first[2]  # iterating again repeats the selected epoch
+
+
+def test_labelled_batches_shard_disjointly_over_ranks() -> None:
+    lab, unl = np.arange(37), np.arange(37, 37 + 401)
+    for drop_last in (None, False):
+        ranks = [LabelledBatchSampler(lab, unl, 24, 5, seed=1, rank=r, world_size=2, drop_last=drop_last)
+                 for r in range(2)]
+        per_rank = [_batches(r, 3) for r in ranks]
+        assert len(ranks[0]) == len(ranks[1]) == len(per_rank[0]) == len(per_rank[1])
+        assert all(len(b) == 24 for b in per_rank[0][:-1]) and all(len(b[:5]) == 5 for b in sum(per_rank, []))
+        u0, u1 = ([i for b in batches for i in b[5:]] for batches in per_rank)
+        assert all(i >= 37 for i in u0 + u1) and all(i < 37 for b in sum(per_rank, []) for i in b[:5])
+        if drop_last is None:  # full batches only, disjoint over ranks
+            assert len(ranks[0]) == 401 // 2 // 19 and not set(u0) & set(u1) and len(set(u0)) == len(u0)
+        else:  # the pool covered; 401 is odd, so one image is repeated to even out the shards (DistributedSampler's rule)
+            assert set(u0) | set(u1) == set(unl.tolist()) and len(u0) == len(u1) == 201 and len(set(u0) & set(u1)) <= 1
+        # the labelled stream is split between the ranks too: each pass of a permutation gives each
+        # image to one rank, so over the epoch the ranks together use every image evenly
+        both = np.bincount([i for batches in per_rank for b in batches for i in b[:5]], minlength=37)
+        assert both.max() - both.min() <= 1
+    # one rank of a world of one is the single-process sampler
+    assert _batches(LabelledBatchSampler(lab, unl, 24, 5, seed=1, rank=0, world_size=1), 3) == \
+        _batches(LabelledBatchSampler(lab, unl, 24, 5, seed=1), 3)
+
+
+def test_labelled_batches_hold_for_odd_sizes() -> None:
+    for n_l, n_u, bs, k, world, drop_last in [(3, 10, 4, 2, 1, None), (5, 7, 8, 7, 2, None), (2, 50, 6, 5, 3, True),
+                                              (11, 9, 5, 1, 4, False), (4, 3, 16, 3, 2, None)]:
+        lab, unl = np.arange(n_l), np.arange(n_l, n_l + n_u)
+        ranks = [LabelledBatchSampler(lab, unl, bs, k, seed=0, rank=r, world_size=world, drop_last=drop_last)
+                 for r in range(world)]
+        batches = [_batches(r, 0) for r in ranks]
+        assert len({len(b) for b in batches}) == 1 and len(batches[0]) == len(ranks[0]) >= 1
+        for b in sum(batches, []):
+            assert sum(i < n_l for i in b) == k and 1 <= len(b) - k <= bs - k
+
+
+def test_labelled_per_batch_errors(semi: tuple) -> None:
+    cfg, s = semi
+    ds = s.train_set(cfg)
+    with pytest.raises(DataError, match="smaller than batch_size"):
+        make_loader(ds, 16, train=True, labelled_per_batch=16)
+    with pytest.raises(DataError, match="training loaders only"):
+        make_loader(ds, 16, train=False, labelled_per_batch=4)
+    with pytest.raises(DataError, match="needs an unlabelled pool"):
+        make_loader(s.train, 16, train=True, labelled_per_batch=4)
+    with pytest.raises(DataError, match="targets array"):
+        make_loader(torch.utils.data.TensorDataset(torch.zeros(8, 1)), 4, train=True, labelled_per_batch=2)
+    with pytest.raises(DataError, match="rank 2 outside"):
+        LabelledBatchSampler([0], [1, 2], 2, 1, rank=2, world_size=2)
+
+
+def test_distributed_labelled_loader_with_one_rank_is_the_single_process_one(semi: tuple, tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    cfg, s = semi
+    ds = s.train_set(cfg)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = make_loader(ds, 64, train=True, seed=2, distributed=True, labelled_per_batch=16)
+        single = make_loader(ds, 64, train=True, seed=2, labelled_per_batch=16)
+        set_loader_epoch(ddp, 5)
+        set_loader_epoch(single, 5)
+        assert list(ddp.batch_sampler) == list(single.batch_sampler)
+    finally:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- DatasetInfo and preprocess
 
 
@@ -384,6 +511,10 @@ def test_unknown_dataset_suggests_the_close_name() -> None:
         ({"per_class": 0}, "per_class must be an integer >= 1"),
         ({"unlabelled": True}, "unlabelled needs data.per_class"),
         ({"batch_size": 0}, "batch_size"),
+        ({"per_class": 5, "labelled_per_batch": 8}, "labelled_per_batch needs data.unlabelled: true"),
+        ({"per_class": 5, "unlabelled": True, "labelled_per_batch": 0}, "labelled_per_batch must be an integer >= 1"),
+        ({"per_class": 5, "unlabelled": True, "labelled_per_batch": 32, "batch_size": 32},
+         "labelled_per_batch=32 must be smaller than data.batch_size=32"),
     ],
 )
 def test_bad_config_raises_one_clear_line(kw: dict, match: str) -> None:

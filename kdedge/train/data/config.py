@@ -51,6 +51,11 @@ class DataConfig:
         per_class: low-data setting: keep this many labelled training images per class; the rest
             of the training pool becomes the unlabelled pool.
         unlabelled: train on the labelled images plus the unlabelled pool (label -100).
+        labelled_per_batch: with ``unlabelled``: every training batch holds exactly this many
+            labelled images plus ``batch_size - labelled_per_batch`` unlabelled ones, and an
+            epoch is one pass over the unlabelled pool (the labelled images are cycled, reshuffled
+            each pass). None = labelled and unlabelled images shuffled together, so the number of
+            labelled images in a batch varies.
         batch_size: training batch size (per process under DDP).
         eval_batch_size: batch size for validation and test.
         augment: train-time augmentation (pad-crop, plus a horizontal flip for natural images;
@@ -71,6 +76,7 @@ class DataConfig:
     test_fraction: float = 0.2
     per_class: int | None = None
     unlabelled: bool = False
+    labelled_per_batch: int | None = None
     batch_size: int = 128
     eval_batch_size: int = 256
     augment: bool = True
@@ -101,6 +107,14 @@ class DataConfig:
             raise DataError("data.unlabelled needs data.per_class: the unlabelled pool is the training pool beyond "
                             "per_class labelled images per class")
         _check_int("batch_size", self.batch_size, 1)
+        if self.labelled_per_batch is not None:
+            _check_int("labelled_per_batch", self.labelled_per_batch, 1)
+            if not self.unlabelled:
+                raise DataError("data.labelled_per_batch needs data.unlabelled: true (it sets how many labelled images "
+                                "each batch of labelled + unlabelled images holds)")
+            if self.labelled_per_batch >= self.batch_size:
+                raise DataError(f"data.labelled_per_batch={self.labelled_per_batch} must be smaller than "
+                                f"data.batch_size={self.batch_size}: each batch needs room for unlabelled images")
         _check_int("eval_batch_size", self.eval_batch_size, 1)
         _check_int("num_workers", self.num_workers, 0)
         if self.image_size is not None:
