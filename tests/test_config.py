@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kdedge.config import ConfigError, apply_override, dump_yaml, load_config, read_yaml, resolve
 
@@ -88,3 +89,41 @@ def test_every_shipped_recipe_resolves() -> None:
     recipes = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
     for r in recipes:
         load_config(r)  # raises on any unknown key or bad value
+
+
+def test_labelled_per_batch_reaches_the_data_config() -> None:
+    cfg = load_config(None, ["data.name=digits", "data.per_class=10", "data.unlabelled=true", "data.batch_size=64",
+                             "data.labelled_per_batch=16"])
+    assert cfg.data.labelled_per_batch == 16
+    assert load_config(None, []).data.labelled_per_batch is None  # off by default
+    assert resolve(yaml.safe_load(dump_yaml(cfg))) == cfg  # the run's config.yaml keeps it
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["data.per_class=10", "data.labelled_per_batch=8"], "labelled_per_batch needs data.unlabelled: true"),
+        (["data.per_class=10", "data.unlabelled=true", "data.labelled_per_batch=0"], "must be an integer >= 1"),
+        (["data.per_class=10", "data.unlabelled=true", "data.batch_size=32", "data.labelled_per_batch=32"],
+         "must be smaller than data.batch_size=32"),
+        (["data.per_class=10", "data.unlabelled=true", "data.labelled_per_batch=half"], "expected an integer"),
+        (["data.labeled_per_batch=8"], "did you mean 'labelled_per_batch'"),
+    ],
+)
+def test_bad_labelled_per_batch_is_one_line(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_labelled_per_batch_exits_the_cli_with_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kdedge.cli.main import app
+
+    res = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--set", "data.name=digits",
+                                   "--set", "data.per_class=10", "--set", "data.labelled_per_batch=8"])
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "labelled_per_batch needs data.unlabelled" in lines[0], res.output
+    assert not (tmp_path / "r").exists()  # refused before the run directory is made

@@ -86,3 +86,50 @@ def test_lr_schedules() -> None:
     assert [round(lr_at(step, 10, t), 6) for t in (0, 2.9, 3, 6.5)] == [0.1, 0.1, 0.01, 0.001]
     warm = load_config(None, ["optim.warmup_epochs=2", "train.epochs=10"]).optim
     assert lr_at(warm, 10, 1.0) == pytest.approx(0.05)
+
+
+SEMI = ["data.name=digits", "data.per_class=10", "data.unlabelled=true", "data.batch_size=64",
+        "data.labelled_per_batch=16", "model.name=small_cnn", "model.args.width=4", "train.epochs=2",
+        "optim.lr=0.2", "train.device=cpu"]
+
+
+class StepCounter:
+    """A reporter that records the steps announced per epoch."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.steps.append(steps)
+
+    def step(self, losses: dict) -> None: ...
+    def epoch_end(self, epoch: int, record: dict) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+def test_fixed_labelled_batches_train_and_resume_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdedge.train.data import LabelledBatchSampler
+
+    epochs_set: list[int] = []
+    original = LabelledBatchSampler.set_epoch
+
+    def recording(self: LabelledBatchSampler, epoch: int) -> None:
+        epochs_set.append(epoch)
+        original(self, epoch)
+
+    monkeypatch.setattr(LabelledBatchSampler, "set_epoch", recording)
+    cfg = load_config(None, SEMI)
+    counter = StepCounter()
+    res = fit(cfg, tmp_path / "full", reporter=counter)
+    assert res["status"] == "finished" and res["test"]["accuracy"] > 0.25  # 10 classes (chance 0.1): it learns from 100 labels
+    # an epoch is one pass over the 1,193 unlabelled images, 48 a batch: 24 steps, not (100 + 1,193) // 64 = 20
+    assert counter.steps == [24, 24] and epochs_set == [0, 1]
+    epochs_set.clear()
+    assert fit(cfg, tmp_path / "part", stop_after_epochs=1)["status"] == "stopped"
+    fit(cfg, tmp_path / "part", resume=True)
+    assert epochs_set == [0, 1]  # the resumed call selected epoch 1, not 0 again
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

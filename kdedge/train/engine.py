@@ -6,8 +6,10 @@ and writes checkpoints; every rank sees a disjoint shard of each epoch via the d
 sampler.
 
 Reproducibility: at the start of epoch ``e`` the global torch RNG is reseeded from
-``(seed, e, rank)`` and the sampler's order is a function of ``(seed, e)``, so a run resumed from
-the checkpoint of epoch ``e`` continues exactly as the uninterrupted run (same weights on CPU).
+``(seed, e, rank)`` and the sampler's order is a function of ``(seed, e)`` (and, under DDP, the
+rank), so a run resumed from the checkpoint of epoch ``e`` continues exactly as the
+uninterrupted run (same weights on CPU). ``data.labelled_per_batch`` swaps in a batch sampler
+with a fixed number of labelled images per batch under the same contract.
 """
 
 from __future__ import annotations
@@ -191,7 +193,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, reporter: 
     """
     from kdedge.config import dump_yaml
     from kdedge.models import create_model
-    from kdedge.train.data import load_data, make_loader
+    from kdedge.train.data import load_data, make_loader, set_loader_epoch
     from kdedge.train.task import get_task_class, unwrap
 
     reporter = reporter or SilentReporter()
@@ -213,7 +215,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, reporter: 
     info = splits.info
     train_set = splits.train_set(cfg.data)
     train_loader = make_loader(train_set, cfg.data.batch_size, train=True, seed=cfg.seed, distributed=dinfo.enabled,
-                               num_workers=cfg.data.num_workers)
+                               num_workers=cfg.data.num_workers, labelled_per_batch=cfg.data.labelled_per_batch)
     val_loader = make_loader(splits.val, cfg.data.eval_batch_size, train=False, num_workers=cfg.data.num_workers)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -251,8 +253,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, reporter: 
     done_this_call = 0
     for epoch in range(start_epoch, epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + dinfo.rank)
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        set_loader_epoch(train_loader, epoch)
         model.train()
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
