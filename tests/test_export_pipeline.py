@@ -218,3 +218,26 @@ def test_export_run_from_a_trained_run(tmp_path: Path) -> None:
     res = evaluate_bundle_on_data(path, split="val")
     assert res["n"] == m["evaluation"]["n"] and res["data"] == "synthetic"
     assert [s["accuracy_mean_logits"] for s in res["stages"]] == [s.accuracy["mean_logits"] for s in b.stages]
+
+
+def test_calibration_images_are_spread_over_a_sorted_pool() -> None:
+    from kdedge.export.data import Batches, Spread
+
+    class Pool:  # a map-style dataset sorted by class, as image folders are
+        labels = np.repeat(np.arange(10), 30)
+
+        def __len__(self) -> int:
+            return len(self.labels)
+
+        def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+            return np.full((1, 2, 2), i, np.float32), int(self.labels[i])
+
+    pool = Pool()
+    first = np.concatenate([y for _, y in Batches(pool, 8, limit=20)])
+    assert len(set(first.tolist())) == 1  # the first 20 images: one class
+    spread = Spread(pool, 20)
+    got = np.concatenate([y for _, y in Batches(spread, 8)])
+    assert len(got) == 20 and sorted(set(got.tolist())) == list(range(10))
+    assert len(set(spread.indices.tolist())) == 20
+    np.testing.assert_array_equal(spread.indices, Spread(pool, 20).indices)
+    assert len(Spread(pool, 1000)) == 300

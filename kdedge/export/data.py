@@ -118,3 +118,28 @@ class Batches:
     def count(self) -> int:
         """Number of samples (reads the source once)."""
         return sum(len(y) for _, y in self)
+
+
+class Spread:
+    """``count`` samples of a map-style dataset, evenly spaced over its indices.
+
+    Training pools are often sorted (image folders by class, stratified splits by index), so
+    the first ``count`` samples can cover one or two classes; evenly spaced ones cover the whole
+    pool. Deterministic: the same dataset and count give the same samples.
+    """
+
+    def __init__(self, dataset: Any, count: int) -> None:
+        n = len(dataset)
+        if count < 1:
+            raise ValueError(f"the sample count must be >= 1, got {count}")
+        self.dataset = dataset
+        k = min(int(count), n)
+        # floor(i * n / k) is strictly increasing for k <= n: k distinct indices, spread evenly
+        self.indices = (np.arange(k, dtype=np.int64) * n) // max(k, 1)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(self.indices[i])]
+

@@ -346,7 +346,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, data_root: str | None = 
         data_root: where the run's dataset lives now (cifar/imagefolder moved machines).
         split: the split that verifies the export and gives the manifest's accuracies (``val``
             or ``test``).
-        calib_size: INT8: the number of training images (eval transform) to calibrate on.
+        calib_size: INT8: the number of training images (eval transform) to calibrate on,
+            evenly spaced over the training pool.
         val_limit: verify on at most this many images (None: the whole split).
         **kw: everything else of :func:`export` (target, precision, opset, simplify, force, …).
 
@@ -377,7 +378,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, data_root: str | None = 
         train = splits.train
         if hasattr(train, "with_transform") and hasattr(val_ds, "transform"):
             train = train.with_transform(val_ds.transform)  # calibrate on un-augmented images
-        calib = train
+        from kdedge.export.data import Spread
+
+        calib = Spread(train, calib_size)  # evenly spaced: the pool may be sorted by class
     prov = {"run_dir": str(Path(run_dir).absolute()), "config": run.config.to_dict(), "split": split}
     prov.update(kw.pop("provenance", None) or {})
     val = Batches(val_ds, kw.get("batch_size", 64), limit=val_limit)
