@@ -71,6 +71,17 @@ def test_run_dir_guards(tmp_path: Path) -> None:
         fit(tiny(), tmp_path / "fresh", resume=True)
 
 
+def test_a_run_saved_before_an_option_existed_still_resumes(tmp_path: Path) -> None:
+    import yaml
+
+    run = tmp_path / "old"
+    fit(tiny(), run, stop_after_epochs=1)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["data"]["labelled_per_batch"]  # as written by a kdedge without the option
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert fit(tiny(), run, resume=True)["status"] == "finished"
+
+
 def test_unfinished_run_needs_resume(tmp_path: Path) -> None:
     fit(tiny(), tmp_path / "r", stop_after_epochs=1)
     with pytest.raises(RunDirError, match="--resume"):

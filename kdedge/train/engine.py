@@ -122,13 +122,28 @@ def _amp_context(cfg_amp: str, device: torch.device) -> tuple[Any, torch.amp.Gra
     return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
 
 
+def _same_config(saved: str, new: str) -> bool:
+    """The saved config.yaml describes the same run as ``new``: equal text, or equal once both are
+    resolved (a config written before an option existed lacks it; its default applies)."""
+    if saved == new:
+        return True
+    import yaml
+
+    from kdedge.config import config_from_dict
+
+    try:
+        return config_from_dict(yaml.safe_load(saved)).to_dict() == config_from_dict(yaml.safe_load(new)).to_dict()
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return False
+
+
 def prepare_run_dir(run_dir: Path, cfg_yaml: str, resume: bool) -> None:
     """Refuse to mix runs: an existing run directory must hold the same config (and --resume)."""
     saved = run_dir / "config.yaml"
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--out {run_dir} exists and is not a directory")
     if saved.is_file():
-        if saved.read_text() != cfg_yaml:
+        if not _same_config(saved.read_text(), cfg_yaml):
             raise RunDirError(f"{run_dir} already holds a different run (its config.yaml differs); "
                               f"choose another --out, or resume it with its own config")
         status = _read_status(run_dir)
