@@ -32,26 +32,22 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
-import platform
-import shlex
 import shutil
-import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Sequence
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # inherited by the spawned run processes
 
+import _sweep as sweep
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = sweep.ROOT
 RECIPE = "configs/hne_mnist_demo.yaml"
 DEFAULT_OUT = "docs/results/hne"
 DEFAULT_DOC = "docs/hne_results.md"
@@ -89,10 +85,6 @@ def run_spec(variant: str, per_class: int, seed: int, *, steps: int, batch_size:
     return {"name": f"{variant}-pc{per_class}-s{seed}", "variant": variant, "per_class": per_class, "seed": seed,
             "steps": steps, "batch_size": batch_size, "model": model, "lr": lr, "T": T, "alpha": alpha,
             "recipe": RECIPE}
-
-
-def spec_key(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def overrides_for(spec: dict[str, Any], epochs: int | None = None) -> list[str]:
@@ -136,7 +128,7 @@ def train_one(spec: dict[str, Any], run_root: str, result_path: str) -> dict[str
     epochs_log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     test = result["test"]
     record = {
-        "spec": spec, "key": spec_key(spec), "overrides": overrides, "n_train": n_train, "n_labelled": n_labelled,
+        "spec": spec, "key": sweep.spec_key(spec), "overrides": overrides, "n_train": n_train, "n_labelled": n_labelled,
         "steps_per_epoch": steps_per_epoch, "epochs": epochs, "steps": epochs * steps_per_epoch,
         "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
         "loadavg": [round(load_start, 2), round(os.getloadavg()[0], 2)],
@@ -152,74 +144,22 @@ def train_one(spec: dict[str, Any], run_root: str, result_path: str) -> dict[str
 
 def load_result(out_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The saved result of ``spec``, or None if missing or trained with other settings."""
-    p = out_dir / "runs" / f"{spec['name']}.json"
-    if not p.is_file():
-        return None
-    rec = json.loads(p.read_text())
-    return rec if rec.get("key") == spec_key(spec) else None
+    return sweep.load_record(out_dir / "runs", spec)
 
 
-def run_sweep(specs: Sequence[dict[str, Any]], out_dir: Path, run_root: Path, jobs: int) -> None:
-    """Train every spec without a matching result JSON, ``jobs`` fresh processes at a time, in order."""
-    import multiprocessing as mp
-
-    todo = [s for s in specs if load_result(out_dir, s) is None]
-    _log(f"{len(specs) - len(todo)} of {len(specs)} runs already done; {len(todo)} to train, {jobs} at a time")
-    if not todo:
-        return
-    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-    run_root.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as ex:
-        futs = {ex.submit(train_one, s, str(run_root), str(out_dir / "runs" / f"{s['name']}.json")): s
-                for s in todo}
-        for n, fut in enumerate(as_completed(futs), 1):
-            s = futs[fut]
-            try:
-                rec = fut.result()
-                _log(f"[{n}/{len(todo)}] {s['name']}: {rec['steps']} steps in {rec['seconds']:.0f} s "
-                     f"({rec['cpu_seconds']:.0f} s CPU), test 1..N members {_fmt_list(rec['test']['ensemble_accuracy'])}")
-            except Exception as e:  # keep the sweep going; the run is retried on the next call
-                _log(f"[{n}/{len(todo)}] {s['name']} FAILED: {type(e).__name__}: {e}")
-
-
-def _log(msg: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
-
-
-def _fmt_list(v: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{100 * x:.1f}" for x in v) + "]"
+def _describe(rec: dict[str, Any]) -> str:
+    return (f"{rec['steps']} steps in {rec['seconds']:.0f} s ({rec['cpu_seconds']:.0f} s CPU), "
+            f"test 1..N members {sweep.percents(rec['test']['ensemble_accuracy'])}")
 
 
 # -- statistics and tables ---------------------------------------------------------------------------
-def stats(values: Sequence[Sequence[float]]) -> dict[str, Any]:
-    """Per position: mean, std (ddof=1; 0 for one run), min, max over runs (rows)."""
-    a = np.asarray(values, dtype=np.float64)
-    std = a.std(axis=0, ddof=1) if a.shape[0] > 1 else np.zeros(a.shape[1])
-    return {"mean": a.mean(0).tolist(), "std": std.tolist(), "min": a.min(0).tolist(), "max": a.max(0).tolist(),
-            "n": int(a.shape[0])}
-
-
-def cell(st: dict[str, Any], k: int, minmax: bool = True) -> str:
-    s = f"{100 * st['mean'][k]:.1f} ± {100 * st['std'][k]:.1f}"
-    return s + (f" [{100 * st['min'][k]:.1f}, {100 * st['max'][k]:.1f}]" if minmax else "")
-
-
 def _acc(rec: dict[str, Any]) -> list[float]:
     return rec["test"]["ensemble_accuracy"]
 
 
 def paired(groups: dict[str, list[dict[str, Any]]], base: str, other: str) -> np.ndarray | None:
     """[seeds, sizes] accuracy of ``other`` minus ``base`` on the seeds both have; None if none."""
-    a = {r["spec"]["seed"]: _acc(r) for r in groups.get(base, [])}
-    b = {r["spec"]["seed"]: _acc(r) for r in groups.get(other, [])}
-    seeds = sorted(set(a) & set(b))
-    return np.asarray([np.subtract(b[s], a[s]) for s in seeds]) if seeds else None
-
-
-def gain_cell(d: np.ndarray, k: int) -> str:
-    v = 100 * d[:, k]
-    std = v.std(ddof=1) if len(v) > 1 else 0.0
-    return f"{v.mean():+.1f} ± {std:.1f} ({int((v > 0).sum())}/{len(v)})"
+    return sweep.paired(groups, base, other, _acc)
 
 
 def accuracy_table(groups: dict[str, list[dict[str, Any]]]) -> str:
@@ -233,8 +173,9 @@ def accuracy_table(groups: dict[str, list[dict[str, Any]]]) -> str:
              "|---|---|" + "---|" * len(sizes),
              "| cumulative MMACs | | " + " | ".join(f"{m / 1e6:.2f}" for m in macs) + " |"]
     for g, runs in present.items():
-        st = stats([_acc(r) for r in runs])
-        lines.append(f"| {VARIANTS[g]} | {st['n']} | " + " | ".join(cell(st, k) for k in range(len(sizes))) + " |")
+        st = sweep.stats([_acc(r) for r in runs])
+        lines.append(f"| {VARIANTS[g]} | {st['n']} | " + " | ".join(sweep.cell(st, k) for k in range(len(sizes)))
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -247,8 +188,8 @@ def gain_table(groups: dict[str, list[dict[str, Any]]], pairs: Sequence[tuple[st
         if d is None:
             continue
         n_sizes = d.shape[1]
-        rows.append(f"| {VARIANTS[other]} − {VARIANTS[base]} | " + " | ".join(gain_cell(d, k) for k in range(n_sizes))
-                    + " |")
+        rows.append(f"| {VARIANTS[other]} − {VARIANTS[base]} | "
+                    + " | ".join(sweep.gain_cell(d, k) for k in range(n_sizes)) + " |")
     if not rows:
         return "_no paired seeds yet_\n"
     sizes = [2 ** b for b in range(n_sizes)]
@@ -264,10 +205,10 @@ def extras_table(groups: dict[str, list[dict[str, Any]]]) -> str:
     for g, runs in groups.items():
         if not runs:
             continue
-        mem = stats([[float(np.mean(r["test"]["member_accuracy"])), float(np.min(r["test"]["member_accuracy"]))]
-                     for r in runs])
-        div = stats([[r["test"]["diversity"][-1], r["train_last_epoch"].get("ce", float("nan"))] for r in runs])
-        lines.append(f"| {VARIANTS[g]} | {cell(mem, 0, False)} | {cell(mem, 1, False)} | "
+        mem = sweep.stats([[float(np.mean(r["test"]["member_accuracy"])),
+                            float(np.min(r["test"]["member_accuracy"]))] for r in runs])
+        div = sweep.stats([[r["test"]["diversity"][-1], r["train_last_epoch"].get("ce", float("nan"))] for r in runs])
+        lines.append(f"| {VARIANTS[g]} | {sweep.cell(mem, 0, False)} | {sweep.cell(mem, 1, False)} | "
                      f"{div['mean'][0]:.2f} ± {div['std'][0]:.2f} | {div['mean'][1]:.3f} ± {div['std'][1]:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -303,35 +244,6 @@ def verdict(groups: dict[str, list[dict[str, Any]]], per_class: int) -> str:
 
 
 # -- machine, plot, doc --------------------------------------------------------------------------------
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        # nproc honours OMP_NUM_THREADS, which this script sets to 1 for its runs: ask without it.
-        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-        nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True, env=env).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        nproc = str(os.cpu_count())
-    return {"nproc": nproc, "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
-            "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg())}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def plot(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]]]], ncols: int) -> None:
     """Accuracy vs cumulative MMACs per objective: mean line, ± std band, min–max bars; ``ncols`` panels a row."""
     import matplotlib
@@ -346,7 +258,7 @@ def plot(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]]]], 
         for j, (g, runs) in enumerate(groups.items()):
             if not runs:
                 continue
-            st = stats([_acc(r) for r in runs])
+            st = sweep.stats([_acc(r) for r in runs])
             x = np.asarray(runs[0]["test"]["ensemble_macs"]) / 1e6 * (1 + 0.012 * (j - 1.5))  # dodge the bars
             mean, std = 100 * np.asarray(st["mean"]), 100 * np.asarray(st["std"])
             lo, hi = mean - 100 * np.asarray(st["min"]), 100 * np.asarray(st["max"]) - mean
@@ -370,47 +282,20 @@ def plot(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]]]], 
     fig.suptitle("HNE on mnist5k, test accuracy of the first 1, 2, 4, 8 members: mean, ± std band, min–max bars",
                  fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_section(doc: Path, name: str, body: str, title: str) -> None:
-    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` (append if absent)."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = doc.read_text() if doc.is_file() else f"# {title}\n\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        pre, rest = text.split(begin, 1)
-        _, post = rest.split(end, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_name(doc.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
+    sweep.save_figure(fig, path)
 
 
 def settings_text(args: argparse.Namespace, records: list[dict[str, Any]], n_expected: int) -> str:
-    m = machine()
-    done = len(records)
-    status = "complete" if done == n_expected else f"**PARTIAL: {done} of {n_expected} runs finished**"
     per = sorted({(r["spec"]["variant"], r["spec"]["per_class"], r["n_train"], r["epochs"], r["steps_per_epoch"],
                    r["steps"]) for r in records}, key=lambda t: (t[1], list(VARIANTS).index(t[0])))
     secs = [r["seconds"] for r in records]
     cpus = [r.get("cpu_seconds", float("nan")) for r in records]
-    argv = [a for a in sys.argv if a != "--report-only"]
-    cmd = " ".join(shlex.quote(a) for a in [sys.executable.replace(str(ROOT) + "/", ""), *argv])
     lines = [
-        f"- status: {status}",
-        f"- command: `{cmd}`" + (f" (tables regenerated with `--report-only` from `{args.out_dir}/runs/*.json`)"
-                                 if args.report_only else ""),
-        f"- machine: `nproc` = {m['nproc']}, CPU {m['cpu']}, Python {m['python']}, torch {m['torch']}, "
-        f"load average when written {m['loadavg']} (shared with other jobs: timings are not benchmarks); "
-        f"commit {commit()}",
+        sweep.status_line(len(records), n_expected),
+        f"- command: `{sweep.command_line(drop=('--report-only',))}`"
+        + (f" (tables regenerated with `--report-only` from `{args.out_dir}/runs/*.json`)"
+           if args.report_only else ""),
+        sweep.machine_line("shared with other jobs: timings are not benchmarks"),
         f"- recipe `{RECIPE}` with: model `hne` args `{json.dumps(args.model)}`, batch {args.batch_size}, "
         f"SGD lr {args.lr} cosine to 0 over the run, momentum 0.9, wd 5e-4, pad-crop augmentation, "
         f"T = {args.T}, α = {args.alpha} (L_D and L_HD), one torch thread per run, {args.jobs} runs in parallel",
@@ -456,14 +341,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                       T=args.T, alpha=args.alpha)
              for seed in args.seeds for pc in args.sizes for v in args.variants]
     if not args.report_only:
-        _log(f"HNE ablation: {len(specs)} runs ({len(args.variants)} objectives x {len(args.sizes)} sizes x "
-             f"{len(args.seeds)} seeds), {args.steps} steps each")
-        run_sweep(specs, args.out_dir, args.runs_dir, args.jobs)
+        sweep.log(f"HNE ablation: {len(specs)} runs ({len(args.variants)} objectives x {len(args.sizes)} sizes x "
+                  f"{len(args.seeds)} seeds), {args.steps} steps each")
+        sweep.run_parallel(specs, train_one, results=args.out_dir / "runs", run_root=args.runs_dir, jobs=args.jobs,
+                           describe=_describe)
 
     records = [r for r in (load_result(args.out_dir, s) for s in specs) if r is not None]
-    sections = [f"Test accuracy (%) of the anytime ensembles of the first 1, 2, 4 … N members; mean ± std "
-                f"[min, max] over seeds. Paired differences: mean ± std over seeds (seeds where the first "
-                f"objective is ahead / seeds).\n"]
+    sections = ["Test accuracy (%) of the anytime ensembles of the first 1, 2, 4 … N members; mean ± std "
+                "[min, max] over seeds. Paired differences: mean ± std over seeds (seeds where the first "
+                "objective is ahead / seeds).\n"]
     panels, semi_panels, summary = [], [], {}
     for pc in args.sizes:
         groups = {v: [r for r in records if r["spec"]["variant"] == v and r["spec"]["per_class"] == pc]
@@ -480,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        {v: runs for v, runs in groups.items() if v != "hd_semi"}))
         semi_panels.append((f"{pc} labelled images per class: + unlabelled pool",
                             {v: runs for v, runs in groups.items() if v in ("i", "hd", "hd_semi")}))
-        summary[str(pc)] = {v: {"seeds": [r["spec"]["seed"] for r in runs], **stats([_acc(r) for r in runs]),
+        summary[str(pc)] = {v: {"seeds": [r["spec"]["seed"] for r in runs], **sweep.stats([_acc(r) for r in runs]),
                                 "macs": runs[0]["test"]["ensemble_macs"]}
                             for v, runs in groups.items() if runs}
     body = "\n".join(sections)
@@ -496,9 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_json(args.out_dir / "summary.json", {"complete": len(records) == n, "runs": len(records),
                                                           "expected": n, "accuracy": summary})
     png = os.path.relpath(args.out_dir / "ablation.png", args.doc.parent)
-    write_section(args.doc, "hne-ablation", "## Table 1 ablation\n\n" + settings + "\n" + body
-                  + f"\n![accuracy vs MACs per objective]({png})\n", "HNE results")
-    _log(f"wrote {args.doc} and {args.out_dir}/ ({len(records)} of {n} runs)")
+    sweep.write_section(args.doc, "hne-ablation", "## Table 1 ablation\n\n" + settings + "\n" + body
+                        + f"\n![accuracy vs MACs per objective]({png})\n", "HNE results")
+    sweep.log(f"wrote {args.doc} and {args.out_dir}/ ({len(records)} of {n} runs)")
     return 0
 
 
