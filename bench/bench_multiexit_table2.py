@@ -30,30 +30,27 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
-import platform
-import shlex
 import shutil
-import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Sequence
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # inherited by the spawned run processes
 
+import _sweep as sweep
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = sweep.ROOT
 RECIPE = "configs/multiexit_mnist_demo.yaml"
 DEFAULT_OUT = "docs/results/multiexit"
 DEFAULT_DOC = "docs/multiexit_results.md"
 DEFAULT_RUNS = "runs/bench_multiexit"
+DOC_TITLE = "Multi-exit benchmarks"  # of --doc when the file does not exist yet
 # The `small` preset with half the channels: the same 3 scales x 5 exits, 3.5x fewer MACs; on a
 # shared 2-core machine a step costs ~0.3-0.5 s instead of ~0.7 s (many small ops).
 DEFAULT_MODEL = {"config": "small", "scale_channels": [2, 4, 8]}
@@ -81,10 +78,6 @@ def run_spec(method: str, per_class: int, seed: int, *, steps: int, batch_size: 
     return {"name": f"{method}-pc{per_class}{tag}-s{seed}", "method": method, "per_class": per_class, "seed": seed,
             "steps": steps, "batch_size": batch_size, "model": model, "temperature": temperature, "lr": lr,
             "recipe": RECIPE}
-
-
-def spec_key(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def overrides_for(spec: dict[str, Any], epochs: int | None = None) -> list[str]:
@@ -139,7 +132,7 @@ def train_one(spec: dict[str, Any], run_root: str, result_path: str) -> dict[str
     epochs_log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     test = result["test"]
     record = {
-        "spec": spec, "key": spec_key(spec), "overrides": overrides, "n_train": n_train,
+        "spec": spec, "key": sweep.spec_key(spec), "overrides": overrides, "n_train": n_train,
         "steps_per_epoch": steps_per_epoch, "epochs": epochs, "steps": epochs * steps_per_epoch,
         "milestones_epochs": lr_drops(epochs), "milestones_steps": [m * steps_per_epoch for m in lr_drops(epochs)],
         "seconds": round(seconds, 1),
@@ -158,11 +151,8 @@ def train_one(spec: dict[str, Any], run_root: str, result_path: str) -> dict[str
 
 def load_result(out_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The saved result of ``spec``, or None if missing or trained with other settings."""
-    p = out_dir / "runs" / f"{spec['name']}.json"
-    if not p.is_file():
-        return None
-    rec = json.loads(p.read_text())
-    if rec.get("key") != spec_key(spec):
+    rec = sweep.load_record(out_dir / "runs", spec)
+    if rec is None:
         return None
     drops = rec.get("milestones_epochs")
     if drops is None:  # written before lr_drops: whole-epoch milestones in the overrides
@@ -172,56 +162,17 @@ def load_result(out_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def run_sweep(specs: Sequence[dict[str, Any]], out_dir: Path, run_root: Path, jobs: int) -> None:
-    """Train every spec without a matching result JSON, ``jobs`` fresh processes at a time."""
-    import multiprocessing as mp
-
-    todo = [s for s in specs if load_result(out_dir, s) is None]
-    _log(f"{len(specs) - len(todo)} of {len(specs)} runs already done; {len(todo)} to train, {jobs} at a time")
-    if not todo:
-        return
-    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-    run_root.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as ex:
-        futs = {ex.submit(train_one, s, str(run_root), str(out_dir / "runs" / f"{s['name']}.json")): s
-                for s in todo}
-        for n, fut in enumerate(as_completed(futs), 1):
-            s = futs[fut]
-            try:
-                rec = fut.result()
-                _log(f"[{n}/{len(todo)}] {s['name']}: {rec['steps']} steps in {rec['seconds']:.0f} s, "
-                     f"T={rec['temperature'][-1]}, test per exit {_fmt_list(rec['test']['per_exit'])}")
-            except Exception as e:  # keep the sweep going; the run is retried on the next call
-                _log(f"[{n}/{len(todo)}] {s['name']} FAILED: {type(e).__name__}: {e}")
+    """Train every spec without a usable result JSON, ``jobs`` fresh processes at a time."""
+    sweep.run_parallel(specs, train_one, results=out_dir / "runs", run_root=run_root, jobs=jobs,
+                       done=lambda s: load_result(out_dir, s) is not None, describe=_describe)
 
 
-def _log(msg: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
-
-
-def _fmt_list(v: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{100 * x:.1f}" for x in v) + "]"
+def _describe(rec: dict[str, Any]) -> str:
+    return (f"{rec['steps']} steps in {rec['seconds']:.0f} s, T={rec['temperature'][-1]}, "
+            f"test per exit {sweep.percents(rec['test']['per_exit'])}")
 
 
 # -- statistics and tables ---------------------------------------------------------------------------
-def stats(values: Sequence[Sequence[float]]) -> dict[str, list[float]]:
-    """Per position: mean, std (ddof=1; 0 for one run), min, max over runs (rows)."""
-    a = np.asarray(values, dtype=np.float64)
-    std = a.std(axis=0, ddof=1) if a.shape[0] > 1 else np.zeros(a.shape[1])
-    return {"mean": a.mean(0).tolist(), "std": std.tolist(), "min": a.min(0).tolist(), "max": a.max(0).tolist(),
-            "n": int(a.shape[0])}
-
-
-def cell(st: dict[str, list[float]], k: int, minmax: bool = True) -> str:
-    s = f"{100 * st['mean'][k]:.1f} ± {100 * st['std'][k]:.1f}"
-    return s + (f" [{100 * st['min'][k]:.1f}, {100 * st['max'][k]:.1f}]" if minmax else "")
-
-
-def gain_cell(diffs: np.ndarray, k: int) -> str:
-    d = 100 * diffs[:, k]
-    std = d.std(ddof=1) if len(d) > 1 else 0.0
-    return f"{d.mean():+.1f} ± {std:.1f} ({int((d > 0).sum())}/{len(d)})"
-
-
 def metric_table(groups: dict[str, list[dict[str, Any]]], metric: str, labels: dict[str, str],
                  row_name: str) -> str:
     """Markdown table: one row per exit, one column per group, mean ± std [min, max]."""
@@ -229,41 +180,35 @@ def metric_table(groups: dict[str, list[dict[str, Any]]], metric: str, labels: d
     if not present:
         return "_no finished runs_\n"
     macs = next(iter(present.values()))[0]["test"]["macs"]
-    sts = {g: stats([_metric(r, metric) for r in runs]) for g, runs in present.items()}
+    sts = {g: sweep.stats([_metric(r, metric) for r in runs]) for g, runs in present.items()}
     head = f"| {row_name} | MMACs | " + " | ".join(f"{labels[g]} (n={sts[g]['n']})" for g in present) + " |"
     lines = [head, "|" + "---|" * (2 + len(present))]
     for k, m in enumerate(macs):
-        lines.append(f"| {k + 1} | {m / 1e6:.2f} | " + " | ".join(cell(sts[g], k) for g in present) + " |")
+        lines.append(f"| {k + 1} | {m / 1e6:.2f} | " + " | ".join(sweep.cell(sts[g], k) for g in present) + " |")
     return "\n".join(lines) + "\n"
 
 
 def gain_table(groups: dict[str, list[dict[str, Any]]], base: str, metric: str, labels: dict[str, str],
                row_name: str) -> str:
     """Paired per-seed gain of each group over ``base``: mean ± std (seeds with a gain / seeds)."""
-    by_seed = {g: {r["spec"]["seed"]: _metric(r, metric) for r in runs} for g, runs in groups.items()}
-    others = [g for g in groups if g != base and by_seed[g]]
-    if not by_seed.get(base) or not others:
+    others = [g for g in groups if g != base and groups[g]]
+    if not groups.get(base) or not others:
         return "_not enough finished runs for paired gains_\n"
-    diffs = {}
-    for g in others:
-        seeds = sorted(set(by_seed[g]) & set(by_seed[base]))
-        if seeds:
-            diffs[g] = np.asarray([np.subtract(by_seed[g][s], by_seed[base][s]) for s in seeds])
+    found = {g: paired_gains(groups, base, g, metric) for g in others}
+    diffs = {g: d for g, d in found.items() if d is not None}
     if not diffs:
         return "_no paired seeds_\n"
     lines = [f"| {row_name} | " + " | ".join(f"{labels[g]} − {labels[base]}" for g in diffs) + " |",
              "|" + "---|" * (1 + len(diffs))]
     n = next(iter(diffs.values())).shape[1]
     for k in range(n):
-        lines.append(f"| {k + 1} | " + " | ".join(gain_cell(d, k) for d in diffs.values()) + " |")
+        lines.append(f"| {k + 1} | " + " | ".join(sweep.gain_cell(d, k) for d in diffs.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
 def paired_gains(groups: dict[str, list[dict[str, Any]]], base: str, other: str, metric: str) -> np.ndarray | None:
-    a = {r["spec"]["seed"]: _metric(r, metric) for r in groups.get(base, [])}
-    b = {r["spec"]["seed"]: _metric(r, metric) for r in groups.get(other, [])}
-    seeds = sorted(set(a) & set(b))
-    return np.asarray([np.subtract(b[s], a[s]) for s in seeds]) if seeds else None
+    """[seeds, exits] ``metric`` of ``other`` minus ``base`` on the seeds both have; None if none."""
+    return sweep.paired(groups, base, other, lambda r: _metric(r, metric))
 
 
 def _metric(rec: dict[str, Any], metric: str) -> list[float]:
@@ -293,34 +238,6 @@ def verdict(groups: dict[str, list[dict[str, Any]]], per_class: int) -> str:
 
 
 # -- machine, plot, doc --------------------------------------------------------------------------------
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
-        nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True, env=env).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        nproc = str(os.cpu_count())
-    return {"nproc": nproc, "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
-            "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg())}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def plot_panels(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]], str]],
                 labels: dict[str, str], ncols: int = 2) -> None:
     """Accuracy vs cumulative MMACs, one line (mean) and band (± std) per group and panel."""
@@ -336,7 +253,7 @@ def plot_panels(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any
         for i, (g, runs) in enumerate(groups.items()):
             if not runs:
                 continue
-            st = stats([_metric(r, metric) for r in runs])
+            st = sweep.stats([_metric(r, metric) for r in runs])
             x = np.asarray(runs[0]["test"]["macs"]) / 1e6
             mean, std = 100 * np.asarray(st["mean"]), 100 * np.asarray(st["std"])
             ax.plot(x, mean, "o-", color=colours[i % len(colours)], label=f"{labels[g]} (n={st['n']})", ms=4)
@@ -349,34 +266,10 @@ def plot_panels(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_section(doc: Path, name: str, body: str) -> None:
-    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` (append if absent)."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = doc.read_text() if doc.is_file() else "# Multi-exit benchmarks\n\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        pre, rest = text.split(begin, 1)
-        _, post = rest.split(end, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_name(doc.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
+    sweep.save_figure(fig, path)
 
 
 def settings_text(args: argparse.Namespace, records: list[dict[str, Any]], n_expected: int, extra: str = "") -> str:
-    m = machine()
-    done = len(records)
-    status = "complete" if done == n_expected else f"**PARTIAL: {done} of {n_expected} runs finished**"
     steps = sorted({r["steps"] for r in records})
     per = sorted({(r["spec"]["method"], r["spec"]["per_class"], r["epochs"], r["steps_per_epoch"]) for r in records})
     secs = [r["seconds"] for r in records]
@@ -385,12 +278,10 @@ def settings_text(args: argparse.Namespace, records: list[dict[str, Any]], n_exp
         if r["train_ce"] and r["train_ce"][-1] is not None:
             ce.setdefault(r["spec"]["method"], []).append(r["train_ce"][-1])
     lines = [
-        f"- status: {status}",
-        f"- command: `{sweep_command(args)}`"
+        sweep.status_line(len(records), n_expected),
+        f"- command: `{sweep.command_line(drop=('--report-only',))}`"
         + (f" (tables regenerated from `{args.out_dir}/runs/*.json` with `--report-only`)" if args.report_only else ""),
-        f"- machine: `nproc` = {m['nproc']}, CPU {m['cpu']}, Python {m['python']}, torch {m['torch']}, "
-        f"load average when written {m['loadavg']} (the machine is shared: timings are not benchmarks); "
-        f"commit {commit()}",
+        sweep.machine_line("the machine is shared: timings are not benchmarks"),
         f"- recipe `{RECIPE}` with: model `msdnet` args `{json.dumps(args.model)}`, batch {args.batch_size}, "
         f"SGD Nesterov lr {args.lr} (×0.1 at 50 % and 75 % of the steps), momentum 0.9, wd 1e-4, "
         f"pad-crop augmentation, one torch thread per run, {args.jobs} runs in parallel",
@@ -408,14 +299,6 @@ def settings_text(args: argparse.Namespace, records: list[dict[str, Any]], n_exp
     if extra:
         lines.append(extra)
     return "\n".join(lines) + "\n"
-
-
-def sweep_command(args: argparse.Namespace) -> str:
-    """The command that trains these runs (``--report-only`` dropped)."""
-    argv = [a for a in sys.argv if a != "--report-only"]
-    script = os.path.relpath(Path(argv[0]).resolve(), ROOT)
-    python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else "python"
-    return " ".join(shlex.quote(a) for a in [python, script, *argv[1:]])
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -441,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = [run_spec(m, pc, s, steps=args.steps, batch_size=args.batch_size, model=args.model, lr=args.lr)
              for pc in args.sizes for s in args.seeds for m in METHODS]
     if not args.report_only:
-        _log(f"machine: {machine()}")
+        sweep.log(f"machine: {sweep.machine()}")
         run_sweep(specs, args.out_dir, args.runs_dir, args.jobs)
     report(args, specs)
     return 0
@@ -455,7 +338,7 @@ def report(args: argparse.Namespace, specs: Sequence[dict[str, Any]]) -> None:
             "(seeds with a gain / seeds)._", "", settings_text(args, records, len(specs))]
     panels = []
     summary: dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                               "machine": machine(), "sizes": {}}
+                               "machine": sweep.machine(), "sizes": {}}
     for pc in args.sizes:
         groups = {m: [r for r in records if r["spec"]["method"] == m and r["spec"]["per_class"] == pc]
                   for m in METHODS}
@@ -474,7 +357,7 @@ def report(args: argparse.Namespace, specs: Sequence[dict[str, Any]]) -> None:
                  "Paired gain over exit-wise, anytime (points):", "",
                  gain_table(groups, "exitwise", "anytime", METHODS, "exits")]
         panels += [(f"{pc}/class: per exit", groups, "per_exit"), (f"{pc}/class: anytime ensemble", groups, "anytime")]
-        summary["sizes"][str(pc)] = {m: {metric: stats([_metric(r, metric) for r in runs]) if runs else None
+        summary["sizes"][str(pc)] = {m: {metric: sweep.stats([_metric(r, metric) for r in runs]) if runs else None
                                          for metric in ("per_exit", "anytime", "budget")}
                                      for m, runs in groups.items()}
     png = args.out_dir / "table2.png"
@@ -486,7 +369,7 @@ def report(args: argparse.Namespace, specs: Sequence[dict[str, Any]]) -> None:
     from kdedge.io import atomic_write_json
 
     atomic_write_json(args.out_dir / "table2_summary.json", {**summary, "runs": [r["spec"]["name"] for r in records]})
-    write_section(args.doc, "table2", text)
+    sweep.write_section(args.doc, "table2", text, DOC_TITLE)
 
 
 if __name__ == "__main__":

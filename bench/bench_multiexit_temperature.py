@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _sweep as sweep  # noqa: E402
 import bench_multiexit_table2 as t2  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = [t2.run_spec("distill", args.size, s, steps=args.steps, batch_size=args.batch_size, model=args.model,
                          temperature=T, lr=args.lr) for T in settings for s in args.seeds]
     if not args.report_only:
-        t2._log(f"machine: {t2.machine()}")
+        sweep.log(f"machine: {sweep.machine()}")
         t2.run_sweep(specs, args.out_dir, args.runs_dir, args.jobs)
     report(args, specs, settings)
     return 0
@@ -77,11 +78,11 @@ def report(args: argparse.Namespace, specs: Sequence[dict[str, Any]], settings: 
 
     atomic_write_json(args.out_dir / "temperature_summary.json", {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": t2.machine(),
-        "groups": {labels[g]: {m: t2.stats([t2._metric(r, m) for r in runs]) if runs else None
+        "machine": sweep.machine(),
+        "groups": {labels[g]: {m: sweep.stats([t2._metric(r, m) for r in runs]) if runs else None
                                for m in ("per_exit", "anytime", "budget")} for g, runs in groups.items()},
         "runs": [r["spec"]["name"] for r in records]})
-    t2.write_section(args.doc, "temperature", text)
+    sweep.write_section(args.doc, "temperature", text, t2.DOC_TITLE)
 
 
 def _anneal_gains(groups: dict[str, list[dict[str, Any]]], labels: dict[str, str], metric: str) -> str:
@@ -97,7 +98,7 @@ def _anneal_gains(groups: dict[str, list[dict[str, Any]]], labels: dict[str, str
         return "_no paired runs yet_\n"
     lines = ["| exit | " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * (1 + len(cols))]
     for k in range(cols[0][1].shape[1]):
-        lines.append(f"| {k + 1} | " + " | ".join(t2.gain_cell(d, k) for _, d in cols) + " |")
+        lines.append(f"| {k + 1} | " + " | ".join(sweep.gain_cell(d, k) for _, d in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
