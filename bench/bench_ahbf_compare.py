@@ -42,14 +42,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
-import platform
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -59,9 +55,10 @@ from typing import Any, Sequence
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one thread before torch is imported
 
+import _sweep as sweep
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = sweep.ROOT
 RECIPE = "configs/ahbf_mnist_demo.yaml"
 DEFAULT_OUT = "docs/results/ahbf"
 DEFAULT_DOC = "docs/ahbf_results.md"
@@ -115,10 +112,6 @@ def run_spec(group: str, seed: int, *, per_class: int, steps: int, batch_size: i
             "recipe": RECIPE}
 
 
-def spec_key(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def overrides_for(spec: dict[str, Any], epochs: int) -> list[str]:
     """``--set`` overrides on the demo recipe that give this run with ``epochs`` epochs."""
     milestones = sorted({max(1, round(0.6 * epochs)), max(1, round(0.8 * epochs))})
@@ -166,7 +159,7 @@ def train_one(spec: dict[str, Any], run_root: Path, result_path: Path) -> dict[s
     log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     epoch_s = [r["seconds"] for r in log]
     record = {
-        "spec": spec, "key": spec_key(spec), "overrides": overrides, "n_train": n_train,
+        "spec": spec, "key": sweep.spec_key(spec), "overrides": overrides, "n_train": n_train,
         "steps_per_epoch": spe, "epochs": epochs, "steps": epochs * spe,
         "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
         "step_seconds": round(statistics.median(epoch_s) / spe, 4),  # wall, median epoch, data loading included
@@ -181,15 +174,7 @@ def train_one(spec: dict[str, Any], run_root: Path, result_path: Path) -> dict[s
 
 def load_result(out_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The saved result of ``spec``, or None if missing or trained with other settings."""
-    p = out_dir / "per_run" / f"{spec['name']}.json"
-    if not p.is_file():
-        return None
-    rec = json.loads(p.read_text())
-    return rec if rec.get("key") == spec_key(spec) else None
-
-
-def _log(msg: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+    return sweep.load_record(out_dir / "per_run", spec)
 
 
 # -- statistics and tables ---------------------------------------------------------------------------
@@ -230,10 +215,7 @@ def teacher_key(rec: dict[str, Any]) -> str | None:
 
 def paired(groups: dict[str, list[dict[str, Any]]], base: str, other: str) -> np.ndarray | None:
     """Per-seed target accuracy of ``other`` minus ``base`` on the seeds both have; None if none."""
-    a = {r["spec"]["seed"]: acc(r) for r in groups.get(base, [])}
-    b = {r["spec"]["seed"]: acc(r) for r in groups.get(other, [])}
-    seeds = sorted(set(a) & set(b))
-    return np.asarray([b[s] - a[s] for s in seeds]) if seeds else None
+    return sweep.paired(groups, base, other, acc)
 
 
 def gain_cell(d: np.ndarray) -> str:
@@ -354,34 +336,6 @@ def verdict(groups: dict[str, list[dict[str, Any]]]) -> str:
 
 
 # -- machine, plot, doc --------------------------------------------------------------------------------
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # nproc honours it
-        nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True, env=env).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        nproc = str(os.cpu_count())
-    return {"nproc": nproc, "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
-            "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg())}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def plot(path: Path, groups: dict[str, list[dict[str, Any]]]) -> None:
     """Target test accuracy of every run per group (dots), mean ± std (bar), main groups first."""
     import matplotlib
@@ -403,46 +357,20 @@ def plot(path: Path, groups: dict[str, list[dict[str, Any]]]) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.set_title("mnist5k, 100 labelled/class, ResNet-8 width 8 target: every run (dots), mean ± std", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_section(doc: Path, name: str, body: str, title: str) -> None:
-    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` (append if absent)."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = doc.read_text() if doc.is_file() else f"# {title}\n\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        pre, rest = text.split(begin, 1)
-        _, post = rest.split(end, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_name(doc.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
+    sweep.save_figure(fig, path)
 
 
 def settings_text(args: argparse.Namespace, records: list[dict[str, Any]], n_expected: int,
                   seeds_of: dict[str, list[int]]) -> str:
-    m = machine()
-    done = len(records)
-    status = "complete" if done == n_expected else f"**PARTIAL: {done} of {n_expected} runs finished**"
     secs = [r["seconds"] for r in records]
     cpus = [r["cpu_seconds"] for r in records]
     shapes = sorted({(r["n_train"], r["steps_per_epoch"], r["epochs"], r["steps"]) for r in records})
-    cmd = " ".join(shlex.quote(a) for a in [sys.executable.replace(str(ROOT) + "/", ""), *sys.argv])
+    cmd = sweep.command_line()
     lines = [
-        f"- status: {status}",
+        sweep.status_line(len(records), n_expected),
         f"- command: `{cmd}`" if not args.report_only
         else f"- tables regenerated with `{cmd}` from `{args.out_dir}/per_run/*.json`",
-        f"- machine: `nproc` = {m['nproc']}, CPU {m['cpu']}, Python {m['python']}, torch {m['torch']}, "
-        f"load average when written {m['loadavg']} (shared with other jobs: the timings are not benchmarks); "
-        f"commit {commit()}",
+        sweep.machine_line("shared with other jobs: the timings are not benchmarks"),
         f"- recipe `{RECIPE}` with: mnist5k, {args.per_class} labelled images per class, no unlabelled pool, "
         f"batch {args.batch_size}, SGD Nesterov lr {args.lr} ÷10 at 60 % and 80 % of the epochs, momentum 0.9, "
         f"wd 5e-4, pad-crop augmentation, τ = {args.tau}, ramp-up E = the run's epochs, one torch thread, "
@@ -535,8 +463,8 @@ def report(args: argparse.Namespace, specs: list[dict[str, Any]], final: bool) -
         plot(png, groups)
     figure = f"\n![target accuracy of every run per group]({os.path.relpath(png, args.doc.parent)})\n" \
         if png.is_file() else ""
-    write_section(args.doc, "ahbf-compare", "## Settings\n\n" + settings + "\n" + body + figure,
-                  "AHBF-OKD results on mnist5k (low-data)")
+    sweep.write_section(args.doc, "ahbf-compare", "## Settings\n\n" + settings + "\n" + body + figure,
+                        "AHBF-OKD results on mnist5k (low-data)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -547,29 +475,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = make_specs(args)
     if not args.report_only:
         todo = [s for s in specs if load_result(args.out_dir, s) is None]
-        _log(f"AHBF comparison: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to train "
-             f"({args.steps} steps each, one at a time)")
+        sweep.log(f"AHBF comparison: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to train "
+                  f"({args.steps} steps each, one at a time)")
         (args.out_dir / "per_run").mkdir(parents=True, exist_ok=True)
         args.runs_dir.mkdir(parents=True, exist_ok=True)
         t_start, slowest = time.perf_counter(), 0.0
         for n, s in enumerate(todo, 1):
             elapsed = time.perf_counter() - t_start
             if args.budget_min is not None and elapsed + slowest > 60 * args.budget_min:
-                _log(f"budget of {args.budget_min} min reached: {len(todo) - n + 1} runs not started")
+                sweep.log(f"budget of {args.budget_min} min reached: {len(todo) - n + 1} runs not started")
                 break
             try:
-                rec = train_one(s, args.runs_dir, args.out_dir / "per_run" / f"{s['name']}.json")
+                rec = train_one(s, args.runs_dir, sweep.record_path(args.out_dir / "per_run", s))
             except Exception as e:  # keep the sweep going; the run is retried on the next call
-                _log(f"[{n}/{len(todo)}] {s['name']} FAILED: {type(e).__name__}: {e}")
+                sweep.log(f"[{n}/{len(todo)}] {s['name']} FAILED: {type(e).__name__}: {e}")
                 traceback.print_exc()
                 continue
             slowest = max(slowest, rec["seconds"])
-            _log(f"[{n}/{len(todo)}] {s['name']}: {rec['steps']} steps in {rec['seconds']:.0f} s "
-                 f"({rec['cpu_seconds']:.0f} s CPU, load {rec['loadavg']}), target test "
-                 f"{100 * rec['test']['accuracy']:.1f} %")
+            sweep.log(f"[{n}/{len(todo)}] {s['name']}: {rec['steps']} steps in {rec['seconds']:.0f} s "
+                      f"({rec['cpu_seconds']:.0f} s CPU, load {rec['loadavg']}), target test "
+                      f"{100 * rec['test']['accuracy']:.1f} %")
             report(args, specs, final=False)
     report(args, specs, final=True)
-    _log(f"wrote {args.doc} and {args.out_dir}/")
+    sweep.log(f"wrote {args.doc} and {args.out_dir}/")
     return 0
 
 
