@@ -203,6 +203,23 @@ def command_line(drop: Sequence[str] = ()) -> str:
     return " ".join(shlex.quote(a) for a in [python, script, *argv])
 
 
+# -- command-line interface ---------------------------------------------------------------------------
+def add_output_args(p: Any, *, out_dir: str, runs_dir: str, doc: str, out_help: str) -> None:
+    """The options every sweep shares: where records, scratch runs and the docs go, and ``--report-only``.
+
+    Args:
+        p: the script's ``argparse.ArgumentParser``.
+        out_dir: default folder of the records (in a subfolder), summary JSON and PNGs.
+        runs_dir: default folder of the scratch run directories.
+        doc: default Markdown file whose marked section the tables replace.
+        out_help: ``--help`` text of ``--out-dir``.
+    """
+    p.add_argument("--out-dir", type=Path, default=Path(out_dir), help=out_help)
+    p.add_argument("--runs-dir", type=Path, default=Path(runs_dir), help="scratch run directories")
+    p.add_argument("--doc", type=Path, default=Path(doc))
+    p.add_argument("--report-only", action="store_true", help="no training: tables from the result JSONs so far")
+
+
 # -- outputs ---------------------------------------------------------------------------------------
 def save_figure(fig: Any, path: Path) -> None:
     """Write a matplotlib figure to ``path`` as PNG (110 dpi) atomically, then close it."""

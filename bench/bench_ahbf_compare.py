@@ -335,7 +335,7 @@ def verdict(groups: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(out) + "\n"
 
 
-# -- machine, plot, doc --------------------------------------------------------------------------------
+# -- plot and settings ---------------------------------------------------------------------------------
 def plot(path: Path, groups: dict[str, list[dict[str, Any]]]) -> None:
     """Target test accuracy of every run per group (dots), mean ± std (bar), main groups first."""
     import matplotlib
@@ -401,10 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=3.0)
     p.add_argument("--budget-min", type=float, default=None,
                    help="start no run that would end after this many minutes (estimate: the slowest run so far)")
-    p.add_argument("--out-dir", type=Path, default=Path(DEFAULT_OUT), help="result JSONs (per_run/), summary, PNG")
-    p.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS), help="scratch run directories")
-    p.add_argument("--doc", type=Path, default=Path(DEFAULT_DOC))
-    p.add_argument("--report-only", action="store_true", help="no training: tables from the result JSONs so far")
+    sweep.add_output_args(p, out_dir=DEFAULT_OUT, runs_dir=DEFAULT_RUNS, doc=DEFAULT_DOC,
+                          out_help="result JSONs (per_run/), summary, PNG")
     return p
 
 

@@ -243,7 +243,7 @@ def verdict(groups: dict[str, list[dict[str, Any]]], per_class: int) -> str:
     return "\n".join(out) + "\n" if out else "_no paired runs yet_\n"
 
 
-# -- machine, plot, doc --------------------------------------------------------------------------------
+# -- plot and settings ---------------------------------------------------------------------------------
 def plot(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]]]], ncols: int) -> None:
     """Accuracy vs cumulative MMACs per objective: mean line, ± std band, min–max bars; ``ncols`` panels a row."""
     import matplotlib
@@ -324,10 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--model", type=json.loads, default=DEFAULT_MODEL, help="hne model.args as JSON")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
-    p.add_argument("--out-dir", type=Path, default=Path(DEFAULT_OUT), help="result JSONs (runs/), summary, PNG")
-    p.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS), help="scratch run directories")
-    p.add_argument("--doc", type=Path, default=Path(DEFAULT_DOC))
-    p.add_argument("--report-only", action="store_true", help="no training: tables from the result JSONs so far")
+    sweep.add_output_args(p, out_dir=DEFAULT_OUT, runs_dir=DEFAULT_RUNS, doc=DEFAULT_DOC,
+                          out_help="result JSONs (runs/), summary, PNG")
     return p
 
 

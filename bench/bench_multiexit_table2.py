@@ -237,7 +237,7 @@ def verdict(groups: dict[str, list[dict[str, Any]]], per_class: int) -> str:
     return " ".join(out) if out else "no paired runs yet."
 
 
-# -- machine, plot, doc --------------------------------------------------------------------------------
+# -- plot and settings ---------------------------------------------------------------------------------
 def plot_panels(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]], str]],
                 labels: dict[str, str], ncols: int = 2) -> None:
     """Accuracy vs cumulative MMACs, one line (mean) and band (± std) per group and panel."""
@@ -309,10 +309,8 @@ def common_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--model", type=json.loads, default=DEFAULT_MODEL, help="MSDNet model.args as JSON")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
-    p.add_argument("--out-dir", type=Path, default=Path(DEFAULT_OUT), help="result JSONs (runs/) and PNGs")
-    p.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS), help="scratch run directories")
-    p.add_argument("--doc", type=Path, default=Path(DEFAULT_DOC))
-    p.add_argument("--report-only", action="store_true", help="no training: tables from the result JSONs so far")
+    sweep.add_output_args(p, out_dir=DEFAULT_OUT, runs_dir=DEFAULT_RUNS, doc=DEFAULT_DOC,
+                          out_help="result JSONs (runs/) and PNGs")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
