@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

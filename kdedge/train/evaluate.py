@@ -36,12 +36,13 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         >>> with eval_mode(model):
         ...     logits = model(x)
     """
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]  # per module: a frozen BN stays in eval
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, was in flags:
+            m.training = was
 
 
 def labelled_batches(loader: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
