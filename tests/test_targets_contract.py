@@ -1,7 +1,12 @@
 """One contract suite over every target that runs here: the same outputs as onnxruntime within
 tolerance, the same stage results through the runner, abort behaviour as declared. Targets
 that cannot run on this machine are skipped with the reason (CoreML predicts on macOS only,
-TensorRT and torch-on-CUDA need an NVIDIA GPU)."""
+TensorRT and torch-on-CUDA need an NVIDIA GPU).
+
+``tensorrt-emulated`` (and ``-graphs``, with CUDA graphs) runs the real TensorRT session code
+on the emulated TensorRT and CUDA runtime of ``tests/fake_tensorrt.py``, on engines its fake
+builder made from the toy bundle: it checks the orchestration (device buffers, carried tensors,
+streams, graph capture), not TensorRT's numerics."""
 
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from kdedge.runtime.sessions import StageAborted
 from kdedge.targets import get_target
 from kdedge.targets.base import CompileSpec, TargetError
 
-CASES = ["onnx", "torch-cpu", "torch-cuda", "coreml", "tensorrt"]
+CASES = ["onnx", "torch-cpu", "torch-cuda", "coreml", "tensorrt", "tensorrt-emulated", "tensorrt-emulated-graphs"]
+EMULATED = ("tensorrt-emulated", "tensorrt-emulated-graphs")
 
 
 def _cuda() -> bool:
@@ -82,18 +88,50 @@ def multi(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy bundle with engines built by the emulated TensorRT 10 (tests/fake_tensorrt.py) and
+    verified against onnxruntime through the emulated sessions, as ``kdedge build`` does."""
+    from fake_tensorrt import install
+    from kdedge.targets.build import build_bundle
+
+    out = tmp_path_factory.mktemp("trt") / "toy.kdedge"
+    shutil.copytree(toy_bundle(), out)
+    with pytest.MonkeyPatch.context() as mp:
+        install(mp, tmp_path_factory.mktemp("home"))
+        report = build_bundle(out, "tensorrt", CompileSpec(precision="fp32", max_batch=64))
+    assert report["verified"] == "onnxruntime" and all(r["passed"] for r in report["graphs"].values()), report
+    return out
+
+
+def _bundle(case: str, multi: Path, request: pytest.FixtureRequest) -> Path:
+    """The bundle a case runs; for the emulated TensorRT cases, with the fakes installed for this test."""
+    if case not in EMULATED:
+        return multi
+    from fake_tensorrt import install
+
+    path = request.getfixturevalue("emulated")
+    install(request.getfixturevalue("monkeypatch"))
+    return path
+
+
 def _open(case: str, bundle: Path) -> tuple[str, dict[str, Any] | None]:
     if case == "torch-cpu":
         return "torch", {"device": "cpu"}
     if case == "torch-cuda":
         return "torch", {"device": "cuda"}
+    if case == "tensorrt-emulated":
+        return "tensorrt", None
+    if case == "tensorrt-emulated-graphs":
+        return "tensorrt", {"cuda_graphs": True}
     return case, None
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_same_outputs_as_onnxruntime(case: str, multi: Path) -> None:
+def test_same_outputs_as_onnxruntime(case: str, multi: Path, request: pytest.FixtureRequest) -> None:
     if (why := _skip_reason(case)) is not None:
         pytest.skip(why)
+    multi = _bundle(case, multi, request)
     name, opts = _open(case, multi)
     b = open_bundle(multi, targets=[name])
     target, onnx = get_target(name), get_target("onnx")
@@ -110,9 +148,10 @@ def test_same_outputs_as_onnxruntime(case: str, multi: Path) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_runner_gives_the_same_stage_results(case: str, multi: Path) -> None:
+def test_runner_gives_the_same_stage_results(case: str, multi: Path, request: pytest.FixtureRequest) -> None:
     if (why := _skip_reason(case)) is not None:
         pytest.skip(why)
+    multi = _bundle(case, multi, request)
     name, opts = _open(case, multi)
     _, _, xv, _, _ = digits()
     x = xv[:32]
@@ -128,9 +167,10 @@ def test_runner_gives_the_same_stage_results(case: str, multi: Path) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_abort_behaviour_as_declared(case: str, multi: Path) -> None:
+def test_abort_behaviour_as_declared(case: str, multi: Path, request: pytest.FixtureRequest) -> None:
     if (why := _skip_reason(case)) is not None:
         pytest.skip(why)
+    multi = _bundle(case, multi, request)
     name, opts = _open(case, multi)
     b = open_bundle(multi, targets=[name])
     target = get_target(name)

@@ -1,14 +1,12 @@
 """TensorRT: the parts that need no GPU (version selection, precision plans, profile shapes,
 engine files and the refusal of engines built elsewhere, INT8 calibration rules and cache keys)
-run everywhere, and so do the calibrator and the INT8 build driven with fake ``tensorrt`` and
-CUDA runtime modules; building and running real engines needs TensorRT and an NVIDIA GPU (marked
-``tensorrt``, skipped here with the reason)."""
+run everywhere, and so do the builds, the calibrator and the sessions on the emulated TensorRT
+and CUDA runtime of ``tests/fake_tensorrt.py`` (device buffers, carried tensors, copies,
+streams, CUDA graphs, lifetimes, threads); building and running real engines needs TensorRT and
+an NVIDIA GPU (marked ``tensorrt``, skipped here with the reason)."""
 
 from __future__ import annotations
 
-import ctypes
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,7 @@ from kdedge.targets.tensorrt import (EngineMismatch, calibration_cache_path, che
                                      jetpack_facts, onnx_is_qdq, precision_plan, profile_shapes, read_engine,
                                      timing_cache_path, trt_major, write_engine)
 
-HERE = {"tensorrt": "10.13.0.35", "cuda": "12.9", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
-        "jetson_l4t": None, "jetson_board": None}
+from fake_tensorrt import HERE, FakeCudart, fake_tensorrt, install
 
 
 def test_version_selection() -> None:
@@ -131,176 +128,15 @@ def test_build_and_run_engines(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# INT8 calibration, driven with fake `tensorrt` and CUDA runtime modules (no GPU here)
-
-
-class FakeCudart:
-    """cuda-python's runtime over host memory: cudaMalloc hands out ctypes buffers, cudaMemcpy
-    copies into them, and every call is recorded."""
-
-    class cudaMemcpyKind:  # noqa: N801 - cuda-python's names
-        cudaMemcpyHostToDevice = 1
-        cudaMemcpyDeviceToHost = 2
-
-    def __init__(self) -> None:
-        self.buffers: dict[int, Any] = {}
-        self.mallocs: list[int] = []
-        self.copies: list[tuple[int, int]] = []
-        self.freed: list[int] = []
-
-    def cudaMalloc(self, n: int) -> tuple[int, int]:  # noqa: N802
-        buf = ctypes.create_string_buffer(n)
-        ptr = ctypes.addressof(buf)
-        self.buffers[ptr] = buf
-        self.mallocs.append(n)
-        return 0, ptr
-
-    def cudaMemcpy(self, dst: int, src: int, n: int, kind: int) -> tuple[int]:  # noqa: N802
-        assert kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice
-        assert dst in self.buffers and n <= len(self.buffers[dst]), "copy outside an allocation"
-        ctypes.memmove(dst, src, n)
-        self.copies.append((dst, n))
-        return (0,)
-
-    def cudaFree(self, ptr: int) -> tuple[int]:  # noqa: N802
-        assert ptr in self.buffers
-        self.freed.append(ptr)
-        return (0,)
-
-    def read(self, ptr: int, shape: tuple[int, ...]) -> np.ndarray:
-        return np.frombuffer(self.buffers[ptr], np.float32, count=int(np.prod(shape))).reshape(shape).copy()
-
-
-def fake_tensorrt(cudart: FakeCudart, version: str = "10.13.0.35") -> Any:
-    """A `tensorrt` module with the builder API the target uses. Its builder drives an INT8
-    calibrator the way TensorRT does: batch size, cache read, get_batch(network input names)
-    until None (reading the device buffers at the calibration profile's OPT shape), cache write."""
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    trt.builds = []
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level: int = 2) -> None:
-            pass
-
-    class IInt8EntropyCalibrator2:
-        def __init__(self) -> None:
-            self.base_initialised = True
-
-    class Profile:
-        def __init__(self) -> None:
-            self.shapes: dict[str, tuple] = {}
-
-        def set_shape(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> None:
-            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
-
-    class Network:
-        def __init__(self, flags: int) -> None:
-            self.flags, self.inputs, self.path = flags, [], None
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network: Network, logger: Logger) -> None:
-            self.network = network
-
-        def parse_from_file(self, path: str) -> bool:
-            import onnx
-
-            self.network.path = path
-            self.network.inputs = [i.name for i in onnx.load(path, load_external_data=False).graph.input]
-            return True
-
-    class TimingCache:
-        def serialize(self) -> bytes:
-            return b"timing-cache"
-
-    class Config:
-        def __init__(self) -> None:
-            self.flags: list[str] = []
-            self.profiles: list[Profile] = []
-            self.int8_calibrator = None
-            self.calibration_profile = None
-
-        def set_memory_pool_limit(self, pool: int, size: int) -> None:
-            pass
-
-        def set_flag(self, flag: str) -> None:
-            self.flags.append(flag)
-
-        def add_optimization_profile(self, p: Profile) -> None:
-            self.profiles.append(p)
-
-        def set_calibration_profile(self, p: Profile) -> None:
-            self.calibration_profile = p
-
-        def create_timing_cache(self, blob: bytes) -> TimingCache:
-            return TimingCache()
-
-        def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> None:
-            pass
-
-        def get_timing_cache(self) -> TimingCache:
-            return TimingCache()
-
-    class Builder:
-        def __init__(self, logger: Logger) -> None:
-            pass
-
-        def create_network(self, flags: int) -> Network:
-            return Network(flags)
-
-        def create_builder_config(self) -> Config:
-            return Config()
-
-        def create_optimization_profile(self) -> Profile:
-            return Profile()
-
-        def build_serialized_network(self, network: Network, config: Config) -> bytes:
-            cal = config.int8_calibrator
-            rec = {"graph": Path(network.path).stem, "inputs": list(network.inputs), "flags": list(config.flags),
-                   "calibrator": cal, "batch_size": None, "batches": [], "cache_read": None,
-                   "calibration_profile": None if config.calibration_profile is None else
-                   dict(config.calibration_profile.shapes)}
-            if cal is not None:
-                rec["batch_size"] = cal.get_batch_size()
-                rec["cache_read"] = cache = cal.read_calibration_cache()
-                if cache is None:
-                    while (ptrs := cal.get_batch(list(network.inputs))) is not None:
-                        assert len(ptrs) == len(network.inputs)
-                        rec["batches"].append({n: cudart.read(p, rec["calibration_profile"][n][1])
-                                               for n, p in zip(network.inputs, ptrs)})
-                    cal.write_calibration_cache(memoryview(f"TRT-10-EntropyCalibration2 {rec['graph']}".encode()))
-            trt.builds.append(rec)
-            return b"\x00serialized-engine"
-
-    for name, value in {"Logger": Logger, "IInt8EntropyCalibrator2": IInt8EntropyCalibrator2, "Builder": Builder,
-                        "OnnxParser": OnnxParser,
-                        "NetworkDefinitionCreationFlag": types.SimpleNamespace(STRONGLY_TYPED=0),
-                        "MemoryPoolType": types.SimpleNamespace(WORKSPACE=0),
-                        "BuilderFlag": types.SimpleNamespace(FP16="FP16", INT8="INT8")}.items():
-        setattr(trt, name, value)
-    return trt
+# INT8 calibration, driven with the emulated `tensorrt` and CUDA runtime (no GPU here)
 
 
 @pytest.fixture
 def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """Fake TensorRT 10 and CUDA installed: the tensorrt target compiles here (no sessions).
-    HOME is a temporary directory: timing and calibration caches default to ~/.cache/kdedge."""
-    import kdedge.targets.tensorrt as trtmod
-
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-    cudart = FakeCudart()
-    trt = fake_tensorrt(cudart)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(trtmod.TensorRTTarget, "missing", lambda self, kind="compile": [])
-    monkeypatch.setattr(trtmod.TensorRTTarget, "verify_here", lambda self: False)  # no sessions without a GPU
-    monkeypatch.setattr(trtmod, "device_facts", lambda: dict(HERE))
-    monkeypatch.setattr(trtmod, "_cudart", lambda: cudart)
-    return types.SimpleNamespace(trt=trt, cudart=cudart)
+    """The emulated TensorRT 10 and CUDA runtime installed (tests/fake_tensorrt.py): the tensorrt
+    target compiles and runs here. HOME is a temporary directory: timing and calibration caches
+    default to ~/.cache/kdedge."""
+    return install(monkeypatch, tmp_path / "home")
 
 
 @pytest.fixture(scope="module")
@@ -548,3 +384,437 @@ def test_cli_calibrated_build_and_bad_calibration_images(calib_bundle, tmp_path:
     assert {k: rec[k] for k in ("kind", "name", "split", "seed", "count", "batch_size")} == {
         "kind": "dataset", "name": "digits", "split": "train", "seed": 0, "count": 32, "batch_size": 32}
     assert all(len(b["batches"]) == 1 for b in fakes.trt.builds)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real session code on the emulated TensorRT and CUDA runtime (tests/fake_tensorrt.py): device
+# buffers, carried tensors, streams, CUDA graphs, lifetimes and threads. It proves the
+# orchestration, not TensorRT's numerics or the real bindings' argument types.
+
+
+@pytest.fixture(scope="module")
+def emu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy bundle with emulated TensorRT 10 engines for batches 1..16 (verified in the build)."""
+    import shutil
+
+    from helpers_anytime import toy_bundle
+    from kdedge.targets.build import build_bundle
+
+    out = tmp_path_factory.mktemp("emu") / "toy.kdedge"
+    shutil.copytree(toy_bundle("fp32", True), out)
+    with pytest.MonkeyPatch.context() as mp:
+        install(mp, tmp_path_factory.mktemp("home"))
+        report = build_bundle(out, "tensorrt", CompileSpec(precision="fp32", max_batch=16))
+    assert report["verified"] == "onnxruntime" and all(r["passed"] for r in report["graphs"].values())
+    return out
+
+
+def _x(n: int, start: int = 0) -> np.ndarray:
+    from helpers_anytime import digits
+
+    return digits()[2][start:start + n]
+
+
+def _ref(bundle: Path, x: np.ndarray, policy: Any = None) -> Any:
+    from kdedge.runtime.runner import Runner
+
+    with Runner(bundle, target="onnx", threads=1) as r:
+        return r.run(x, policy)
+
+
+def _sessions(bundle: Path, **options: Any) -> tuple[Any, list[Any]]:
+    from kdedge.runtime.bundle import open_bundle
+
+    b = open_bundle(bundle, targets=["tensorrt"])
+    t = get_target("tensorrt")
+    return b, [t.open_entry(b, e, options) for e in b.stages]
+
+
+def test_the_emulation_catches_misuse(emu_bundle: Path, fakes) -> None:
+    """The fakes fail where a GPU would crash or compute garbage (so the tests below can fail)."""
+    from fake_tensorrt import EmulationError
+
+    cu = fakes.cudart
+    host = np.ones(4, np.float32)
+    _, dev = cu.cudaMalloc(16)
+    with pytest.raises(EmulationError, match="is a device address .*not host memory"):
+        cu.cudaMemcpy(host.ctypes.data, dev, 16, cu.cudaMemcpyKind.cudaMemcpyHostToDevice)  # swapped arguments
+    with pytest.raises(EmulationError, match="run past the end"):
+        cu.cudaMemcpy(dev, np.ones(8, np.float32).ctypes.data, 32, cu.cudaMemcpyKind.cudaMemcpyHostToDevice)
+    cu.cudaFree(dev)
+    with pytest.raises(EmulationError, match="use after free"):
+        cu.cudaMemcpy(host.ctypes.data, dev, 16, cu.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+    with pytest.raises(EmulationError, match="freed twice"):
+        cu.cudaFree(dev)
+    # an engine runs when its stream runs; a graph replays the addresses bound at capture time
+    _, blob = read_engine(emu_bundle / "tensorrt" / "prefix0.plan")
+    engine = fakes.trt.Runtime(fakes.trt.Logger()).deserialize_cuda_engine(blob)
+    ctx = engine.create_execution_context()
+    assert ctx.get_tensor_shape("prefix0__logits") == (-1, 10)  # unknown until the input shape is set
+    assert ctx.set_input_shape("input", (2, 1, 8, 8)) and ctx.get_tensor_shape("prefix0__logits") == (2, 10)
+    assert not ctx.set_input_shape("input", (17, 1, 8, 8))  # outside the profile 1..16
+    _, s = cu.cudaStreamCreate()
+    x = np.ascontiguousarray(_x(2))
+    ptrs = {t: cu.cudaMalloc(n)[1] for t, n in (("in", x.nbytes), ("a", 80), ("b", 80))}
+    cu.cudaMemcpy(ptrs["in"], x.ctypes.data, x.nbytes, cu.cudaMemcpyKind.cudaMemcpyHostToDevice)
+    ctx.set_tensor_address("input", ptrs["in"])
+    assert not ctx.execute_async_v3(s)  # an output without an address
+    ctx.set_tensor_address("prefix0__logits", ptrs["a"])
+    assert ctx.execute_async_v3(s)
+    assert not cu.read(ptrs["a"], (2, 10)).any()  # enqueued, not run
+    cu.cudaStreamSynchronize(s)
+    want = cu.read(ptrs["a"], (2, 10))
+    assert want.any()
+    cu.cudaStreamBeginCapture(s, cu.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+    ctx.execute_async_v3(s)
+    _, graph = cu.cudaStreamEndCapture(s)
+    _, exe = cu.cudaGraphInstantiate(graph, 0)
+    ctx.set_tensor_address("prefix0__logits", ptrs["b"])  # too late: the graph keeps "a"
+    cu.cudaGraphLaunch(exe, s)
+    cu.cudaStreamSynchronize(s)
+    assert not cu.read(ptrs["b"], (2, 10)).any()
+    with pytest.raises(EmulationError, match="is a host address"):
+        ctx.set_tensor_address("input", x.ctypes.data)
+        ctx.execute_async_v3(s)
+    # a capture forbids unsafe calls: from every thread in global mode
+    cu.cudaStreamBeginCapture(s, cu.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal)
+    assert cu.cudaMalloc(4)[0] == 900
+    assert cu.cudaStreamEndCapture(s)[0] == 901  # and the capture is invalidated
+
+
+def test_carried_tensors_never_visit_the_host(emu_bundle: Path, fakes) -> None:
+    from kdedge.runtime.runner import Runner
+    from kdedge.targets.tensorrt import DeviceTensor
+
+    x = _x(8)
+    with Runner(emu_bundle, target="tensorrt") as r:
+        r.run(x)  # first call: buffers allocated
+        before = dict(fakes.cudart.counts)
+        res = r.run(x)
+        got = {k: fakes.cudart.counts[k] - before[k] for k in ("h2d", "d2h", "d2d")}
+        assert got == {"h2d": 1, "d2h": 3, "d2d": 0}  # the input in, each stage's logits out; f0/f1 stay
+        np.testing.assert_allclose(res.probs, _ref(emu_bundle, x).probs, atol=1e-5)
+        out = r.sessions[0].run({"input": x})
+        assert isinstance(out["stage0__logits"], np.ndarray) and isinstance(out["stage0__f0"], DeviceTensor)
+
+
+def test_buffers_are_bound_once_per_batch_size(emu_bundle: Path, fakes) -> None:
+    from kdedge.runtime.runner import Runner
+
+    cu = fakes.cudart
+    with Runner(emu_bundle, target="tensorrt") as r:
+        r.run(_x(8))
+        n = len(cu.mallocs)
+        for k in range(3):
+            res = r.run(_x(8, 8 * k))
+            np.testing.assert_allclose(res.probs, _ref(emu_bundle, _x(8, 8 * k)).probs, atol=1e-5)
+        assert len(cu.mallocs) == n  # no cudaMalloc on repeated calls
+        r.run(_x(3))
+        m = len(cu.mallocs)
+        assert m > n
+        r.run(_x(3, 5))
+        r.run(_x(8))
+        assert len(cu.mallocs) == m
+
+
+def test_a_batch_outside_the_profile_is_refused(emu_bundle: Path, fakes) -> None:
+    from kdedge.runtime.runner import Runner
+
+    with Runner(emu_bundle, target="tensorrt") as r:
+        with pytest.raises(TargetError, match=r"batch 17 is outside the engine's profile \(1, 16\).*--max-batch"):
+            r.run(np.zeros((17, 1, 8, 8), np.float32))
+        assert fakes.trt.executions == []
+        s = r.sessions[0]
+        with pytest.raises(TargetError, match="input shape"):
+            s.run({"input": np.zeros((2, 1, 9, 9), np.float32)})  # TensorRT refuses the shape
+        np.testing.assert_allclose(r.run(_x(4)).probs, _ref(emu_bundle, _x(4)).probs, atol=1e-5)
+
+
+def test_cuda_graphs_are_captured_once_per_batch_and_addresses_and_replayed(emu_bundle: Path, fakes) -> None:
+    from kdedge.runtime.runner import Runner
+
+    cu = fakes.cudart
+    with Runner(emu_bundle, target="tensorrt", cuda_graphs=True) as r:
+        assert r.run_key == "tensorrt-cuda-cudagraphs"
+        for k in range(4):  # new inputs each time: a replay reads the bound buffers' new contents
+            x = _x(4, 4 * k)
+            np.testing.assert_allclose(r.run(x).probs, _ref(emu_bundle, x).probs, atol=1e-5)
+            if k == 0:
+                assert cu.counts["graphs_instantiated"] == 3  # one per stage
+        assert cu.counts["graphs_instantiated"] == 3 and cu.counts["graph_launches"] == 12
+        assert sum(e["captured"] for e in fakes.trt.executions) == 3
+        r.run(_x(2))
+        assert cu.counts["graphs_instantiated"] == 6  # a new batch size: new graphs
+        assert cu.counts["graphs_destroyed"] == 6  # the captured graph is dropped once instantiated
+        # the confidence policy: some samples leave after stage 0, the rest run on a smaller batch
+        from kdedge.runtime.policies import make_policy
+
+        x = _x(16)
+        pol = make_policy(confidence=0.3)
+        got, want = r.run(x, pol), _ref(emu_bundle, x, pol)
+        np.testing.assert_array_equal(got.stage, want.stage)
+        np.testing.assert_allclose(got.probs, want.probs, atol=1e-5)
+        assert len(set(got.stage.tolist())) > 1
+
+
+def test_a_carried_tensor_belongs_to_its_call(emu_bundle: Path, fakes) -> None:
+    """A second call of a stage does not overwrite what the first returned (the next stage may
+    not have read it yet: another thread's request, or a caller that keeps outputs)."""
+    from kdedge.targets.build import _chain
+
+    b, (s0, s1, s2) = _sessions(emu_bundle)
+    onnx = get_target("onnx")
+    ref = [onnx.open_entry(b, e, None) for e in b.stages]
+    xa, xb = _x(4), _x(4, 4)
+    s0.run({"input": xb})  # warm: a buffer set is allocated, and back in the pool
+    mallocs = len(fakes.cudart.mallocs)
+    a = s0.run({"input": xa})
+    assert len(fakes.cudart.mallocs) == mallocs  # the pooled set is reused...
+    b_out = s0.run({"input": xb})  # ...but not while `a` holds it: same batch size, other buffers
+    assert b_out["stage0__f0"].ptr != a["stage0__f0"].ptr
+    got = s1.run({"stage0__f0": a["stage0__f0"]})
+    want = _chain(ref, b.stages, xa)
+    np.testing.assert_allclose(got["stage1__logits"], want["stage1__logits"], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a["stage0__f0"]), want["stage0__f0"], atol=1e-5)
+    mallocs = len(fakes.cudart.mallocs)
+    del a, b_out, got  # both sets go back to the pool
+    s0.run({"input": xa})
+    s0.run({"input": xb})
+    assert len(fakes.cudart.mallocs) == mallocs
+    for s in (s0, s1, s2):
+        s.close()
+
+
+def test_a_stage_without_host_outputs_is_complete_when_it_returns(emu_bundle: Path, fakes) -> None:
+    """Every stage runs on its own stream: what one returns must be computed before the next
+    stage's stream reads it (here no host copy synchronizes stage 0)."""
+    from kdedge.targets.build import _chain
+
+    b, (s0, s1, s2) = _sessions(emu_bundle)
+    all_carried = get_target("tensorrt").open_entry(b, b.stages[0], {"host_outputs": ()})
+    x = _x(4, 12)
+    out = all_carried.run({"input": x})
+    assert fakes.cudart.counts["d2h"] == 0
+    got = s1.run({"stage0__f0": out["stage0__f0"]})
+    want = _chain([get_target("onnx").open_entry(b, e, None) for e in b.stages], b.stages, x)
+    np.testing.assert_allclose(got["stage1__logits"], want["stage1__logits"], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["stage0__logits"]), want["stage0__logits"], atol=1e-5)
+    for s in (all_carried, s0, s1, s2):
+        s.close()
+
+
+def _threads(*targets: Any) -> list[Any]:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def wrap(f: Any) -> Any:
+        def run() -> None:
+            try:
+                f()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+                errors.append(e)
+        return run
+
+    ts = [threading.Thread(target=wrap(f), name=name) for name, f in targets]
+    return [ts, errors]
+
+
+def test_two_threads_through_one_runner_keep_their_carried_tensors(emu_bundle: Path, fakes) -> None:
+    """Thread A has run stage 0 and is in stage 1 when thread B runs stage 0 on other images."""
+    import threading
+
+    from kdedge.runtime.runner import Runner
+
+    xa, xb = _x(4), _x(4, 20)
+    a_waits, b_done0 = threading.Event(), threading.Event()
+    res: dict[str, Any] = {}
+    with Runner(emu_bundle, target="tensorrt") as r:
+        r.run(xb)  # warm: the buffer sets are in the pools
+        s0 = r.sessions[0]
+        run0 = s0.run
+
+        def spy(inputs: Any, abort: Any = None) -> Any:
+            out = run0(inputs, abort)
+            if threading.current_thread().name == "B":
+                b_done0.set()
+            return out
+
+        s0.run = spy
+
+        def hook(ctx: Any, captured: bool) -> None:
+            if ctx.engine.name == "stage1" and threading.current_thread().name == "A" and not b_done0.is_set():
+                a_waits.set()
+                assert b_done0.wait(10)
+
+        fakes.trt.on_execute = hook
+        ts, errors = _threads(("A", lambda: res.__setitem__("A", r.run(xa))),
+                              ("B", lambda: (a_waits.wait(10), res.__setitem__("B", r.run(xb)))))
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(20)
+        if errors:
+            raise errors[0]
+    assert b_done0.is_set()  # the interleaving happened
+    np.testing.assert_allclose(res["A"].probs, _ref(emu_bundle, xa).probs, atol=1e-5)
+    np.testing.assert_allclose(res["B"].probs, _ref(emu_bundle, xb).probs, atol=1e-5)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_many_requests_from_two_threads(emu_bundle: Path, fakes, graphs: bool) -> None:
+    from kdedge.runtime.policies import make_policy
+    from kdedge.runtime.runner import Runner
+
+    policies = [None, make_policy(stages=2), make_policy(confidence=0.3), make_policy(stages=2, fused=True)]
+    jobs = [(_x(n, 3 * i), policies[i % 4]) for i, n in enumerate((4, 4, 8, 4, 8, 8, 4, 2, 4, 8, 4, 4))]
+    want = [_ref(emu_bundle, x, p) for x, p in jobs]
+    got: dict[int, Any] = {}
+    with Runner(emu_bundle, target="tensorrt", cuda_graphs=graphs) as r:
+        def worker(part: int) -> Any:
+            return lambda: [got.__setitem__(i, r.run(x, p)) for i, (x, p) in enumerate(jobs) if i % 2 == part]
+
+        ts, errors = _threads(("A", worker(0)), ("B", worker(1)))
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        if errors:
+            raise errors[0]
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(got[i].stage, w.stage)
+        np.testing.assert_allclose(got[i].probs, w.probs, atol=1e-5)
+    assert fakes.cudart.leaks() == {"allocations": 0, "streams": 0, "graph_execs": 0}
+
+
+def test_a_capture_leaves_other_threads_cuda_calls_alone(emu_bundle: Path, fakes) -> None:
+    """While one thread captures a stage's graph, another allocates, copies and reads a carried
+    tensor of the same session (it waits for the capture; it does not break it)."""
+    import threading
+
+    b, (s0, s1, s2) = _sessions(emu_bundle, cuda_graphs=True)
+    carried = s0.run({"input": _x(2)})["stage0__f0"]
+    want = np.asarray(carried)
+    seen: dict[str, Any] = {}
+
+    def other() -> None:
+        seen["malloc"] = fakes.cudart.cudaMalloc(64)[0]
+        seen["f0"] = np.asarray(carried)
+
+    def hook(ctx: Any, captured: bool) -> None:
+        if captured and "thread" not in seen:
+            seen["thread"] = t = threading.Thread(target=other)
+            t.start()
+            t.join(0.5)  # reading the carried tensor has to wait for the capture to end
+
+    fakes.trt.on_execute = hook
+    out = s0.run({"input": _x(4)})  # a new batch size: captured now
+    seen["thread"].join(10)
+    assert seen["malloc"] == 0
+    np.testing.assert_array_equal(seen["f0"], want)
+    want0 = get_target("onnx").open_entry(b, b.stages[0], None).run({"input": _x(4)})["stage0__logits"]
+    np.testing.assert_allclose(out["stage0__logits"], want0, atol=1e-5)
+    for s in (s0, s1, s2):
+        s.close()
+
+
+def test_close_frees_everything(emu_bundle: Path, fakes) -> None:
+    from kdedge.runtime.policies import make_policy
+    from kdedge.runtime.runner import Runner
+
+    cu = fakes.cudart
+    with Runner(emu_bundle, target="tensorrt", cuda_graphs=True) as r:
+        for n in (1, 4):
+            r.run(_x(n))
+        r.run(_x(4), make_policy(stages=3, fused=True))
+        carried = r.sessions[0].run({"input": _x(2)})["stage0__f0"]
+        assert cu.leaks()["allocations"] > 0 and cu.leaks()["graph_execs"] > 0
+    assert cu.leaks() == {"allocations": 0, "streams": 0, "graph_execs": 0}
+    assert cu.counts["streams_destroyed"] == cu.counts["streams_created"] == 4  # 3 stages + 1 prefix
+    with pytest.raises(TargetError, match="closed"):
+        np.asarray(carried)  # its memory is gone with the session
+    del carried  # a late release after close is harmless
+
+
+def test_runner_and_cli_take_cuda_graphs_for_tensorrt(emu_bundle: Path, fakes, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from kdedge.runtime.runner import Runner
+    from kdedge.targets import RunSpec
+
+    t = get_target("tensorrt")
+    assert t.caps.cuda_graphs and t.info()["cuda_graphs"] is True
+    assert t.session_options(RunSpec(cuda_graphs=True)) == {"cuda_graphs": True}
+    assert t.session_options(RunSpec()) == {} and t.run_key(RunSpec()) == "tensorrt-cuda"
+    with pytest.raises(TargetError, match="takes no device index"):
+        Runner(emu_bundle, target="tensorrt", device="cuda:1")
+    with Runner(emu_bundle, target="tensorrt", cuda_graphs=True) as r:
+        assert r.options == {"cuda_graphs": True} and r.run_key == "tensorrt-cuda-cudagraphs"
+    copy = tmp_path / "p.kdedge"
+    shutil.copytree(emu_bundle, copy)
+    res = _cli("profile", copy, "--target", "tensorrt", "--cuda-graphs", "--batch", "1,4", "--runs", "3",
+               "--warmup", "1", "--no-plot", "--json")
+    assert res.exit_code == 0, res.output
+    files = [p.name for p in (copy / "profiles").glob("*.json")]
+    assert len(files) == 1 and files[0].endswith("-tensorrt-cuda-cudagraphs.json"), files
+    data = json.loads((copy / "profiles" / files[0]).read_text())
+    assert data["run_key"] == "tensorrt-cuda-cudagraphs" and data["options"] == {"cuda_graphs": True}
+    assert fakes.cudart.counts["graph_launches"] > 0
+    np.save(tmp_path / "x.npy", _x(4))
+    res = _cli("run", copy, "--target", "tensorrt", "--cuda-graphs", "--input", tmp_path / "x.npy",
+               "--deadline-ms", "1000", "--json")
+    assert res.exit_code == 0, res.output
+    assert res.output.count('"budget_met": true') == 4
+
+
+def test_fp16_engines_are_verified_at_fp16_tolerance(tmp_path: Path, fakes) -> None:
+    import shutil
+
+    from helpers_anytime import toy_bundle
+    from kdedge.runtime.bundle import open_bundle
+    from kdedge.runtime.runner import Runner
+    from kdedge.targets.build import build_bundle
+
+    copy = tmp_path / "h.kdedge"
+    shutil.copytree(toy_bundle("fp32", True), copy)
+    report = build_bundle(copy, "tensorrt", CompileSpec(precision="fp16", max_batch=8))
+    assert report["verified"] == "onnxruntime" and all(r["atol"] == 2e-2 for r in report["graphs"].values())
+    worst = max(r["worst_ratio"] for r in report["graphs"].values())
+    assert 0 < worst <= 1  # the emulated FP16 rounding shows, within the fp16 tolerance
+    b = open_bundle(copy, targets=["tensorrt"])
+    assert {e.files["tensorrt"].precision for e in (*b.stages, *b.prefixes)} == {"fp16"}
+    assert all(r["flags"] == ["FP16"] for r in fakes.trt.builds)
+    x = _x(8)
+    with Runner(copy, target="tensorrt") as r:
+        res = r.run(x)
+        assert res.probs.dtype == np.float64
+        np.testing.assert_allclose(res.probs, _ref(copy, x).probs, atol=2e-2)
+
+
+def test_the_fake_cuda_runtime_has_the_signatures_of_cuda_python() -> None:
+    """The cudart calls the target makes exist in an installed cuda-python with the same
+    parameters (names only: the emulation cannot prove the argument types)."""
+    import re
+
+    try:
+        from cuda.bindings import runtime as real
+    except ImportError:
+        pytest.skip("cuda-python (cuda.bindings) is not installed here")
+    import inspect
+
+    import kdedge.targets.tensorrt as trtmod
+
+    used = sorted(set(re.findall(r"cudart\.(cuda[A-Za-z]+)\(", inspect.getsource(trtmod))))
+    assert "cudaStreamDestroy" in used and "cudaGraphExecDestroy" in used
+    fake = FakeCudart()
+    for name in used:
+        doc = (getattr(real, name).__doc__ or "").strip().splitlines()[0]
+        params = [p.strip().split(":")[0].split(" ")[-1] for p in doc[doc.index("(") + 1:doc.rindex(")")].split(",")
+                  if p.strip()]
+        mine = [p for p in inspect.signature(getattr(fake, name)).parameters]
+        assert len(mine) == len(params), (name, params, mine)
+    assert int(real.cudaMemcpyKind.cudaMemcpyHostToDevice) == FakeCudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+    assert int(real.cudaMemcpyKind.cudaMemcpyDeviceToHost) == FakeCudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    mode = real.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    assert int(mode) == FakeCudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal

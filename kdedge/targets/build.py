@@ -50,15 +50,26 @@ def sources_from_bundle(bundle: Any) -> list[GraphSource]:
     return out
 
 
+def host_array(v: Any) -> np.ndarray:
+    """A session output on the host: numpy as it is, a torch tensor (any device) as float32, a
+    TensorRT :class:`~kdedge.targets.tensorrt.DeviceTensor` (or anything with ``__array__``) copied."""
+    if isinstance(v, np.ndarray):
+        return v
+    if hasattr(v, "detach"):  # torch, without importing it
+        return v.detach().float().cpu().numpy()
+    return np.asarray(v)
+
+
 def _chain(sessions: Sequence[Any], entries: Sequence[StageEntry], x: np.ndarray) -> dict[str, np.ndarray]:
-    """Run stages in order on ``x`` (each reading what earlier ones produced); every output as numpy."""
+    """Run stages in order on ``x`` (each reading what earlier ones produced); every output as numpy.
+    Carried outputs are passed on as the sessions returned them (device tensors stay on the device)."""
     feeds: dict[str, Any] = {INPUT: x}
     got: dict[str, np.ndarray] = {}
     for s, e in zip(sessions, entries):
         outs = s.run({i.tensor: feeds[i.tensor] for i in e.inputs})
         feeds.update(outs)
         for k, v in outs.items():
-            got[k] = v if isinstance(v, np.ndarray) else v.float().cpu().numpy()
+            got[k] = host_array(v)
     return got
 
 

@@ -23,14 +23,18 @@ metadata (TensorRT, CUDA, GPU name and compute capability, JetPack/L4T, batch ra
 precision, tensor names) + the serialized engine. An engine is tied to the GPU and the
 TensorRT version: a mismatch is refused with a message to rebuild on the device.
 
-Sessions bind device buffers once per batch size, keep carried tensors on the GPU
-(:class:`DeviceTensor`) between stages, copy only the logits to the host, run
-``execute_async_v3`` on one CUDA stream, and can replay a captured CUDA graph.
+Sessions bind device buffers once per batch size (a small pool per batch size, so that a
+carried tensor is never overwritten by another call before the next stage read it), keep
+carried tensors on the GPU (:class:`DeviceTensor`) between stages, copy only the logits to the
+host, run ``execute_async_v3`` on one CUDA stream per session, and can replay a captured CUDA
+graph (one per batch size and bound addresses).
 
 Runs here: the GPU-free parts (profile shapes, metadata, mismatch refusal, version selection,
-the format table, calibration rules, cache keys, and the calibrator and the build driven by fake
-``tensorrt`` / CUDA modules). The builder and the sessions need TensorRT and a GPU (tests
-marked ``tensorrt``).
+the format table, calibration rules, cache keys), and the build, the calibrator and the sessions
+on an emulated TensorRT and CUDA runtime (``tests/fake_tensorrt.py``: engines that run their
+ONNX with onnxruntime on emulated device memory), which checks the orchestration but not
+TensorRT's numerics nor the real bindings' argument types. Real engines need TensorRT and a GPU
+(tests marked ``tensorrt``).
 """
 
 from __future__ import annotations
@@ -250,32 +254,71 @@ def _check(err: Any, what: str) -> None:
 
 
 class DeviceTensor:
-    """A tensor in GPU memory owned by a session (a carried stage output). Indexing or converting
-    it copies it to the host; passing it to the next TensorRT stage binds its address directly."""
+    """A stage output in GPU memory, carried to a later stage: the next TensorRT stage binds its
+    address (no copy); ``numpy()``, ``np.asarray`` or indexing (the runner drops samples with a
+    boolean mask) copy it to the host.
 
-    __slots__ = ("ptr", "shape", "dtype", "_stream")
+    It keeps the buffer set it lives in checked out of its session's pool, so later calls of that
+    session (another thread's request, or the caller's next batch) write into other buffers; the
+    set goes back to the pool when the last tensor of the call is released. After the session is
+    closed its memory is freed and using the tensor raises :class:`TargetError`.
+    """
 
-    def __init__(self, ptr: int, shape: tuple[int, ...], dtype: Any, stream: Any) -> None:
-        self.ptr, self.shape, self.dtype, self._stream = ptr, tuple(shape), np.dtype(dtype), stream
+    __slots__ = ("ptr", "shape", "dtype", "_lease")
+
+    def __init__(self, ptr: int, shape: tuple[int, ...], dtype: Any, lease: _Lease) -> None:
+        self.ptr, self.shape, self.dtype, self._lease = int(ptr), tuple(shape), np.dtype(dtype), lease
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
+    @property
+    def freed(self) -> bool:
+        """Its session was closed: the memory is gone."""
+        return self._lease.bufs.freed
+
     def numpy(self) -> np.ndarray:
-        cudart = _cudart()
-        out = np.empty(self.shape, self.dtype)
-        _check(cudart.cudaMemcpyAsync(out.ctypes.data, self.ptr, self.nbytes,
-                                      cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream)[0], "memcpy D2H")
-        _check(cudart.cudaStreamSynchronize(self._stream)[0], "cudaStreamSynchronize")
-        return out
+        """A host copy."""
+        return self._lease.session._to_host(self)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a DeviceTensor lives in GPU memory; it can only be copied to the host")
         a = self.numpy()
-        return a if dtype is None else a.astype(dtype)
+        return a if dtype is None else a.astype(dtype, copy=False)
 
     def __getitem__(self, index: Any) -> np.ndarray:  # the runner drops samples with a boolean mask
         return self.numpy()[index]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"DeviceTensor({self.ptr:#x}, shape={list(self.shape)}, dtype={self.dtype})"
+
+
+class _BufferSet:
+    """Device memory for every input and output of one engine at one batch size."""
+
+    __slots__ = ("n", "ptrs", "shapes", "freed")
+
+    def __init__(self, n: int) -> None:
+        self.n, self.ptrs, self.shapes, self.freed = n, {}, {}, False
+
+
+class _Lease:
+    """A buffer set checked out by one call and held by the call's carried :class:`DeviceTensor`\ s;
+    it returns to the session's pool when the last of them is released (CPython frees it as
+    soon as the runner drops the request's carried tensors)."""
+
+    __slots__ = ("session", "bufs")
+
+    def __init__(self, session: TensorRTSession, bufs: _BufferSet) -> None:
+        self.session, self.bufs = session, bufs
+
+    def __del__(self) -> None:
+        self.session._give_back(self.bufs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +326,24 @@ class DeviceTensor:
 
 
 class TensorRTSession:
-    """One engine: device buffers bound once per batch size, one CUDA stream, optional CUDA graph."""
+    """One engine on one CUDA stream, with device buffers bound once per batch size.
+
+    Memory: for each batch size, a pool of buffer sets (one device buffer per input and output).
+    A call checks a set out, copies host inputs into it (a carried :class:`DeviceTensor` is bound
+    by its address instead), runs the engine, copies the host outputs (the logits) back and
+    returns the other outputs as :class:`DeviceTensor`\ s that keep the set checked out until they
+    are released. In a single-threaded loop the same set comes back every call (no allocation,
+    stable addresses, so a captured CUDA graph is replayed); concurrent requests, or a caller
+    holding an earlier call's outputs, get a set of their own instead of having their carried
+    tensors overwritten.
+
+    Threads: one execution context and one stream, so one call at a time (a lock); copying a
+    carried tensor to the host takes the same lock, since the stream may be capturing a graph.
+
+    CUDA graphs (``cuda_graphs=True``): one graph per batch size and set of bound addresses,
+    captured in ``ThreadLocal`` mode (other threads' CUDA calls stay legal during the capture)
+    after one ordinary run (which settles TensorRT's shape-dependent allocations), then replayed.
+    """
 
     can_abort = False  # TensorRT has no cancellation of an enqueued execution
     can_bind = False
@@ -306,84 +366,158 @@ class TensorRTSession:
         self._engine = self._runtime.deserialize_cuda_engine(blob)
         if self._engine is None:
             raise EngineMismatch(f"TensorRT could not deserialize {path}; {REBUILD}")
+        io = {self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)}
+        if io != {*self.inputs, *self.outputs}:
+            raise EngineMismatch(f"{path}: the engine's tensors {sorted(io)} are not the manifest's "
+                                 f"{sorted({*self.inputs, *self.outputs})}; {REBUILD}")
+        self._dtypes = {t: np.dtype(trt.nptype(self._engine.get_tensor_dtype(t))) for t in (*self.inputs, *self.outputs)}
         self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for {self.name} (out of GPU memory?)")
         err, self._stream = self._cudart.cudaStreamCreate()
         _check(err, "cudaStreamCreate")
         self._host = set(self.outputs if host_outputs is None else host_outputs)
-        self._buffers: dict[int, dict[str, DeviceTensor]] = {}
+        self._free: dict[int, list[_BufferSet]] = {}  # per batch size: sets not checked out
+        self._sets: list[_BufferSet] = []  # every set, to free at close
         self._graphs: dict[tuple[int, tuple[int, ...]], Any] = {}
         self._cuda_graphs = bool(cuda_graphs)
-        self._lock = threading.Lock()  # one execution context: one call at a time
+        self._lock = threading.Lock()  # one execution context and stream: one call at a time
+        self._closed = False
         lo, hi = meta["batch_range"]
         self._range = (int(lo), int(hi))
 
-    def _dtype(self, tensor: str) -> Any:
-        return self._trt.nptype(self._engine.get_tensor_dtype(tensor))
-
-    def _alloc(self, n: int, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, DeviceTensor]:
-        bufs = self._buffers.get(n)
-        if bufs is None:
-            bufs = {}
+    # -- buffers ---------------------------------------------------------------------------------
+    def _checkout(self, n: int) -> _BufferSet:
+        """A free buffer set for batch ``n`` (input shapes already set on the context), else a new one."""
+        try:
+            return self._free.setdefault(n, []).pop()  # LIFO: a sequential caller gets the same set back
+        except IndexError:
+            pass
+        bufs = _BufferSet(n)
+        try:
             for t in (*self.inputs, *self.outputs):
-                shape = shapes[t] if t in shapes else tuple(self._context.get_tensor_shape(t))
-                size = max(int(np.prod(shape)) * np.dtype(self._dtype(t)).itemsize, 1)
-                err, ptr = self._cudart.cudaMalloc(size)
+                shape = tuple(int(d) for d in self._context.get_tensor_shape(t))
+                if any(d < 0 for d in shape):
+                    raise RuntimeError(f"TensorRT left the shape of {t} unresolved ({list(shape)}) in {self.name}")
+                err, ptr = self._cudart.cudaMalloc(max(int(np.prod(shape)) * self._dtypes[t].itemsize, 1))
                 _check(err, "cudaMalloc")
-                bufs[t] = DeviceTensor(int(ptr), shape, self._dtype(t), self._stream)
-            self._buffers[n] = bufs
+                bufs.ptrs[t], bufs.shapes[t] = int(ptr), shape
+        except BaseException:
+            for ptr in bufs.ptrs.values():
+                self._cudart.cudaFree(ptr)
+            raise
+        self._sets.append(bufs)
         return bufs
 
-    def run(self, inputs: Mapping[str, Any], abort: Any = None) -> dict[str, Any]:
+    def _give_back(self, bufs: _BufferSet) -> None:
+        # may run in any thread (a lease released by the garbage collector): a list append is
+        # atomic, so no lock, which the releasing thread might already hold
+        if not bufs.freed:
+            self._free.setdefault(bufs.n, []).append(bufs)
+
+    def _to_host(self, t: DeviceTensor) -> np.ndarray:
         cudart = self._cudart
-        first = inputs[self.inputs[0]]
-        n = int(first.shape[0])
+        out = np.empty(t.shape, t.dtype)
+        with self._lock:  # the stream may be capturing a graph in another thread's call
+            if t.freed:
+                raise TargetError(f"{self.name}: this carried tensor's session was closed and its GPU memory freed; "
+                                  "copy carried tensors to the host before closing the runner")
+            _check(cudart.cudaMemcpyAsync(out.ctypes.data, t.ptr, t.nbytes,
+                                          cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream)[0], "memcpy D2H")
+            _check(cudart.cudaStreamSynchronize(self._stream)[0], "cudaStreamSynchronize")
+        return out
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self, inputs: Mapping[str, Any], abort: Any = None) -> dict[str, Any]:
+        """Run once; host outputs come back as numpy arrays, the others as :class:`DeviceTensor`."""
+        cudart = self._cudart
+        n = int(inputs[self.inputs[0]].shape[0])
         if not self._range[0] <= n <= self._range[1]:
             raise TargetError(f"{self.name}: batch {n} is outside the engine's profile {self._range}; rebuild with "
                               "--max-batch covering it")
+        out: dict[str, Any] = {}
         with self._lock:
+            if self._closed:
+                raise TargetError(f"{self.name}: the session is closed")
             for t in self.inputs:
-                self._context.set_input_shape(t, tuple(inputs[t].shape))
-            bufs = self._alloc(n, {t: tuple(inputs[t].shape) for t in self.inputs})
-            addresses = []
-            for t in self.inputs:
-                a = inputs[t]
-                if isinstance(a, DeviceTensor):  # carried on the GPU from the previous stage: no copy
-                    ptr = a.ptr
-                else:
-                    a = np.ascontiguousarray(a, self._dtype(t))
-                    ptr = bufs[t].ptr
-                    _check(cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes,
-                                                  cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream)[0],
-                           "memcpy H2D")
-                self._context.set_tensor_address(t, ptr)
-                addresses.append(ptr)
-            for t in self.outputs:
-                self._context.set_tensor_address(t, bufs[t].ptr)
-            if self._cuda_graphs:
-                self._launch_graph(n, tuple(addresses))
-            elif not self._context.execute_async_v3(self._stream):
-                raise RuntimeError(f"TensorRT failed running {self.name}")
-            out: dict[str, Any] = {}
-            for t in self.outputs:
-                out[t] = bufs[t].numpy() if t in self._host else bufs[t]  # numpy() synchronises the stream
-            if not any(t in self._host for t in self.outputs):
+                shape = tuple(int(d) for d in inputs[t].shape)
+                if not self._context.set_input_shape(t, shape):
+                    want = [int(d) for d in self._engine.get_tensor_shape(t)][1:]
+                    raise TargetError(f"{self.name}: TensorRT refuses the input shape {list(shape)} for {t}; the engine "
+                                      f"takes batches {self._range[0]}..{self._range[1]} of {want}")
+            bufs = self._checkout(n)
+            try:
+                addresses = []
+                for t in self.inputs:
+                    a = inputs[t]
+                    if isinstance(a, DeviceTensor):  # carried on the GPU from an earlier stage: no copy
+                        if a.freed:
+                            raise TargetError(f"{self.name}: the carried tensor {t} was freed with its session")
+                        if a.dtype != self._dtypes[t]:
+                            raise TargetError(f"{self.name}: {t} arrives as {a.dtype} on the GPU, the engine reads "
+                                              f"{self._dtypes[t]}; {REBUILD}")
+                        ptr = a.ptr
+                    else:
+                        a = np.ascontiguousarray(a, self._dtypes[t])
+                        ptr = bufs.ptrs[t]
+                        _check(cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes,
+                                                      cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream)[0],
+                               "memcpy H2D")  # pageable source: staged before the call returns
+                    self._context.set_tensor_address(t, ptr)
+                    addresses.append(ptr)
+                for t in self.outputs:
+                    self._context.set_tensor_address(t, bufs.ptrs[t])
+                    addresses.append(bufs.ptrs[t])
+                if self._cuda_graphs:
+                    self._launch_graph((n, tuple(addresses)))
+                elif not self._context.execute_async_v3(self._stream):
+                    raise RuntimeError(f"TensorRT failed running {self.name}")
+                for t in self.outputs:
+                    if t in self._host:
+                        h = np.empty(bufs.shapes[t], self._dtypes[t])
+                        _check(cudart.cudaMemcpyAsync(h.ctypes.data, bufs.ptrs[t], h.nbytes,
+                                                      cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                                                      self._stream)[0], "memcpy D2H")
+                        out[t] = h
+                # the next stage runs on its own stream: its inputs must be complete when this returns
                 _check(cudart.cudaStreamSynchronize(self._stream)[0], "cudaStreamSynchronize")
-        return out
+            except BaseException:
+                self._give_back(bufs)
+                raise
+        carried = [t for t in self.outputs if t not in self._host]
+        if not carried:
+            self._give_back(bufs)
+            return out
+        lease = _Lease(self, bufs)
+        for t in carried:
+            out[t] = DeviceTensor(bufs.ptrs[t], bufs.shapes[t], self._dtypes[t], lease)
+        return {t: out[t] for t in self.outputs}
 
-    def _launch_graph(self, n: int, addresses: tuple[int, ...]) -> None:
-        """Capture ``execute_async_v3`` once per batch size and input addresses; replay it."""
+    def _launch_graph(self, key: tuple[int, tuple[int, ...]]) -> None:
+        """Launch the graph captured for this batch size and these addresses (capture it first)."""
         cudart = self._cudart
-        key = (n, addresses)
         g = self._graphs.get(key)
         if g is None:
-            self._context.execute_async_v3(self._stream)  # settle shapes and allocations outside the capture
+            # settle shapes and TensorRT's allocations outside the capture (they are not capturable)
+            if not self._context.execute_async_v3(self._stream):
+                raise RuntimeError(f"TensorRT failed running {self.name}")
+            # ThreadLocal: only this thread's unsafe calls (cudaMalloc...) would break the capture,
+            # not those of other threads running other stages
             _check(cudart.cudaStreamBeginCapture(
-                self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal)[0], "cudaStreamBeginCapture")
-            self._context.execute_async_v3(self._stream)
-            err, graph = cudart.cudaStreamEndCapture(self._stream)
+                self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)[0],
+                "cudaStreamBeginCapture")
+            try:
+                ok = self._context.execute_async_v3(self._stream)
+            finally:
+                err, graph = cudart.cudaStreamEndCapture(self._stream)
+            if not ok:
+                raise RuntimeError(f"TensorRT failed running {self.name} under CUDA graph capture")
             _check(err, "cudaStreamEndCapture")
-            err, g = cudart.cudaGraphInstantiate(graph, 0)
-            _check(err, "cudaGraphInstantiate")
+            try:
+                err, g = cudart.cudaGraphInstantiate(graph, 0)
+                _check(err, "cudaGraphInstantiate")
+            finally:
+                cudart.cudaGraphDestroy(graph)  # the executable graph does not need it
             self._graphs[key] = g
         _check(cudart.cudaGraphLaunch(g, self._stream)[0], "cudaGraphLaunch")
 
@@ -391,11 +525,26 @@ class TensorRTSession:
         raise TargetError(f"{self.name}: the tensorrt target cannot abort a running stage (can_abort is False)")
 
     def close(self) -> None:
-        for bufs in self._buffers.values():
-            for b in bufs.values():
-                self._cudart.cudaFree(b.ptr)
-        self._buffers.clear()
-        self._graphs.clear()
+        """Free every buffer set (carried tensors still held become unusable), the graphs, the
+        stream, the context and the engine. Errors are not raised: nothing could be done about
+        them, and the runner closes its other sessions after this one."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            cudart = self._cudart
+            for g in self._graphs.values():
+                cudart.cudaGraphExecDestroy(g)
+            self._graphs.clear()
+            for bufs in self._sets:
+                bufs.freed = True
+                for ptr in bufs.ptrs.values():
+                    cudart.cudaFree(ptr)
+            self._sets.clear()
+            self._free.clear()
+            cudart.cudaStreamDestroy(self._stream)
+            self._context = None  # the context before the engine it came from
+            self._engine = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +557,9 @@ class TensorRTTarget(Target):
     name = "tensorrt"
     description = "TensorRT engines (10 or 11) per stage and prefix, built from the stage ONNX on the device"
     caps = Capabilities(precisions=("fp32", "fp16", "int8"), dynamic_batch=True, can_abort=False, devices=("cuda",),
-                        source="onnx")
+                        source="onnx", cuda_graphs=True)
+    device_option = None  # sessions run on the current CUDA device (CUDA_VISIBLE_DEVICES picks it)
+    run_options = ("cuda_graphs",)
     compile_requires = ("tensorrt", "onnx")
     run_requires = ("tensorrt",)
     extra = "tensorrt"
