@@ -16,8 +16,8 @@ import pytest
 from kdedge.targets import get_target
 from kdedge.targets.base import CompileSpec, TargetError, TargetUnavailable
 from kdedge.targets.tensorrt import (EngineMismatch, calibration_cache_path, check_calibration, check_engine_meta,
-                                     jetpack_facts, onnx_is_qdq, precision_plan, profile_shapes, read_engine,
-                                     timing_cache_path, trt_major, write_engine)
+                                     graph_precisions, jetpack_facts, onnx_is_qdq, precision_plan, profile_shapes,
+                                     read_engine, timing_cache_path, trt_major, write_engine)
 
 from fake_tensorrt import HERE, FakeCudart, fake_tensorrt, install
 
@@ -161,7 +161,14 @@ def test_calibration_rules() -> None:
         check_calibration("fp16", {"stage0": False}, True)
     with pytest.raises(TargetError, match="INT8 QDQ .* needs no calibration; drop --calib"):
         check_calibration("int8", {"stage0": True, "prefix0": True}, True)
-    check_calibration("int8", {"stage0": True, "stage1": False}, True)  # a graph kept FP32 in a QDQ bundle
+    check_calibration("int8", {"stage0": True, "stage1": False}, True)  # stage1 is plain FP32: calibrated
+    with pytest.raises(TargetError, match=r"no graph of this bundle needs calibration.*kept FP32 \(stage1\)"):
+        check_calibration("int8", {"stage0": True, "stage1": False}, True, kept=("stage1",))
+    assert graph_precisions("int8", {"stage0": True, "stage1": False}, kept=("stage1",)) == {"stage0": "int8",
+                                                                                            "stage1": "fp32"}
+    assert graph_precisions("int8", {"stage0": False}) == {"stage0": "int8"}  # FP32 bundle: calibrated to INT8
+    assert graph_precisions("fp16", {"stage0": True, "stage1": False}, kept=("stage1",)) == {"stage0": "fp16",
+                                                                                            "stage1": "fp16"}
 
 
 def test_calibration_cache_key(tmp_path: Path) -> None:
@@ -818,3 +825,113 @@ def test_the_fake_cuda_runtime_has_the_signatures_of_cuda_python() -> None:
     assert int(real.cudaMemcpyKind.cudaMemcpyDeviceToHost) == FakeCudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
     mode = real.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
     assert int(mode) == FakeCudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+
+
+# ---------------------------------------------------------------------------------------------
+# An INT8 bundle whose export kept some graphs FP32 (the INT8 accuracy gate, keep_fp32)
+
+KEPT = ("stage2", "prefix2")
+
+
+def _insert_qdq(path: Path) -> None:
+    """Put a QuantizeLinear/DequantizeLinear pair (int8, symmetric) on the graph's first input:
+    a QDQ graph that onnxruntime and the emulated TensorRT both run."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    name = g.input[0].name
+    for node in g.node:
+        for i, v in enumerate(node.input):
+            if v == name:
+                node.input[i] = f"{name}_dq"
+    g.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), "qdq_scale"),
+                          numpy_helper.from_array(np.array(0, np.int8), "qdq_zero")])
+    g.node.insert(0, helper.make_node("QuantizeLinear", [name, "qdq_scale", "qdq_zero"], [f"{name}_q"]))
+    g.node.insert(1, helper.make_node("DequantizeLinear", [f"{name}_q", "qdq_scale", "qdq_zero"], [f"{name}_dq"]))
+    onnx.save(m, str(path))
+
+
+@pytest.fixture(scope="module")
+def kept_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy bundle as a --precision int8 export whose gate kept stage2 and prefix2 FP32: their
+    ONNX has no Q/DQ nodes and their manifest precision is fp32; the other graphs are QDQ."""
+    import json
+    import shutil
+
+    from helpers_anytime import toy_bundle
+    from kdedge.export.manifest import file_entry
+    from kdedge.runtime.bundle import open_bundle
+
+    out = tmp_path_factory.mktemp("kept") / "toy-int8.kdedge"
+    shutil.copytree(toy_bundle("fp32", True), out)
+    m = json.loads((out / "manifest.json").read_text())
+    for e in (*m["stages"], *m["prefixes"]):
+        if e["name"] in KEPT:
+            continue
+        f = e["files"]["onnx"]
+        _insert_qdq(out / f["path"])
+        e["files"]["onnx"] = {**f, **file_entry(out, f["path"]), "precision": "int8"}
+    m["quantization"] = {"precision": "int8", "format": "QDQ", "scheme": "s8s8", "calibration": "minmax",
+                         "n_calibration": 128, "max_drop": 1.0, "keep_fp32": True, "fp32_graphs": list(KEPT)}
+    (out / "manifest.json").write_text(json.dumps(m, indent=1))
+    open_bundle(out)  # still a valid bundle
+    return out
+
+
+@pytest.mark.parametrize("version", ["10.13.0.35", "11.0.0"])
+def test_graphs_the_export_kept_fp32_are_built_fp32(kept_bundle: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    import json
+    import shutil
+
+    from kdedge.runtime.bundle import open_bundle
+    from kdedge.runtime.runner import Runner
+
+    f = install(monkeypatch, tmp_path / "home", version=version)
+    copy = tmp_path / "k.kdedge"
+    shutil.copytree(kept_bundle, copy)
+    res = _cli("build", copy, "--target", "tensorrt", "--precision", "int8")
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if "stage2" in ln]
+    assert len(lines) == 1 and "stage2, prefix2" in lines[0] and "fp32" in lines[0], res.output
+    builds = {b["graph"]: b for b in f.trt.builds}
+    assert sorted(builds) == ["prefix0", "prefix1", "prefix2", "stage0", "stage1", "stage2"]
+    for name, b in builds.items():
+        assert b["error"] is None and b["calibrator"] is None
+        if version.startswith("10"):
+            assert b["flags"] == ([] if name in KEPT else ["INT8", "FP16"]) and not b["strongly_typed"]
+        else:
+            assert b["flags"] == [] and b["strongly_typed"]
+    bundle = open_bundle(copy, targets=["onnx", "tensorrt"])
+    for e in (*bundle.stages, *bundle.prefixes):
+        want = "fp32" if e.name in KEPT else "int8"
+        assert e.files["tensorrt"].precision == want == e.files["onnx"].precision
+        assert read_engine(bundle.file(e, "tensorrt"))[0]["precision"] == want
+        assert e.files["tensorrt"].extra["verified"] == "onnxruntime"
+    prov = json.loads((copy / "manifest.json").read_text())["provenance"]["targets"]["tensorrt"]
+    assert prov["fp32_graphs"] == list(KEPT)
+    x = _x(8)
+    with Runner(copy, target="tensorrt") as r:  # TensorRT 10's FP16 flag: emulated FP16 rounding
+        np.testing.assert_allclose(r.run(x).probs, _ref(copy, x).probs, atol=1e-2)
+
+
+def test_calibration_is_refused_when_every_graph_is_qdq_or_kept_fp32(kept_bundle: Path, tmp_path: Path, fakes) -> None:
+    from kdedge.runtime.bundle import open_bundle
+    from kdedge.targets.build import preflight
+
+    import shutil
+
+    copy = tmp_path / "k.kdedge"
+    shutil.copytree(kept_bundle, copy)
+    np.save(tmp_path / "x.npy", _x(64))
+    _cli_error(_cli("build", copy, "--target", "tensorrt", "--precision", "int8", "--calib",
+                    tmp_path / "x.npy"), "no graph of this bundle needs calibration")
+    b = open_bundle(kept_bundle, targets=["onnx"])
+    with pytest.raises(TargetError, match=r"kept FP32 \(stage2, prefix2\) are built FP32"):
+        preflight(b, "tensorrt", CompileSpec(precision="int8"), 16)
+    preflight(b, "tensorrt", CompileSpec(precision="int8"), None)
+    assert fakes.trt.builds == []
+    # an FP32 build of the same bundle: every graph fp32, nothing said about kept graphs
+    check_calibration("fp32", {"stage0": True, "stage2": False}, False, kept=KEPT)

@@ -19,11 +19,17 @@ from this bundle; the build verifies on its first images (not random ones, which
 engine's calibrated ranges do not cover) and records what calibrated it in each file entry
 (``calibration``) and in ``provenance.targets``. :func:`preflight` refuses a request (calibration
 that nothing would use included) before any image is read.
+
+A ``--precision int8`` bundle whose export kept some graphs FP32 (its INT8 accuracy gate,
+``quantization.fp32_graphs``) is built at int8 for its QDQ graphs and at fp32 for the kept ones
+(one progress line names them); each file entry records its graph's precision, and the report
+(``provenance.targets[NAME]``) lists them under ``fp32_graphs``.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -89,6 +95,12 @@ def compare(target: str, precision: str, ref: dict[str, np.ndarray], got: dict[s
     return {"atol": atol, "rtol": rtol, "outputs": rows, "worst_ratio": worst, "passed": bool(worst <= 1.0)}
 
 
+def kept_fp32(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The graphs a ``--precision int8`` export kept FP32 (its INT8 accuracy gate with
+    ``keep_fp32``; ``quantization.fp32_graphs``); empty for an FP32 bundle."""
+    return tuple((manifest.get("quantization") or {}).get("fp32_graphs") or ())
+
+
 def verify_against_onnx(root: Path, manifest: dict[str, Any], target: Target, x: np.ndarray,
                         open_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the target's stages (chained) and each prefix, and the ONNX ones, on ``x``; compare."""
@@ -148,7 +160,11 @@ def add_target(root: Path, manifest: dict[str, Any], target_name: str, spec: Com
     out_dir = root / target.folder
     if out_dir.exists():
         raise TargetError(f"{out_dir} already exists in the bundle; remove it or re-export")
+    kept = kept_fp32(manifest) if spec.precision == "int8" and target.caps.source == "onnx" else ()
     say(f"compile {len(sources)} graphs for {target_name} ({spec.precision}, {spec.device})")
+    if kept:  # the export's accuracy gate decided: an int8 build does not override it
+        say(f"build {', '.join(kept)} at fp32: the export's INT8 accuracy gate kept them FP32")
+        spec = replace(spec, options={**spec.options, "fp32_graphs": kept})
     files: dict[str, CompiledFile] = target.compile(sources, spec, out_dir)
     from kdedge.export.manifest import file_entry
 
@@ -172,6 +188,8 @@ def add_target(root: Path, manifest: dict[str, Any], target_name: str, spec: Com
         report = {"verified": "static", **check_static(root, manifest)}
     else:
         report = {"verified": "none", "reason": f"{target_name} cannot run here and has no static check"}
+    if kept:
+        report["fp32_graphs"] = list(kept)
     for name in files:
         graphs[name]["files"][target_name]["verified"] = report["verified"]
     validate_manifest(manifest, where="the manifest with the new target")
@@ -205,7 +223,7 @@ def preflight(bundle: Any, target_name: str, spec: CompileSpec | None = None,
     qdq = {e.name: e.files["onnx"].precision == "int8" for e in (*bundle.stages, *bundle.prefixes)}
     check = getattr(target, "check_build", None)
     if check is not None:
-        check(spec, qdq, calibration_batch)
+        check(spec, qdq, calibration_batch, kept_fp32(bundle.manifest))
     elif calibration_batch is not None:
         raise TargetError(f"target {target_name!r} takes no calibration images (tensorrt does, for int8 from an "
                           "FP32 bundle); drop --calib/--calib-data")

@@ -10,13 +10,19 @@ calibration batches; TensorRT 11 removed those flags and calibrators: precision 
 network (strongly typed), so INT8 needs the QDQ ONNX that ``--precision int8`` exports, and
 FP16 an FP16 ONNX (refused here, with the reason).
 
+Graphs an INT8 export kept FP32 (its accuracy gate with ``keep_fp32``: no Q/DQ nodes, manifest
+precision fp32, listed in ``quantization.fp32_graphs``) are built at FP32 by an int8 build
+(:func:`graph_precisions`), on TensorRT 10 and 11 alike: calibrating them to INT8 would override
+the export's decision. Their file entries say ``fp32``.
+
 Calibration (TensorRT 10, INT8 from an FP32 ONNX): ``spec.options["calibration"]`` is a
 :class:`kdedge.targets.calibration.CalibrationSet`; each graph gets its own calibrator over its
 own inputs (a later stage is calibrated on the carried tensors the ONNX chain computes), one
 device buffer per input, a fixed batch size with a calibration profile of exactly that batch,
 and a calibration cache keyed by the graph's ONNX sha256, the data digest and the TensorRT
 version (:func:`calibration_cache_path`). Calibration given where it has no use (a precision
-other than int8, a bundle whose graphs are all QDQ) is refused (:func:`check_calibration`).
+other than int8, a bundle whose graphs are all QDQ or kept FP32) is refused
+(:func:`check_calibration`).
 
 Engine file (``tensorrt/stageK.plan``): ``KDTRT1\\n`` + 4-byte little-endian length + JSON
 metadata (TensorRT, CUDA, GPU name and compute capability, JetPack/L4T, batch range,
@@ -46,7 +52,7 @@ import re
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -111,26 +117,49 @@ def precision_plan(major: int, precision: str, onnx_is_qdq: bool, have_calibrati
                       "needs an FP16 ONNX, which kdedge does not write: build fp32, or int8 from a QDQ bundle")
 
 
-def check_calibration(precision: str, qdq: Mapping[str, bool], calibrated: bool) -> None:
+def graph_precisions(precision: str, qdq: Mapping[str, bool], kept: Collection[str] = ()) -> dict[str, str]:
+    """The precision each graph is built at: the one asked for, except that an INT8 build keeps
+    at FP32 the graphs that the export's INT8 accuracy gate kept FP32 (``quantization.fp32_graphs``
+    of a ``--precision int8`` bundle; their ONNX has no Q/DQ nodes). Neither calibrating them to
+    INT8 nor failing for want of calibration images would honour the export's decision.
+
+    Args:
+        precision: the requested precision.
+        qdq: graph name -> its ONNX is QDQ.
+        kept: the graphs the export kept FP32.
+
+    Returns:
+        graph name -> ``fp32``, ``fp16`` or ``int8``.
+    """
+    return {g: "fp32" if precision == "int8" and g in kept and not is_qdq else precision for g, is_qdq in qdq.items()}
+
+
+def check_calibration(precision: str, qdq: Mapping[str, bool], calibrated: bool, kept: Collection[str] = ()) -> None:
     """Refuse calibration images where no graph would use them (never silently ignored).
 
     Args:
         precision: the requested precision.
         qdq: graph name -> its ONNX is QDQ (an INT8 export; TensorRT reads its scales).
         calibrated: calibration images were given.
+        kept: the graphs the export's INT8 gate kept FP32 (built FP32: not calibrated).
 
     Raises:
         TargetError: calibration with a precision other than int8, or for a bundle whose graphs
-            are all QDQ.
+            are all QDQ or kept FP32.
     """
     if not calibrated:
         return
     if precision != "int8":
         raise TargetError(f"calibration images are used only to build int8 engines, this build is {precision}; "
                           "drop --calib/--calib-data, or build with --precision int8")
-    if qdq and all(qdq.values()):
+    plain = [g for g, is_qdq in qdq.items() if not is_qdq]
+    if qdq and not plain:
         raise TargetError("this bundle is INT8 QDQ (exported with --precision int8): TensorRT takes the scales from "
                           "its Q/DQ nodes and needs no calibration; drop --calib/--calib-data")
+    if qdq and all(g in kept for g in plain):
+        raise TargetError(f"no graph of this bundle needs calibration: its QDQ graphs take their scales from the Q/DQ "
+                          f"nodes and the graphs its export kept FP32 ({', '.join(plain)}) are built FP32; drop "
+                          "--calib/--calib-data")
 
 
 def calibration_cache_path(directory: Path, graph: str, onnx_sha256: str, data_digest: str, trt_version: str) -> Path:
@@ -567,17 +596,19 @@ class TensorRTTarget(Target):
     suffix = ".plan"
     calibrates = True  # takes spec.options["calibration"] (TensorRT 10, INT8 from an FP32 ONNX)
 
-    def check_build(self, spec: CompileSpec, qdq: Mapping[str, bool], calibration_batch: int | None) -> None:
+    def check_build(self, spec: CompileSpec, qdq: Mapping[str, bool], calibration_batch: int | None,
+                    kept: Collection[str] = ()) -> None:
         """Refuse a build request before any work: calibration where it has no use, a calibration
         batch outside the batch range and, when TensorRT is installed, a precision its version
-        cannot build (:func:`precision_plan`, per graph).
+        cannot build (:func:`precision_plan`, per graph, at :func:`graph_precisions`).
 
         Args:
             spec: the checked request.
             qdq: graph name -> its ONNX is QDQ.
             calibration_batch: the calibration batch size, None without calibration.
+            kept: the graphs the export's INT8 gate kept FP32 (an int8 build builds them FP32).
         """
-        check_calibration(spec.precision, qdq, calibration_batch is not None)
+        check_calibration(spec.precision, qdq, calibration_batch is not None, kept)
         if calibration_batch is not None and not spec.min_batch <= calibration_batch <= spec.max_batch:
             raise TargetError(f"the calibration batch {calibration_batch} is outside the engine's batch range "
                               f"{spec.min_batch}..{spec.max_batch}; pass --calib-batch within it")
@@ -585,36 +616,42 @@ class TensorRTTarget(Target):
             import tensorrt as trt
 
             major = trt_major(trt.__version__)
-            for is_qdq in qdq.values():
-                precision_plan(major, spec.precision, is_qdq, have_calibration=calibration_batch is not None)
+            for g, precision in graph_precisions(spec.precision, qdq, kept).items():
+                precision_plan(major, precision, qdq[g], have_calibration=calibration_batch is not None)
 
     def compile(self, graphs: Sequence[GraphSource], spec: CompileSpec, out_dir: Path) -> dict[str, CompiledFile]:
         """One engine per graph; options: ``calibration`` (a
         :class:`~kdedge.targets.calibration.CalibrationSet`), ``timing_cache_dir`` (also where
-        calibration caches go), ``workspace_mb``."""
+        calibration caches go), ``workspace_mb``, ``fp32_graphs`` (the graphs the export's INT8
+        gate kept FP32: an int8 build builds them FP32, :func:`graph_precisions`; ``kdedge
+        build`` passes the bundle's ``quantization.fp32_graphs``). Each file's precision is its
+        graph's."""
         spec = self.check(spec)
         self.require("compile")
         import tensorrt as trt
 
         major = trt_major(trt.__version__)
         calib = spec.options.get("calibration")
+        kept = tuple(spec.options.get("fp32_graphs", ()))
         qdq = {g.name: onnx_is_qdq(Path(g.onnx)) for g in graphs if g.onnx is not None}
-        self.check_build(spec, qdq, None if calib is None else int(calib.batch_size))
+        self.check_build(spec, qdq, None if calib is None else int(calib.batch_size), kept)
+        precisions = graph_precisions(spec.precision, qdq, kept)
         here = device_facts()
         out_dir.mkdir(parents=True, exist_ok=True)
         cache_dir = Path(spec.options.get("timing_cache_dir", Path.home() / ".cache" / "kdedge" / "tensorrt"))
         cache_path = timing_cache_path(cache_dir, here)
         out = {}
         for g in graphs:
-            out[g.name] = self._build(trt, major, here, g, spec, out_dir, cache_path, qdq.get(g.name, False))
+            out[g.name] = self._build(trt, major, here, g, spec, out_dir, cache_path, qdq.get(g.name, False),
+                                      precisions.get(g.name, spec.precision))
         return out
 
     def _build(self, trt: Any, major: int, here: Mapping[str, Any], g: GraphSource, spec: CompileSpec,
-               out_dir: Path, cache_path: Path, is_qdq: bool) -> CompiledFile:
+               out_dir: Path, cache_path: Path, is_qdq: bool, precision: str) -> CompiledFile:
         if g.onnx is None:
             raise TargetError(f"{g.name}: the tensorrt target builds from the stage ONNX file, none was given")
         calib = spec.options.get("calibration")
-        plan = precision_plan(major, spec.precision, is_qdq, have_calibration=calib is not None)
+        plan = precision_plan(major, precision, is_qdq, have_calibration=calib is not None)
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         flags = 0
@@ -666,13 +703,13 @@ class TensorRTTarget(Target):
         if calibrator is not None and calibrator.error is not None:
             raise calibrator.error  # raised inside a TensorRT callback, which cannot carry it
         if engine is None:
-            raise TargetError(f"TensorRT could not build an engine for {g.name} ({spec.precision}); see the "
+            raise TargetError(f"TensorRT could not build an engine for {g.name} ({precision}); see the "
                               "TensorRT log above")
         if record is not None:
             record.update(batches_fed=calibrator.fed, cache_reused=calibrator.cache_reused)
         _write_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
         meta = {**here, "name": g.name, "inputs": list(g.inputs), "outputs": list(g.outputs),
-                "precision": spec.precision, "batch_range": [spec.min_batch, spec.max_batch],
+                "precision": precision, "batch_range": [spec.min_batch, spec.max_batch],
                 "opt_batch": spec.opt_batch, "strongly_typed": plan["strongly_typed"], "flags": plan["flags"],
                 "calibration": None if record is None else record["digest"]}
         dest = out_dir / f"{g.name}{self.suffix}"
@@ -681,7 +718,7 @@ class TensorRTTarget(Target):
                                       "strongly_typed")}
         if record is not None:
             extra["calibration"] = record
-        return CompiledFile(dest, spec.precision, extra)
+        return CompiledFile(dest, precision, extra)
 
     def open(self, path: str | Path, *, name: str, inputs: Sequence[str], outputs: Sequence[str],
              **options: Any) -> TensorRTSession:
