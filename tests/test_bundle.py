@@ -111,8 +111,10 @@ def test_hand_written_bundle_opens(tmp_path: Path) -> None:
     assert s1.logits_tensor == "stage1__logits" and s1.files["onnx"].precision == "int8"
     with pytest.raises(BundleError, match="no 'tensorrt' file"):
         b.file(s1, "tensorrt")
-    with pytest.raises(BundleError, match="export it with --target tensorrt"):
+    with pytest.raises(BundleError, match="build them on the device with: kdedge build .* --target tensorrt"):
         open_bundle(tmp_path / "b", targets=["tensorrt"])
+    with pytest.raises(BundleError, match="export it with --target torch"):
+        open_bundle(tmp_path / "b", targets=["torch"])
 
 
 def test_newer_schema_names_the_release_to_upgrade_to(tmp_path: Path) -> None:

@@ -134,8 +134,17 @@ def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: i
              nvpmodel: object = None, lock_clocks: bool = False, device: Optional[str] = None,
              cuda_graphs: bool = False) -> Any:
     """One (profile, path, png) without ``modes``; a list of them, one per mode, with."""
-    from kdedge.profile.latency import profile_bundle, profile_power_modes
+    from kdedge.profile.latency import open_target_bundle, profile_bundle, profile_power_modes
+    from kdedge.targets import RunSpec, get_target
 
+    # a bundle without the target's files, or a request the target refuses, fails before the bar
+    opened = open_target_bundle(bundle, target)
+    if target == "auto":
+        from kdedge.targets import pick_target
+
+        target = pick_target(opened.targets)
+    get_target(target).session_options(RunSpec(device=device, cuda_graphs=cuda_graphs), opened)
+    bundle = opened
     kw: dict[str, Any] = dict(target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
                               optimization=optimization, plot=plot, meter=meter, device=device,
                               cuda_graphs=cuda_graphs)

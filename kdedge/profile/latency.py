@@ -60,7 +60,7 @@ CHAIN = "chain"
 __all__ = [
     "CHAIN", "FORMAT", "ForeignProfileError", "LatencyProfile", "MissingProfileError", "ProfileError", "STATS",
     "StaleProfileError", "VERSION", "bundle_fingerprint", "check_profile", "current_key", "format_table",
-    "measure_profile", "plot_accuracy_energy", "plot_accuracy_latency", "profile_bundle", "profile_csv",
+    "measure_profile", "open_target_bundle", "plot_accuracy_energy", "plot_accuracy_latency", "profile_bundle", "profile_csv",
     "profile_filename", "profile_power_modes", "resolve_profile", "summarize", "write_profile", "write_reports",
 ]
 
@@ -625,7 +625,7 @@ def write_reports(bundle: Any, profile: LatencyProfile, path: str | Path, plot: 
     return out
 
 
-def _open(bundle: str | Path | Any, target: str) -> Any:
+def open_target_bundle(bundle: str | Path | Any, target: str) -> Any:
     """An opened bundle (checked for ``target``'s files; ``auto``: the one the runner would pick)."""
     from kdedge.runtime.bundle import open_bundle, read_manifest
 
@@ -653,7 +653,7 @@ def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: S
     Example:
         >>> prof, path, png = profile_bundle("hne.kdedge", batches=(1, 32))
     """
-    b = _open(bundle, target)
+    b = open_target_bundle(bundle, target)
     prof = measure_profile(b, target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
                            optimization=optimization, providers=providers, progress=progress, meter=meter,
                            nvpmodel=nvpmodel, device=device, cuda_graphs=cuda_graphs)
@@ -688,7 +688,7 @@ def profile_power_modes(bundle: str | Path | Any, modes: Sequence[str], *, nvpmo
     from kdedge.profile.modes import Nvpmodel, slug
 
     nv = nvpmodel if nvpmodel is not None else Nvpmodel()
-    b = _open(bundle, kwargs.get("target", "onnx"))
+    b = open_target_bundle(bundle, kwargs.get("target", "onnx"))
     out: list[tuple[LatencyProfile, Path, Path | None]] = []
     with nv.sweep(list(modes), lock_clocks=lock_clocks) as visit:
         for i, mode in enumerate(visit):

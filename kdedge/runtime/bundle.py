@@ -609,8 +609,11 @@ def open_bundle(path: str | Path, *, targets: Sequence[str] | None = None, verif
     if targets is not None:
         missing = [t for t in targets if t not in manifest["targets"]]
         if missing:
+            # TensorRT engines are built on the device from the bundle's ONNX; the others at export
+            how = (f"build them on the device with: kdedge build {path} --target tensorrt" if missing[0] == "tensorrt"
+                   else f"export it with --target {missing[0]}")
             raise BundleError(f"bundle {path} has no files for target(s) {missing}; it holds "
-                              f"{', '.join(manifest['targets'])}; export it with --target {missing[0]}")
+                              f"{', '.join(manifest['targets'])}; {how}")
     if verify:
         verify_files(path, manifest, targets)
     return Bundle(
