@@ -363,3 +363,24 @@ def test_torch_cuda_profile_and_deadline_run(multi: Path, tmp_path: Path) -> Non
             assert r.profile.path == path
             res = r.run(xv[:8], make_policy(deadline_ms=1000.0))
             assert res.stage.min() == r.num_stages - 1
+
+
+def test_export_verifies_a_target_on_validation_images_within_its_batch_range(tmp_path: Path) -> None:
+    import json
+
+    from kdedge.export import export
+
+    _, _, xv, yv, info = digits()
+    out = tmp_path / "fp16.kdedge"
+    export(trained_toy(), out, info=info, val_data=(xv[:40], yv[:40]), target="torch", precision="fp16",
+           device="cuda", max_batch=16)
+    m = json.loads((out / "manifest.json").read_text())
+    rep = m["provenance"]["targets"]["torch"]
+    assert rep["verified"] == "onnxruntime" and rep["n"] == 16  # capped at --max-batch
+    assert rep["options"] == {"device": "cuda" if _cuda() else "cpu"}  # where it was checked is recorded
+    assert m["stages"][0]["files"]["torch"]["device"] == "cuda"
+    if not _cuda():  # compiled for CUDA: the runner goes there by default, and says when it cannot
+        with pytest.raises(TargetError, match="torch sees no CUDA device"):
+            Runner(out, target="torch")
+        with Runner(out, target="torch", device="cpu") as r:
+            assert r.run_key == "torch-cpu" and r.run(xv[:3]).stage.tolist() == [2, 2, 2]

@@ -329,7 +329,7 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
             try:
                 target_report = add_target(bd.tmp, manifest, target, compile_spec,
                                            graph_sources(plan, examples, bd.tmp, spec.folder, spec.suffix),
-                                           verify_x=ex, progress=say)
+                                           verify_x=val.first(64), progress=say)
             except TargetError as e:
                 raise ExportError(str(e)) from None
             manifest["provenance"]["targets"] = {target: target_report}

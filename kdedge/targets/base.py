@@ -313,6 +313,12 @@ class Target:
         device = self.run_device(run, bundle).replace(":", "")
         return f"{self.name}-{device}" + ("-cudagraphs" if run.cuda_graphs else "")
 
+    def verify_options(self, spec: CompileSpec) -> dict[str, Any]:
+        """Session options for verifying freshly compiled files here (default: none). A target
+        whose files can run on several devices verifies on the one they were compiled for when
+        this machine has it."""
+        return {}
+
     def verify_here(self) -> bool:
         """Compiled files can be run here to verify them against onnxruntime."""
         return self.can_run()

@@ -175,8 +175,13 @@ def add_target(root: Path, manifest: dict[str, Any], target_name: str, spec: Com
     report: dict[str, Any]
     check_static = getattr(target, "check_compiled", None)
     if verify_x is not None and target.verify_here():
-        say(f"verify {target_name} against onnxruntime")
+        verify_x = verify_x[: spec.max_batch]  # one call per graph: stay within the compiled batch range
+        if open_options is None:
+            open_options = target.verify_options(spec)
+        say(f"verify {target_name} against onnxruntime on {len(verify_x)} images"
+            + (f" ({', '.join(f'{k} {v}' for k, v in open_options.items())})" if open_options else ""))
         report = {"verified": "onnxruntime", "n": int(len(verify_x)),
+                  "options": {k: v for k, v in open_options.items() if isinstance(v, (str, int, float, bool))},
                   "graphs": verify_against_onnx(root, manifest, target, verify_x, open_options)}
         bad = [k for k, r in report["graphs"].items() if not r["passed"]]
         if bad:

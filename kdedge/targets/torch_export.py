@@ -204,6 +204,11 @@ class TorchExportTarget(Target):
         return CompiledFile(dest, spec.precision, {"device": spec.device, "torch": torch.__version__,
                                                    "batch_range": meta["batch_range"]})
 
+    def verify_options(self, spec: CompileSpec) -> dict[str, Any]:
+        """On the compiled device when torch sees it, else on the CPU (the report says which)."""
+        device = spec.device or "cpu"
+        return {"device": device if not device.startswith("cuda") or cuda_available() else "cpu"}
+
     def open(self, path: str | Path, *, name: str, inputs: Sequence[str], outputs: Sequence[str],
              **options: Any) -> TorchSession:
         """A :class:`TorchSession`; options: ``device``, ``host_outputs``, ``cuda_graphs``, ``threads``."""
