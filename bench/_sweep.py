@@ -98,6 +98,65 @@ def run_parallel(specs: Sequence[Spec], train: Callable[[Spec, str, str], Record
                 log(f"[{n}/{len(todo)}] {s['name']} FAILED: {type(e).__name__}: {e}")
 
 
+# -- what a run trains on --------------------------------------------------------------------------
+def batch_plan(cfg: Any) -> dict[str, Any]:
+    """The training batches the engine draws for ``cfg``, from the loader it builds (indices only).
+
+    The loader is made as in ``kdedge.train.engine.fit`` (same dataset, seed, batch size and
+    ``data.labelled_per_batch``), so its length is the run's steps per epoch; the labelled images
+    per batch are counted over the batches of epoch 0 without loading any image.
+
+    Args:
+        cfg: a loaded ``RunConfig``.
+
+    Returns:
+        ``n_train``, ``n_labelled`` and ``n_unlabelled`` (training images), ``steps_per_epoch``,
+        and ``labelled_per_batch``: mean, min and max labelled images in a batch of epoch 0.
+    """
+    from kdedge.train.data import load_data, make_loader, set_loader_epoch
+
+    ds = load_data(cfg.data, cfg.seed).train_set(cfg.data)
+    loader = make_loader(ds, cfg.data.batch_size, train=True, seed=cfg.seed,
+                         labelled_per_batch=cfg.data.labelled_per_batch)
+    set_loader_epoch(loader, 0)
+    labelled = np.asarray(ds.targets) >= 0  # IGNORE_INDEX (-100) marks the unlabelled pool
+    counts = [int(labelled[np.asarray(b)].sum()) for b in loader.batch_sampler]
+    return {"n_train": len(ds), "n_labelled": int(labelled.sum()), "n_unlabelled": int((~labelled).sum()),
+            "steps_per_epoch": len(loader),
+            "labelled_per_batch": {"mean": round(float(np.mean(counts)), 2), "min": min(counts), "max": max(counts)}}
+
+
+class StepCounter:
+    """A training reporter (``kdedge.train.engine.Reporter``) that counts the optimisation steps a run takes."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        pass
+
+    def step(self, losses: dict[str, float]) -> None:
+        self.steps += 1
+
+    def epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+def check_steps(counted: int, epochs: int, steps_per_epoch: int) -> int:
+    """``counted`` when it is ``epochs * steps_per_epoch``, the schedule the sweep sized the run for.
+
+    Raises:
+        RuntimeError: the run took another number of steps (its equal-steps accounting is wrong).
+    """
+    if counted != epochs * steps_per_epoch:
+        raise RuntimeError(f"the run took {counted} optimisation steps, not the {epochs} x {steps_per_epoch} "
+                           "it was sized for")
+    return counted
+
+
 # -- statistics over seeds --------------------------------------------------------------------------
 def stats(values: Sequence[Sequence[float]]) -> dict[str, Any]:
     """Per position: mean, std (ddof=1; 0 for one run), min, max over runs (rows), and n runs."""

@@ -5,16 +5,20 @@ anytime ensembles of 1, 2, 4 … N members (mean of the first 2^b members' logit
 data we ship, in a low-data setting (``--sizes`` labelled images per class): L_I (Eq. 3), L_S
 (Eq. 4), (1-α)·L_I + α·L_D (Eq. 5) and (1-α)·L_I + α·L_HD (Eq. 6), α = 0.5, T = 2, plus the
 semi-supervised L_HD (``data.unlabelled: true``: the rest of the training pool, labels hidden,
-enters the distillation term only). A seed fixes the labelled subset, the validation split and
-the initial weights, so the objectives of one seed are paired; the test split is the same 1,000
-images for every run. Reported: test accuracy per ensemble size, mean ± std [min, max] over the
+enters the distillation term only), with labelled and unlabelled images shuffled together
+(``hd_semi``) or with exactly ``--labelled-per-batch`` labelled images in every batch
+(``hd_semi_fixed``, ``data.labelled_per_batch``). A seed fixes the labelled subset, the
+validation split and the initial weights, so the objectives of one seed are paired; the test
+split is the same 1,000 images for every run. Reported: test accuracy per ensemble size, mean ± std [min, max] over the
 seeds, the paired per-seed difference to L_I, the mean accuracy of a single member and the
 diversity of the full ensemble (std of member logits, the paper's measure).
 
 Every run has the same number of optimisation steps (``--steps``, batch ``--batch-size``) rather
 than the same number of epochs, so the two labelled sizes and the semi-supervised runs (whose
 epochs also cover the unlabelled pool) get the same compute: epochs = round(steps / steps per
-epoch), cosine learning rate over the run.
+epoch), cosine learning rate over the run. Steps per epoch is the length of the training loader
+the engine builds (training images // batch; for ``hd_semi_fixed`` unlabelled images // (batch -
+k), an epoch being one pass over the unlabelled pool), and each run counts the steps it takes.
 
 Each run goes to a fresh process (``--jobs`` at a time, one torch thread each); its result JSON is
 written to ``<out-dir>/runs/`` as soon as it ends, and a rerun skips runs whose JSON holds the
@@ -61,12 +65,18 @@ VARIANTS = {
     "d": "L_D, α=0.5 (Eq. 5)",
     "hd": "L_HD (Eq. 6)",
     "hd_semi": "L_HD semi-sup.",
+    "hd_semi_fixed": "L_HD semi-sup., fixed k/batch",
 }
+SEMI = ("hd_semi", "hd_semi_fixed")  # the variants trained on the unlabelled pool too
+# k labelled images per batch of hd_semi_fixed: the largest k <= batch/2 whose whole-epoch schedule
+# lands within 5 % of the 600 steps at both sizes (25 of 50: 5 x 124 = 620 steps at 50/class,
+# 7 x 84 = 588 at 150/class); docs/hne_results.md says why half.
+DEFAULT_LABELLED_PER_BATCH = 25
 
 
 # -- one run ---------------------------------------------------------------------------------------
 def run_spec(variant: str, per_class: int, seed: int, *, steps: int, batch_size: int, model: dict[str, Any],
-             lr: float, T: float, alpha: float) -> dict[str, Any]:
+             lr: float, T: float, alpha: float, labelled_per_batch: int | None = None) -> dict[str, Any]:
     """The settings of one training run (what its result JSON must match to be reused).
 
     Args:
@@ -79,21 +89,32 @@ def run_spec(variant: str, per_class: int, seed: int, *, steps: int, batch_size:
         lr: initial learning rate (cosine to zero over the run).
         T: distillation temperature (``d``, ``hd``, ``hd_semi``).
         alpha: weight of the distillation term (``d``, ``hd``, ``hd_semi``).
+        labelled_per_batch: ``hd_semi_fixed`` only (required there): labelled images per batch.
+            Other variants leave it out of the spec, so their keys, hence their saved results, are
+            those of the runs made before the option existed.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    return {"name": f"{variant}-pc{per_class}-s{seed}", "variant": variant, "per_class": per_class, "seed": seed,
+    if (variant == "hd_semi_fixed") != (labelled_per_batch is not None):
+        raise ValueError("labelled_per_batch is required by hd_semi_fixed and used by no other variant")
+    spec = {"name": f"{variant}-pc{per_class}-s{seed}", "variant": variant, "per_class": per_class, "seed": seed,
             "steps": steps, "batch_size": batch_size, "model": model, "lr": lr, "T": T, "alpha": alpha,
             "recipe": RECIPE}
+    if labelled_per_batch is not None:
+        spec.update(name=f"{variant}-k{labelled_per_batch}-pc{per_class}-s{seed}",
+                    labelled_per_batch=labelled_per_batch)
+    return spec
 
 
 def overrides_for(spec: dict[str, Any], epochs: int | None = None) -> list[str]:
     """``--set`` overrides on the demo recipe that give this run (``epochs`` None: 1, to size the data)."""
-    semi = spec["variant"] == "hd_semi"
+    semi = spec["variant"] in SEMI
     loss = "hd" if semi else spec["variant"]
     e = epochs or 1
+    k = spec.get("labelled_per_batch")
     return [f"seed={spec['seed']}", f"data.per_class={spec['per_class']}",
             f"data.unlabelled={'true' if semi else 'false'}", f"data.batch_size={spec['batch_size']}",
+            *([f"data.labelled_per_batch={k}"] if k is not None else []),
             f"model.args={json.dumps(spec['model'])}", f"loss.loss={loss}", f"loss.T={spec['T']}",
             f"loss.alpha={spec['alpha']}", f"optim.lr={spec['lr']}", "optim.schedule=cosine",
             "train.threads=1", "train.device=cpu", f"train.epochs={e}", f"train.eval_every={e}",
@@ -106,16 +127,12 @@ def train_one(spec: dict[str, Any], run_root: str, result_path: str) -> dict[str
 
     from kdedge.config import load_config
     from kdedge.io import atomic_write_json
-    from kdedge.train.data import load_data
     from kdedge.train.engine import fit
 
     torch.set_num_threads(1)
     load_start = os.getloadavg()[0]
-    cfg = load_config(ROOT / RECIPE, overrides_for(spec))
-    splits = load_data(cfg.data, cfg.seed)
-    n_train = len(splits.train_set(cfg.data))
-    n_labelled = len(splits.train)
-    steps_per_epoch = n_train // spec["batch_size"]  # the training loader drops the last partial batch
+    plan = sweep.batch_plan(load_config(ROOT / RECIPE, overrides_for(spec)))
+    steps_per_epoch = plan["steps_per_epoch"]  # the engine's loader: drops a last partial batch
     epochs = max(1, round(spec["steps"] / steps_per_epoch))
     overrides = overrides_for(spec, epochs)
     cfg = load_config(ROOT / RECIPE, overrides)
@@ -123,13 +140,16 @@ def train_one(spec: dict[str, Any], run_root: str, result_path: str) -> dict[str
     if run_dir.exists():  # an interrupted attempt: runs are short, start it again
         shutil.rmtree(run_dir)
     t0, c0 = time.perf_counter(), time.process_time()
-    result = fit(cfg, run_dir)
+    counter = sweep.StepCounter()
+    result = fit(cfg, run_dir, reporter=counter)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     epochs_log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     test = result["test"]
     record = {
-        "spec": spec, "key": sweep.spec_key(spec), "overrides": overrides, "n_train": n_train, "n_labelled": n_labelled,
-        "steps_per_epoch": steps_per_epoch, "epochs": epochs, "steps": epochs * steps_per_epoch,
+        "spec": spec, "key": sweep.spec_key(spec), "overrides": overrides, "n_train": plan["n_train"],
+        "n_labelled": plan["n_labelled"], "labelled_per_batch": plan["labelled_per_batch"],
+        "steps_per_epoch": steps_per_epoch, "epochs": epochs,
+        "steps": sweep.check_steps(counter.steps, epochs, steps_per_epoch),  # counted in the run
         "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
         "loadavg": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "test": {k: test[k] for k in ("ensemble_accuracy", "ensemble_macs", "member_accuracy", "diversity", "n")},
@@ -198,18 +218,33 @@ def gain_table(groups: dict[str, list[dict[str, Any]]], pairs: Sequence[tuple[st
     return "\n".join(head + rows) + "\n"
 
 
+def labelled_exposure(rec: dict[str, Any]) -> tuple[float, float]:
+    """(labelled images in a batch on average, passes over the labelled set) of a run.
+
+    Runs with ``labelled_per_batch`` recorded their batches; the others drew each batch uniformly
+    from the training images, so they hold batch × labelled / training images on average.
+    """
+    lpb = rec.get("labelled_per_batch")
+    mean = lpb["mean"] if lpb else rec["spec"]["batch_size"] * rec["n_labelled"] / rec["n_train"]
+    return mean, rec["steps"] * mean / rec["n_labelled"]
+
+
 def extras_table(groups: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown: mean and worst single-member accuracy, full-ensemble diversity, last-epoch label term."""
+    """Markdown: mean and worst single-member accuracy, full-ensemble diversity, last-epoch label term,
+    labelled images per batch and passes over the labelled set."""
     lines = ["| objective | mean member acc. | worst member acc. | diversity of the full ensemble | "
-             "last-epoch label term |", "|---|---|---|---|---|"]
+             "last-epoch label term | labelled images per batch | passes over the labelled set |",
+             "|---|---|---|---|---|---|---|"]
     for g, runs in groups.items():
         if not runs:
             continue
         mem = sweep.stats([[float(np.mean(r["test"]["member_accuracy"])),
                             float(np.min(r["test"]["member_accuracy"]))] for r in runs])
         div = sweep.stats([[r["test"]["diversity"][-1], r["train_last_epoch"].get("ce", float("nan"))] for r in runs])
+        lab, passes = np.mean([labelled_exposure(r) for r in runs], axis=0)
         lines.append(f"| {VARIANTS[g]} | {sweep.cell(mem, 0, False)} | {sweep.cell(mem, 1, False)} | "
-                     f"{div['mean'][0]:.2f} ± {div['std'][0]:.2f} | {div['mean'][1]:.3f} ± {div['std'][1]:.3f} |")
+                     f"{div['mean'][0]:.2f} ± {div['std'][0]:.2f} | {div['mean'][1]:.3f} ± {div['std'][1]:.3f} | "
+                     f"{lab:.1f} | {passes:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -234,12 +269,16 @@ def verdict(groups: dict[str, list[dict[str, Any]]], per_class: int) -> str:
         m = 100 * d.mean(0)
         parts = [f"{2 ** k} member{'s' * (k > 0)}: {m[k]:+.1f} points, {_word(d, k)}" for k in range(d.shape[1])]
         out.append(f"- {per_class}/class, L_HD − L_I over {len(d)} paired seeds: " + "; ".join(parts) + ".")
-    d = paired(groups, "hd", "hd_semi")
-    if d is not None:
-        m = 100 * d.mean(0)
-        parts = [f"{2 ** k}: {m[k]:+.1f} ({_word(d, k)})" for k in range(d.shape[1])]
-        out.append(f"- {per_class}/class, semi-supervised L_HD − supervised L_HD over {len(d)} paired seeds, "
-                   "per ensemble size: " + "; ".join(parts) + ".")
+    for base, other, what in (("hd", "hd_semi", "semi-supervised L_HD (random mix) − supervised L_HD"),
+                              ("hd", "hd_semi_fixed", "semi-supervised L_HD (fixed k/batch) − supervised L_HD"),
+                              ("hd_semi", "hd_semi_fixed", "semi-supervised L_HD, fixed k/batch − random mix")):
+        d = paired(groups, base, other)
+        if d is None:
+            continue
+        m, sd = 100 * d.mean(0), 100 * (d.std(0, ddof=1) if len(d) > 1 else np.zeros(d.shape[1]))
+        parts = [f"{2 ** k}: {m[k]:+.1f} ± {sd[k]:.1f} ({_word(d, k)})" for k in range(d.shape[1])]
+        out.append(f"- {per_class}/class, {what} over {len(d)} paired seeds, per ensemble size: "
+                   + "; ".join(parts) + ".")
     return "\n".join(out) + "\n" if out else "_no paired runs yet_\n"
 
 
@@ -253,7 +292,8 @@ def plot(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]]]], 
 
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.0 * nrows), squeeze=False)
-    colours = {"i": "tab:blue", "s": "tab:orange", "d": "tab:green", "hd": "tab:red", "hd_semi": "tab:purple"}
+    colours = {"i": "tab:blue", "s": "tab:orange", "d": "tab:green", "hd": "tab:red", "hd_semi": "tab:purple",
+               "hd_semi_fixed": "tab:brown"}
     for ax, (title, groups) in zip(axes.flat, panels):
         for j, (g, runs) in enumerate(groups.items()):
             if not runs:
@@ -264,7 +304,7 @@ def plot(path: Path, panels: list[tuple[str, dict[str, list[dict[str, Any]]]]], 
             lo, hi = mean - 100 * np.asarray(st["min"]), 100 * np.asarray(st["max"]) - mean
             c = colours.get(g, "k")
             ax.errorbar(x, mean, yerr=[lo, hi], fmt="o", color=c, ms=4, capsize=3, lw=1.4, elinewidth=0.8,
-                        label=f"{VARIANTS[g]} (n={st['n']})", ls="--" if g == "hd_semi" else "-")
+                        label=f"{VARIANTS[g]} (n={st['n']})", ls="--" if g in SEMI else "-")
             ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.15)
         first = next((r for runs in groups.values() for r in runs), None)
         if first is not None:
@@ -299,6 +339,11 @@ def settings_text(args: argparse.Namespace, records: list[dict[str, Any]], n_exp
         f"- recipe `{RECIPE}` with: model `hne` args `{json.dumps(args.model)}`, batch {args.batch_size}, "
         f"SGD lr {args.lr} cosine to 0 over the run, momentum 0.9, wd 5e-4, pad-crop augmentation, "
         f"T = {args.T}, α = {args.alpha} (L_D and L_HD), one torch thread per run, {args.jobs} runs in parallel",
+        f"- semi-supervised runs: the training pool beyond the labelled images enters with labels hidden; "
+        f"`hd_semi` shuffles labelled and unlabelled images together (an epoch = one pass over both), "
+        f"`hd_semi_fixed` puts exactly k = {args.labelled_per_batch} labelled images in every batch "
+        f"(`data.labelled_per_batch`; an epoch = one pass over the unlabelled pool, labelled images cycled); "
+        "labelled images per batch and passes over the labelled set are in the last table of each size",
         f"- {args.steps} optimisation steps requested per run, rounded to whole epochs; "
         "(objective, labelled/class, training images, epochs, steps/epoch, steps): "
         + ", ".join(f"({a}, {b}, {c}, {d}, {e}, {f})" for a, b, c, d, e, f in per),
@@ -319,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=600, help="optimisation steps per run (rounded to whole epochs)")
     p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--labelled-per-batch", type=int, default=DEFAULT_LABELLED_PER_BATCH, metavar="K",
+                   help="hd_semi_fixed: labelled images in every batch, 1 <= K < batch size")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--T", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.5)
@@ -333,10 +380,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.jobs < 1 or args.steps < 1 or args.batch_size < 1:
         raise SystemExit("error: --jobs, --steps and --batch-size must be positive")
+    if "hd_semi_fixed" in args.variants and not 1 <= args.labelled_per_batch < args.batch_size:
+        raise SystemExit(f"error: --labelled-per-batch must be in [1, {args.batch_size}) (the batch needs room for "
+                         f"unlabelled images), got {args.labelled_per_batch}")
     os.chdir(ROOT)
     # Seed-major order: an interrupted sweep leaves whole seeds (every objective, both sizes) done.
     specs = [run_spec(v, pc, seed, steps=args.steps, batch_size=args.batch_size, model=args.model, lr=args.lr,
-                      T=args.T, alpha=args.alpha)
+                      T=args.T, alpha=args.alpha,
+                      labelled_per_batch=args.labelled_per_batch if v == "hd_semi_fixed" else None)
              for seed in args.seeds for pc in args.sizes for v in args.variants]
     if not args.report_only:
         sweep.log(f"HNE ablation: {len(specs)} runs ({len(args.variants)} objectives x {len(args.sizes)} sizes x "
@@ -352,18 +403,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for pc in args.sizes:
         groups = {v: [r for r in records if r["spec"]["variant"] == v and r["spec"]["per_class"] == pc]
                   for v in args.variants}
-        pairs = [("i", v) for v in ("s", "d", "hd", "hd_semi") if v in groups] + [("d", "hd"), ("hd", "hd_semi")]
+        pairs = ([("i", v) for v in ("s", "d", "hd", *SEMI) if v in groups]
+                 + [("d", "hd"), ("hd", "hd_semi"), ("hd", "hd_semi_fixed"), ("hd_semi", "hd_semi_fixed")])
         sections += [f"### {pc} labelled images per class\n", accuracy_table(groups),
                      "\nPaired differences (accuracy points):\n", gain_table(groups, pairs),
                      "\nMembers alone, diversity of the 8 members (std of their logits, the paper's measure) and "
                      "the label term of the loss averaged over the last epoch (Σ of the 8 members' CE for L_I, "
-                     "L_D and L_HD; Σ of the 4 sub-ensembles' CE for L_S; labelled samples only):\n",
+                     "L_D and L_HD; Σ of the 4 sub-ensembles' CE for L_S; labelled samples only), with the labelled "
+                     "images a batch holds (on average for a random mix of labelled and unlabelled images) and the "
+                     "passes over the labelled set in the run (steps × labelled per batch / labelled images):\n",
                      extras_table(groups),
                      "\nComputed reading:\n", verdict(groups, pc)]
         panels.append((f"{pc} labelled images per class: labelled objectives",
-                       {v: runs for v, runs in groups.items() if v != "hd_semi"}))
+                       {v: runs for v, runs in groups.items() if v not in SEMI}))
         semi_panels.append((f"{pc} labelled images per class: + unlabelled pool",
-                            {v: runs for v, runs in groups.items() if v in ("i", "hd", "hd_semi")}))
+                            {v: runs for v, runs in groups.items() if v in ("i", "hd", *SEMI)}))
         summary[str(pc)] = {v: {"seeds": [r["spec"]["seed"] for r in runs], **sweep.stats([_acc(r) for r in runs]),
                                 "macs": runs[0]["test"]["ensemble_macs"]}
                             for v, runs in groups.items() if runs}
@@ -373,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_text(args, records, n)
     print(settings)
     if records:
-        plot(args.out_dir / "ablation.png", panels + (semi_panels if "hd_semi" in args.variants else []),
+        plot(args.out_dir / "ablation.png", panels + (semi_panels if set(SEMI) & set(args.variants) else []),
              ncols=len(args.sizes))
         from kdedge.io import atomic_write_json
 
