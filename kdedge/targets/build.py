@@ -168,9 +168,12 @@ def add_target(root: Path, manifest: dict[str, Any], target_name: str, spec: Com
     files: dict[str, CompiledFile] = target.compile(sources, spec, out_dir)
     from kdedge.export.manifest import file_entry
 
+    digests: dict[str, dict[str, Any]] = {}  # a package shared by several graphs is hashed once
     for name, cf in files.items():
         rel = cf.path.relative_to(root).as_posix()
-        graphs[name]["files"][target_name] = file_entry(root, rel, precision=cf.precision, **cf.extra)
+        if rel not in digests:
+            digests[rel] = file_entry(root, rel)
+        graphs[name]["files"][target_name] = {**digests[rel], "precision": cf.precision, **cf.extra}
     manifest["targets"] = [*manifest["targets"], target_name]
     report: dict[str, Any]
     check_static = getattr(target, "check_compiled", None)
