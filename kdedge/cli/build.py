@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -117,17 +118,17 @@ def command(
     spec = CompileSpec(precision=precision, device=device, min_batch=min_batch, opt_batch=opt_batch,
                        max_batch=max_batch)
     cset = None
+    source: Any = bundle
     if calibrated:
         # the default batch fits the batch range; an explicit one outside it is refused, not changed
         batch = calib_batch if calib_batch is not None else min(max(DEFAULT_BATCH, min_batch), max_batch)
-        opened = open_bundle(bundle, targets=["onnx"])
-        preflight(opened, target, spec, batch)  # refuse the request before reading any image
+        source = open_bundle(bundle, targets=["onnx"])  # opened (and verified) once, built from below
+        preflight(source, target, spec, batch)  # refuse the request before reading any image
         progress("read the calibration images")
-        cset = _calibration(opened, calib, calib_data, calib_root, calib_split, calib_count, batch)
+        cset = _calibration(source, calib, calib_data, calib_root, calib_split, calib_count, batch)
         progress(f"calibrate on {cset.count} images in batches of {cset.batch_size} ({cset.digest[:12]})")
-        spec = CompileSpec(precision=precision, device=device, min_batch=min_batch, opt_batch=opt_batch,
-                           max_batch=max_batch, options={"calibration": cset})
-    report = build_bundle(bundle, target, spec, progress=progress, verify_n=verify_n)
+        spec = replace(spec, options={"calibration": cset})
+    report = build_bundle(source, target, spec, progress=progress, verify_n=verify_n)
     if json_out:
         print_json(report)
         return

@@ -138,11 +138,7 @@ def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: i
     from kdedge.targets import RunSpec, get_target
 
     # a bundle without the target's files, or a request the target refuses, fails before the bar
-    opened = open_target_bundle(bundle, target)
-    if target == "auto":
-        from kdedge.targets import pick_target
-
-        target = pick_target(opened.targets)
+    opened, target = open_target_bundle(bundle, target)
     get_target(target).session_options(RunSpec(device=device, cuda_graphs=cuda_graphs), opened)
     bundle = opened
     kw: dict[str, Any] = dict(target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,

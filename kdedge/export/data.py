@@ -120,6 +120,15 @@ class Batches:
         return sum(len(y) for _, y in self)
 
 
+def spread_indices(n: int, k: int) -> np.ndarray:
+    """``min(k, n)`` distinct indices evenly spaced over ``0..n-1`` (deterministic).
+
+    ``floor(i * n / k)`` is strictly increasing for ``k <= n``, so the indices are distinct.
+    """
+    k = min(int(k), int(n))
+    return (np.arange(k, dtype=np.int64) * int(n)) // max(k, 1)
+
+
 class Spread:
     """``count`` samples of a map-style dataset, evenly spaced over its indices.
 
@@ -133,9 +142,7 @@ class Spread:
         if count < 1:
             raise ValueError(f"the sample count must be >= 1, got {count}")
         self.dataset = dataset
-        k = min(int(count), n)
-        # floor(i * n / k) is strictly increasing for k <= n: k distinct indices, spread evenly
-        self.indices = (np.arange(k, dtype=np.int64) * n) // max(k, 1)
+        self.indices = spread_indices(n, count)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -102,6 +102,41 @@ def evaluate_bundle(path: str | Path, x: Any, y: Any = None, rule: str | None = 
     }
 
 
+def bundle_splits(bundle: Bundle, data: str | None = None, data_root: str | None = None) -> tuple[Any, int]:
+    """The dataset splits a bundle was trained and exported on, and their seed (needs torch).
+
+    Rebuilt from the training config recorded in the bundle's provenance (same seed, same split
+    as ``kdedge eval RUN_DIR``); ``data`` / ``data_root`` replace the dataset name / directory.
+    A bundle exported without a run needs ``data`` (seed 0).
+
+    Raises:
+        BundleError: no config and no ``data``, or a dataset that does not fit the bundle.
+    """
+    import dataclasses
+
+    from kdedge.train.data import DataConfig, load_data
+
+    config = bundle.manifest["provenance"].get("config")
+    if config:
+        from kdedge.config import config_from_dict
+
+        cfg = config_from_dict(config)
+        dcfg, seed = cfg.data, int(cfg.seed)
+    else:
+        if data is None:
+            raise BundleError(f"bundle {bundle.path} records no training config; name the dataset with --data")
+        dcfg, seed = DataConfig(name=data, root=data_root), 0
+    dcfg = dataclasses.replace(dcfg, **({"name": data} if data else {}), **({"root": data_root} if data_root else {}))
+    splits = load_data(dcfg, seed)
+    info = splits.info
+    if info.num_classes != bundle.num_classes or [info.in_channels, *info.input_size] != list(bundle.input_shape[1:]):
+        raise BundleError(f"dataset {info.name} ({info.num_classes} classes, {info.in_channels}x"
+                          f"{tuple(info.input_size)}) does not fit bundle {bundle.path} ({bundle.num_classes} classes, "
+                          f"input {list(bundle.input_shape[1:])}); use the dataset it was exported for "
+                          f"({bundle.manifest['preprocessing'].get('dataset')})")
+    return splits, seed
+
+
 def evaluate_bundle_on_data(path: str | Path, *, data: str | None = None, data_root: str | None = None,
                             split: str = "test", rule: str | None = None, batch_size: int = 256,
                             threads: int | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -114,30 +149,10 @@ def evaluate_bundle_on_data(path: str | Path, *, data: str | None = None, data_r
     Raises:
         BundleError: the bundle is unusable, or the dataset does not fit it.
     """
-    import dataclasses
-
-    from kdedge.train.data import DataConfig, load_data
-
     if split not in ("test", "val"):
         raise BundleError(f"split must be test or val, got {split!r}")
-    bundle = open_bundle(path, targets=["onnx"])
-    config = bundle.manifest["provenance"].get("config")
-    if config:
-        from kdedge.config import config_from_dict
-
-        cfg = config_from_dict(config)
-        dcfg, seed = cfg.data, cfg.seed
-    else:
-        if data is None:
-            raise BundleError(f"bundle {bundle.path} records no training config; name the dataset with --data")
-        dcfg, seed = DataConfig(name=data, root=data_root), 0
-    dcfg = dataclasses.replace(dcfg, **({"name": data} if data else {}), **({"root": data_root} if data_root else {}))
-    splits = load_data(dcfg, seed)
+    splits, _ = bundle_splits(open_bundle(path, targets=["onnx"]), data, data_root)
     info = splits.info
-    if info.num_classes != bundle.num_classes or [info.in_channels, *info.input_size] != list(bundle.input_shape[1:]):
-        raise BundleError(f"dataset {info.name} ({info.num_classes} classes, {info.in_channels}x"
-                          f"{tuple(info.input_size)}) does not fit bundle {bundle.path} ({bundle.num_classes} classes, "
-                          f"input {list(bundle.input_shape[1:])})")
     result = evaluate_bundle(path, getattr(splits, split), rule=rule, batch_size=batch_size, threads=threads,
                              progress=progress)
     return {**result, "data": info.name, "split": split}

@@ -625,17 +625,17 @@ def write_reports(bundle: Any, profile: LatencyProfile, path: str | Path, plot: 
     return out
 
 
-def open_target_bundle(bundle: str | Path | Any, target: str) -> Any:
-    """An opened bundle (checked for ``target``'s files; ``auto``: the one the runner would pick)."""
+def open_target_bundle(bundle: str | Path | Any, target: str) -> tuple[Any, str]:
+    """(the opened bundle, checked for ``target``'s files; the target, ``auto`` resolved to the
+    one the runner would pick)."""
     from kdedge.runtime.bundle import open_bundle, read_manifest
+    from kdedge.targets import pick_target
 
-    if hasattr(bundle, "manifest"):
-        return bundle
     if target == "auto":
-        from kdedge.targets import pick_target
-
-        target = pick_target(read_manifest(bundle)["targets"])
-    return open_bundle(bundle, targets=[target])
+        target = pick_target(bundle.targets if hasattr(bundle, "manifest") else read_manifest(bundle)["targets"])
+    if hasattr(bundle, "manifest"):
+        return bundle, target
+    return open_bundle(bundle, targets=[target]), target
 
 
 def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: Sequence[int] = (1,), runs: int = 200,
@@ -653,7 +653,7 @@ def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: S
     Example:
         >>> prof, path, png = profile_bundle("hne.kdedge", batches=(1, 32))
     """
-    b = open_target_bundle(bundle, target)
+    b, target = open_target_bundle(bundle, target)
     prof = measure_profile(b, target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
                            optimization=optimization, providers=providers, progress=progress, meter=meter,
                            nvpmodel=nvpmodel, device=device, cuda_graphs=cuda_graphs)
@@ -688,7 +688,7 @@ def profile_power_modes(bundle: str | Path | Any, modes: Sequence[str], *, nvpmo
     from kdedge.profile.modes import Nvpmodel, slug
 
     nv = nvpmodel if nvpmodel is not None else Nvpmodel()
-    b = open_target_bundle(bundle, kwargs.get("target", "onnx"))
+    b, kwargs["target"] = open_target_bundle(bundle, kwargs.get("target", "onnx"))
     out: list[tuple[LatencyProfile, Path, Path | None]] = []
     with nv.sweep(list(modes), lock_clocks=lock_clocks) as visit:
         for i, mode in enumerate(visit):

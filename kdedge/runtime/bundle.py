@@ -609,9 +609,11 @@ def open_bundle(path: str | Path, *, targets: Sequence[str] | None = None, verif
     if targets is not None:
         missing = [t for t in targets if t not in manifest["targets"]]
         if missing:
-            # TensorRT engines are built on the device from the bundle's ONNX; the others at export
-            how = (f"build them on the device with: kdedge build {path} --target tensorrt" if missing[0] == "tensorrt"
-                   else f"export it with --target {missing[0]}")
+            how = f"export it with --target {missing[0]}"
+            from kdedge.targets import TARGETS, get_target  # the registry: no runtime library imported
+
+            if missing[0] in TARGETS and missing[0] != "onnx" and get_target(missing[0]).caps.source == "onnx":
+                how = f"build them on the device with: kdedge build {path} --target {missing[0]}"  # from the ONNX
             raise BundleError(f"bundle {path} has no files for target(s) {missing}; it holds "
                               f"{', '.join(manifest['targets'])}; {how}")
     if verify:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from kdedge.runtime.bundle import INPUT, StageEntry, open_bundle, validate_manifest
+from kdedge.runtime.bundle import INPUT, Bundle, StageEntry, open_bundle, validate_manifest
 from kdedge.targets import get_target
 from kdedge.targets.base import CompiledFile, CompileSpec, GraphSource, Target, TargetError
 
@@ -241,12 +241,12 @@ def preflight(bundle: Any, target_name: str, spec: CompileSpec | None = None,
     return spec
 
 
-def build_bundle(path: str | Path, target_name: str, spec: CompileSpec | None = None,
+def build_bundle(path: str | Path | Bundle, target_name: str, spec: CompileSpec | None = None,
                  progress: Progress | None = None, verify_n: int = 4, seed: int = 0,
                  open_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compile a bundle's ONNX files for an add-on target (TensorRT on the device) and add them.
 
-    The bundle is opened (checksums verified), copied into a temporary sibling directory, the
+    The bundle is opened (checksums verified; or given already opened), copied into a temporary sibling directory, the
     target's files are compiled and verified there (against onnxruntime on ``verify_n`` inputs
     when both run here: the first calibration images when ``spec.options["calibration"]`` is
     set, else seeded random ones), and the new bundle replaces the old one atomically.
@@ -262,7 +262,7 @@ def build_bundle(path: str | Path, target_name: str, spec: CompileSpec | None = 
     from kdedge.export.manifest import BundleDir
 
     say = progress or (lambda _m: None)
-    bundle = open_bundle(path, targets=["onnx"])
+    bundle = path if isinstance(path, Bundle) else open_bundle(path, targets=["onnx"])
     calib = (spec.options.get("calibration") if spec is not None else None)
     if calib is not None:
         calib.check_bundle(bundle)

@@ -71,8 +71,9 @@ def subset(n: int, count: int, batch_size: int) -> np.ndarray:
     if used == 0:
         raise CalibrationError(f"calibration needs at least one full batch of {batch_size} images, the source has "
                                f"{n}{f' (count {count})' if count < n else ''}; lower --calib-batch or add images")
-    # floor(i * n / used) is strictly increasing for used <= n: `used` distinct indices, spread evenly
-    return (np.arange(used, dtype=np.int64) * int(n)) // used
+    from kdedge.export.data import spread_indices  # numpy only
+
+    return spread_indices(n, used)
 
 
 def _sha(*parts: bytes | str) -> str:
@@ -328,40 +329,25 @@ def images_from_dataset(bundle: Any, name: str, *, root: str | None = None, spli
     Raises:
         CalibrationError: torch is missing, a bad split, or a dataset that does not fit the bundle.
     """
-    import dataclasses
-
+    from kdedge.runtime.bundle import BundleError
     from kdedge.runtime.inputs import InputError, preprocess
 
     if split not in ("train", "val"):
         raise CalibrationError(f"the calibration split must be 'train' or 'val', got {split!r} (calibrating on the "
                                "test split would leak it into the model)")
     try:
-        from kdedge.train.data import DataConfig, load_data
+        from kdedge.export.evaluate import bundle_splits
+
+        splits, seed = bundle_splits(bundle, name, root)
     except ImportError as e:
         if getattr(e, "name", None) in ("torch", "torchvision"):
             raise CalibrationError(f"--calib-data reads datasets with kdedge's training data layer, which needs "
                                    f"{e.name} (pip install 'kdedge[train]'); without it, pass images with --calib PATH "
                                    "(a directory of images or a .npy)") from None
         raise
-    config = bundle.manifest.get("provenance", {}).get("config")
-    if config:
-        from kdedge.config import config_from_dict
-
-        cfg = config_from_dict(config)
-        dcfg, seed = cfg.data, int(cfg.seed)
-        dcfg = dataclasses.replace(dcfg, name=name, **({"root": root} if root else {}))
-    else:
-        dcfg, seed = DataConfig(name=name, root=root), 0
-    try:
-        splits = load_data(dcfg, seed)
-    except ValueError as e:  # DataError: already one line
+    except (BundleError, ValueError) as e:  # DataError, a dataset that does not fit: already one line
         raise CalibrationError(f"calibration data: {e}") from None
     info = splits.info
-    if info.num_classes != bundle.num_classes or [info.in_channels, *info.input_size] != list(bundle.input_shape[1:]):
-        raise CalibrationError(f"dataset {info.name} ({info.num_classes} classes, {info.in_channels}x"
-                               f"{tuple(info.input_size)}) does not fit bundle {bundle.path} ({bundle.num_classes} "
-                               f"classes, input {list(bundle.input_shape[1:])}); calibrate on the dataset it was "
-                               f"exported for ({bundle.manifest['preprocessing'].get('dataset')})")
     ds = getattr(splits, split)
     if ds is None or len(ds) == 0:
         raise CalibrationError(f"the {split} split of {info.name} is empty; pick the other split with --calib-split")
