@@ -16,63 +16,8 @@ Example:
 
 from __future__ import annotations
 
-from kdedge.profile.meters import (
-    AUTO_ORDER,
-    DEFAULT_PERIOD_S,
-    INPUT_RAILS,
-    METERS,
-    CombinedMeter,
-    CounterMeter,
-    EnergyReading,
-    JetsonSysfsMeter,
-    JtopMeter,
-    Meter,
-    MeterStatus,
-    NoneMeter,
-    NvmlMeter,
-    PollingMeter,
-    PowerError,
-    PowerPermissionError,
-    RaplMeter,
-    SamplingMeter,
-    StreamMeter,
-    TegrastatsMeter,
-    auto_meter,
-    counter_delta,
-    create_meter,
-    find_rails,
-    integrate,
-    meter_report,
-)
+from kdedge.profile import meters as _meters
+from kdedge.profile.meters import *  # noqa: F403 - the meters' public names, re-exported as they are
 from kdedge.profile.tegrastats import TegrastatsFormatError, parse_line
 
-__all__ = [
-    "AUTO_ORDER",
-    "DEFAULT_PERIOD_S",
-    "INPUT_RAILS",
-    "METERS",
-    "CombinedMeter",
-    "CounterMeter",
-    "EnergyReading",
-    "JetsonSysfsMeter",
-    "JtopMeter",
-    "Meter",
-    "MeterStatus",
-    "NoneMeter",
-    "NvmlMeter",
-    "PollingMeter",
-    "PowerError",
-    "PowerPermissionError",
-    "RaplMeter",
-    "SamplingMeter",
-    "StreamMeter",
-    "TegrastatsFormatError",
-    "TegrastatsMeter",
-    "auto_meter",
-    "counter_delta",
-    "create_meter",
-    "find_rails",
-    "integrate",
-    "meter_report",
-    "parse_line",
-]
+__all__ = [*_meters.__all__, "TegrastatsFormatError", "parse_line"]
