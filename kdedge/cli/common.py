@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from typing import Any, Callable, TypeVar
@@ -65,10 +64,20 @@ def handle_errors(fn: F) -> F:
                 sys.stderr.write(str(e).replace(summary, "", 1).strip("\n") + "\n")
                 fail(summary, code=2)
             fail(one_line(e), code=2)
+        except RecursionError:
+            fail("input nested too deeply to read (a damaged or hostile file?)", code=2)
+        except MemoryError:
+            fail("out of memory; an input claims more data than this machine holds", code=2)
+        except Exception as e:  # a bug: still one line, and the way to the traceback
+            fail(f"internal error ({type(e).__name__}: {one_line(e)}); rerun with KDEDGE_DEBUG=1 for the "
+                 "traceback and report it", code=1)
 
     return wrapper  # type: ignore[return-value]
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Strict JSON on stdout: a non-finite number is ``null``, never ``NaN``."""
+    from kdedge.io import dumps_strict
+
+    sys.stdout.write(dumps_strict(obj, default=str) + "\n")
     sys.stdout.flush()
