@@ -55,6 +55,9 @@ def command(
     calib_size: int = typer.Option(256, help="INT8: number of training images to calibrate on."),
     int8_max_drop: float = typer.Option(1.0, help="INT8: fail when a stage loses more accuracy points than this."),
     int8_keep_fp32: bool = typer.Option(False, help="INT8: keep FP32 for a stage that fails the gate instead of failing."),
+    int8_scheme: str = typer.Option("u8s7", help="INT8: u8s7 (default; 7-bit weights, exact on every CPU), s8s7 "
+                                                 "(symmetric activations, for TensorRT), u8s8 / s8s8 (8-bit weights: "
+                                                 "only for devices with VNNI, ARM or a GPU; see docs/export.md)."),
     atol: float = typer.Option(1e-4, help="Verification absolute tolerance."),
     rtol: float = typer.Option(1e-3, help="Verification relative tolerance."),
     force: bool = typer.Option(False, help="Replace an existing bundle at --out (atomically)."),
@@ -68,7 +71,7 @@ def command(
 
     path = export_run(run_dir, out_path, data_root=data_root, split=split, calib_size=calib_size, val_limit=val_limit,
                       target=target, precision=precision, opset=opset, simplify=simplify, int8_max_drop=int8_max_drop,
-                      int8_keep_fp32=int8_keep_fp32, device=device, max_batch=max_batch, atol=atol, rtol=rtol, force=force, progress=progress)
+                      int8_keep_fp32=int8_keep_fp32, int8_scheme=int8_scheme, device=device, max_batch=max_batch, atol=atol, rtol=rtol, force=force, progress=progress)
     summary = inspect_bundle(path)
     if json_out:
         print_json(summary)

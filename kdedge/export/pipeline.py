@@ -96,7 +96,7 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
            int8_max_drop: float = 1.0, int8_keep_fp32: bool = False, provenance: dict[str, Any] | None = None,
            force: bool = False, progress: Progress | None = None, atol: float = 1e-4, rtol: float = 1e-3,
            min_top1_agreement: float = 0.99, exporter: str = "auto", batch_size: int = 64,
-           calib_size: int | None = None, int8_scheme: str = "u8s8", device: str | None = None,
+           calib_size: int | None = None, int8_scheme: str = "u8s7", device: str | None = None,
            max_batch: int = 64, target_options: dict[str, Any] | None = None) -> Path:
     """Export a trained model to a verified bundle directory.
 
@@ -126,8 +126,10 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
         exporter: ``auto`` (dynamo, legacy fallback), ``dynamo`` or ``legacy``.
         batch_size: batch size for verification when ``val_data`` is arrays or a Dataset.
         calib_size: use at most this many calibration images (None: all of ``calib_data``).
-        int8_scheme: ``u8s8`` (uint8 asymmetric activations: onnxruntime's fast path on x86) or
-            ``s8s8`` (int8 symmetric activations, as TensorRT reads QDQ graphs).
+        int8_scheme: ``u8s7`` (uint8 asymmetric activations, 7-bit weights: exact on every CPU),
+            ``s8s7`` (int8 symmetric activations, as TensorRT reads QDQ graphs), or ``u8s8`` /
+            ``s8s8`` with full 8-bit weights, which saturate in onnxruntime's kernels on x86 CPUs
+            without VNNI (``kdedge.export.quantize``).
         device, max_batch, target_options: the target's compile spec
             (:class:`kdedge.targets.CompileSpec`); ignored for ``onnx``.
 
@@ -158,7 +160,7 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
             opset: int, simplify: bool, int8_max_drop: float, int8_keep_fp32: bool,
             provenance: dict[str, Any] | None, force: bool, progress: Progress | None,
             tol: tuple[float, float, float], exporter: str, batch_size: int, calib_size: int | None,
-            int8_scheme: str = "u8s8", tspec: tuple[str | None, int, dict[str, Any]] = (None, 64, {})) -> Path:
+            int8_scheme: str = "u8s7", tspec: tuple[str | None, int, dict[str, Any]] = (None, 64, {})) -> Path:
     say: Progress = progress or (lambda _m: None)
     compile_spec = None
     from kdedge.targets import TARGETS, TEST_TARGETS, CompileSpec, Target, TargetError, get_target
@@ -189,10 +191,9 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
     if not (isinstance(int8_max_drop, (int, float)) and math.isfinite(int8_max_drop) and int8_max_drop >= 0):
         raise ExportError(f"int8_max_drop must be a number of points >= 0, got {int8_max_drop!r}")
-    from kdedge.export.quantize import SCHEMES, describe
+    from kdedge.export.quantize import check_scheme, describe, weight_bits, why
 
-    if int8_scheme not in SCHEMES:
-        raise ExportError(f"unknown INT8 scheme {int8_scheme!r}; known: {', '.join(SCHEMES)}")
+    check_scheme(int8_scheme)
     tolerances = Tolerances(*tol)
     prov = dict(provenance or {})
     if out.absolute().parent.is_dir():
@@ -278,7 +279,11 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
             int8_rows = {(r["graph"], r["rule"]): r["int8"] for r in q["rows"]}
             stage_acc = [{r: int8_rows[(g.name, r)] for r in rules} for g in plan.stages]
             prefix_acc = [int8_rows[(g.name, "fused")] for g in plan.prefixes]
-            quant = {"precision": "int8", "format": "QDQ", "scheme": int8_scheme, "calibration": describe(int8_scheme),
+            from kdedge.cpu import int8_dot
+
+            quant = {"precision": "int8", "format": "QDQ", "scheme": int8_scheme, "weight_bits": weight_bits(int8_scheme),
+                     "why": why(int8_scheme), "exported_on": {"int8_dot": int8_dot()},
+                     "calibration": describe(int8_scheme),
                      "n_calibration": calib.count(), "max_drop": float(int8_max_drop), "keep_fp32": int8_keep_fp32,
                      "fp32_graphs": [n for n, p in precisions.items() if p == "fp32"]}
 

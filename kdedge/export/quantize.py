@@ -1,10 +1,26 @@
 """Static INT8 (QDQ) stage graphs with onnxruntime's quantization tools, behind an accuracy gate.
 
 Each FP32 stage file goes through ``quant_pre_process`` (shape inference and graph
-optimisation) and ``quantize_static`` (QDQ format, per-channel signed 8-bit weights, MinMax
-calibration). Activations follow a *scheme*: ``u8s8`` (unsigned, asymmetric: onnxruntime's
-fast path on x86 CPUs without VNNI, measured 1.8x faster than ``s8s8`` here, docs/export.md) or
-``s8s8`` (signed and symmetric, zero point 0: what TensorRT's explicit quantization reads). A stage is calibrated on its *real* inputs: the calibration
+optimisation) and ``quantize_static`` (QDQ format, per-channel symmetric weights, MinMax
+calibration). The *scheme* (:data:`SCHEMES`) names the activation type and the weight bits:
+
+- ``u8s7`` (the default): uint8 asymmetric activations, weights in 7 bits (``reduce_range``).
+- ``s8s7``: int8 symmetric activations (zero point 0, what TensorRT's explicit quantization
+  reads), 7-bit weights.
+- ``u8s8``, ``s8s8``: the same with full 8-bit weights.
+
+Why 7 bits by default: onnxruntime's x86 kernels without VNNI (AVX2, AVX-512 without VNNI)
+multiply uint8 activations by int8 weights with ``VPMADDUBSW``, which adds two products into a
+*saturating* int16. With 8-bit weights a pair can reach 2 * 255 * 127 = 64770 and is clipped at
+32767; with 7-bit weights it stays within 2 * 255 * 64 = 32640, so the kernel is exact on every
+CPU. ``s8s8`` is no better: those kernels shift int8 activations to uint8 and take the same
+path. Measured on the toy digits model, the same INT8 files run on an emulated AVX2 CPU (qemu
+``-cpu EPYC-Rome``) lose 22 points with ``u8s8`` and 55 with ``s8s8``, and none with ``u8s7``
+or ``s8s7`` (docs/export.md). A bundle is exported on one machine and run on others, so the
+scheme must be safe on all of them; 8-bit weights are for bundles that only ever run on VNNI,
+ARM or GPU targets. The manifest records the scheme, the weight bits and why.
+
+A stage is calibrated on its *real* inputs: the calibration
 images, and the carried tensors that the earlier FP32 stages compute from them.
 
 The gate: with the chosen precisions, the accuracy of the combined prediction after every
@@ -72,23 +88,60 @@ def stage_feeds(chain: OrtChain, k: int, images: Iterable[tuple[np.ndarray, Any]
         yield {t: feeds[t] for t in g.inputs}
 
 
-SCHEMES = ("u8s8", "s8s8")
+SCHEMES = ("u8s7", "s8s7", "u8s8", "s8s8")
+DEFAULT_SCHEME = "u8s7"
+
+
+def weight_bits(scheme: str) -> int:
+    """7 for the reduced-range schemes (exact on every CPU), 8 otherwise."""
+    return int(scheme[-1])
+
+
+def signed_activations(scheme: str) -> bool:
+    return scheme.startswith("s8")
 
 
 def describe(scheme: str) -> str:
     """The manifest's description of a quantization scheme."""
-    acts = "uint8 asymmetric" if scheme == "u8s8" else "int8 symmetric"
-    return f"minmax; activations {acts}; weights int8 symmetric per channel"
+    acts = "int8 symmetric" if signed_activations(scheme) else "uint8 asymmetric"
+    bits = "int8 symmetric per channel" if weight_bits(scheme) == 8 else \
+        "int8 symmetric per channel, 7-bit range [-64, 64]"
+    return f"minmax; activations {acts}; weights {bits}"
 
 
-def quantize_file(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]], scheme: str = "u8s8") -> None:
+def why(scheme: str) -> str:
+    """The manifest's reason for the scheme: where its files compute exactly."""
+    if weight_bits(scheme) == 7:
+        return ("7-bit weights: a uint8 x int8 pair sum stays within int16 (2*255*64 <= 32767), so onnxruntime's "
+                "VPMADDUBSW kernels on x86 CPUs without VNNI cannot saturate; exact on every CPU")
+    return ("8-bit weights: pair sums can saturate int16 in onnxruntime's kernels on x86 CPUs without VNNI "
+            "(AVX2, AVX-512 without VNNI); for bundles that run only on VNNI x86, ARM or GPU targets")
+
+
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ExportError(f"unknown INT8 scheme {scheme!r}; known: {', '.join(SCHEMES)} (default {DEFAULT_SCHEME})")
+
+
+def _remedy(scheme: str) -> str:
+    """What to do about a graph that fails the gate; first the likely cause where there is one."""
+    from kdedge.cpu import saturates_full_range_int8
+
+    first = ""
+    if weight_bits(scheme) == 8 and saturates_full_range_int8():
+        first = (f"this CPU has no VNNI, where {scheme}'s 8-bit weights saturate: use --int8-scheme "
+                 f"{scheme[:2]}s7; otherwise ")
+    return (f"{first}keep FP32 for it with --int8-keep-fp32, allow more with --int8-max-drop, or export with "
+            "--precision fp32")
+
+
+def quantize_file(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]], scheme: str = DEFAULT_SCHEME) -> None:
     """FP32 ONNX ``src`` -> QDQ INT8 ``dst``, calibrated on ``feeds`` (one dict per batch)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
-    if scheme not in SCHEMES:
-        raise ExportError(f"unknown INT8 scheme {scheme!r}; known: {', '.join(SCHEMES)}")
-    acts = QuantType.QUInt8 if scheme == "u8s8" else QuantType.QInt8
-    extra = {"ActivationSymmetric": scheme == "s8s8", "WeightSymmetric": True}
+    check_scheme(scheme)
+    acts = QuantType.QInt8 if signed_activations(scheme) else QuantType.QUInt8
+    extra = {"ActivationSymmetric": signed_activations(scheme), "WeightSymmetric": True}
 
     pre = dst.with_name(dst.stem + ".pre.onnx")
     try:
@@ -96,7 +149,7 @@ def quantize_file(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]], 
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
             quantize_static(str(pre), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=acts, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
+                            reduce_range=weight_bits(scheme) == 7, calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
     except ExportError:
         raise
     except Exception as e:  # onnxruntime's tools raise many types
@@ -111,7 +164,7 @@ def quantize_file(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]], 
 def quantize_graphs(stage_graphs: list[RunGraph], prefix_graphs: list[RunGraph], out_dir: Path, *,
                     calib: Iterable[tuple[np.ndarray, Any]], val: Iterable[tuple[np.ndarray, np.ndarray]],
                     rules: list[str], fp32_stage_acc: list[dict[str, float]], fp32_prefix_acc: list[float],
-                    max_drop: float, keep_fp32: bool, scheme: str = "u8s8",
+                    max_drop: float, keep_fp32: bool, scheme: str = DEFAULT_SCHEME,
                     progress: Callable[[str], None] | None = None) -> tuple[dict[str, RunGraph], dict[str, Any]]:
     """Quantize every graph, gate accuracy, choose a precision per graph.
 
@@ -179,8 +232,7 @@ def quantize_graphs(stage_graphs: list[RunGraph], prefix_graphs: list[RunGraph],
                    f"INT8 stages; export with --precision fp32 or calibrate on more images")
         else:
             why = (f"INT8 {name} loses {worst['drop']:.2f} points ({worst['rule']}: {100 * worst['fp32']:.2f}% -> "
-                   f"{100 * worst['int8']:.2f}%), more than the allowed {max_drop:g}; keep FP32 for it with "
-                   f"--int8-keep-fp32, allow more with --int8-max-drop, or export with --precision fp32")
+                   f"{100 * worst['int8']:.2f}%), more than the allowed {max_drop:g}; {_remedy(scheme)}")
         raise ExportError(why, report=report)
 
     if prefix_graphs:
@@ -201,8 +253,7 @@ def quantize_graphs(stage_graphs: list[RunGraph], prefix_graphs: list[RunGraph],
             if not ok and not keep_fp32:
                 raise ExportError(
                     f"INT8 {g.name} loses {drop:.2f} points ({100 * fp32_prefix_acc[i]:.2f}% -> {100 * pacc[i]:.2f}%), "
-                    f"more than the allowed {max_drop:g}; keep FP32 for it with --int8-keep-fp32, allow more with "
-                    "--int8-max-drop, or export with --precision fp32",
+                    f"more than the allowed {max_drop:g}; {_remedy(scheme)}",
                     report={"max_drop": max_drop, "keep_fp32": keep_fp32, "passed": False, "rows": rows})
     for r in rows:  # a graph kept in FP32 passes with its FP32 accuracy
         r["precision"] = precision[r["graph"]]
