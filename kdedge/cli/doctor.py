@@ -23,8 +23,13 @@ Example:
 
 
 def _version(module: str) -> tuple[Any, str | None]:
+    """(module, version) or (None, why not). Imported quietly: coremltools, for one, prints a
+    dozen lines about untested torch/scikit-learn versions and missing macOS libraries."""
+    from kdedge.targets.coreml import _quiet
+
     try:
-        mod = importlib.import_module(module)
+        with _quiet():
+            mod = importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - any import failure means "not usable here"
         return None, f"not installed ({e.__class__.__name__})"
     return mod, getattr(mod, "__version__", "?")
@@ -37,6 +42,9 @@ def collect() -> dict[str, Any]:
     import kdedge
 
     facts["kdedge"] = kdedge.__version__
+    from kdedge.cpu import int8_dot
+
+    facts["int8_dot"] = int8_dot()
     torch, v = _version("torch")
     facts["torch"] = {"version": v}
     if torch is not None:
@@ -91,6 +99,10 @@ def command(json_out: bool = typer.Option(False, "--json", help="Print the repor
     t.add_column("status")
     t.add_row("python", f"{facts['python']} on {facts['platform']}")
     t.add_row("kdedge", facts["kdedge"])
+    t.add_row("INT8 on this CPU", {"vnni": "VNNI: every INT8 scheme computes exactly",
+                                   "pairwise-int16": "no VNNI: 8-bit-weight schemes (u8s8, s8s8) saturate; "
+                                                     "the 7-bit default (u8s7) is exact",
+                                   "arm": "ARM: every INT8 scheme computes exactly"}.get(facts["int8_dot"], "unknown"))
     tf = facts["torch"]
     t.add_row("torch", f"{tf['version']}" + (f", CUDA {tf.get('cuda_build')}, available: {tf.get('cuda_available')}"
                                              + (f" {tf['devices']}" if tf.get("devices") else "") if "cuda_build" in tf else ""))
