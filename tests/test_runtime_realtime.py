@@ -1,0 +1,198 @@
+"""Real-time execution plumbing (kdedge.runtime.realtime): policies read back from /proc for
+every thread, onnxruntime's intra-op threads included, CPU sets, the refusal line, gc."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from kdedge.runtime import realtime as rt
+
+
+def _fifo_allowed() -> str | None:
+    why = rt.supported()
+    if why:
+        return why
+    try:
+        done: list[BaseException | None] = []
+
+        def probe() -> None:  # in a thread of its own: the test's thread keeps its policy
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+                done.append(None)
+            except OSError as e:
+                done.append(e)
+
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+        return None if done[0] is None else f"this machine does not allow SCHED_FIFO here ({done[0]})"
+    except OSError as e:
+        return str(e)
+
+
+FIFO = _fifo_allowed()
+needs_fifo = pytest.mark.skipif(FIFO is not None, reason=FIFO or "")
+
+
+def _in_thread(fn):
+    """Run ``fn`` in a fresh thread (so the test runner's own thread keeps ordinary scheduling)."""
+    out: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            out["error"] = e
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(120)
+    assert not t.is_alive()
+    if "error" in out:
+        raise out["error"]  # type: ignore[misc]
+    return out.get("value")
+
+
+def _matmul_onnx(path):
+    onnx = pytest.importorskip("onnx")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "m",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
+    return path
+
+
+def test_config_is_validated() -> None:
+    assert rt.Realtime().key() == "rtfifo50" and rt.Realtime(priority=7, policy="rr").key() == "rtrr7"
+    with pytest.raises(ValueError, match="priority must be an integer in 1..98"):
+        rt.Realtime(priority=99)
+    with pytest.raises(ValueError, match="priority must be an integer"):
+        rt.Realtime(priority=0)
+    with pytest.raises(ValueError, match="unknown real-time policy 'deadline'"):
+        rt.Realtime(policy="deadline")
+
+
+def test_cpu_sets_parse_and_are_checked() -> None:
+    cpus = sorted(rt.usable_cpus())
+    assert rt.parse_cpus(str(cpus[0])) == (cpus[0],)
+    if len(cpus) >= 2:
+        assert rt.parse_cpus(f"{cpus[0]}-{cpus[1]}") == tuple(range(cpus[0], cpus[1] + 1))
+    for bad in ("", "a", "1-0", "-1", "0,,x"):
+        with pytest.raises(ValueError, match="--cpus takes CPU numbers"):
+            rt.parse_cpus(bad)
+    with pytest.raises(ValueError, match="CPU 100000 is not one this process may run on"):
+        rt.parse_cpus("100000")
+
+
+def test_thread_policy_reads_proc() -> None:
+    name, prio = rt.thread_policy(threading.get_native_id())
+    assert name in ("SCHED_OTHER", "SCHED_FIFO", "SCHED_RR", "SCHED_BATCH", "SCHED_IDLE") and prio >= 0
+    assert threading.get_native_id() in rt.thread_ids()
+
+
+@needs_fifo
+def test_caller_thread_gets_and_leaves_the_policy() -> None:
+    def body() -> tuple[tuple[str, int], tuple[str, int]]:
+        tid = threading.get_native_id()
+        rt.set_thread(0, rt.Realtime(priority=3))
+        during = rt.thread_policy(tid)
+        rt.set_normal(0)
+        return during, rt.thread_policy(tid)
+
+    during, after = _in_thread(body)
+    assert during == ("SCHED_FIFO", 3) and after == ("SCHED_OTHER", 0)
+
+
+@needs_fifo
+@pytest.mark.parametrize("created_under_fifo", [True, False], ids=["inherited", "adopted"])
+def test_onnxruntime_intra_op_threads_run_real_time(created_under_fifo: bool, tmp_path) -> None:
+    """onnxruntime creates its intra-op pool when a session is created. Created by a FIFO thread,
+    the pool inherits the policy (glibc's default); created otherwise, ThreadAdopter sets it."""
+    ort = pytest.importorskip("onnxruntime")
+    path = _matmul_onnx(tmp_path / "m.onnx")
+    cfg = rt.Realtime(priority=4)
+
+    def body() -> list[tuple[int, str, int]]:
+        if created_under_fifo:
+            rt.set_thread(0, cfg)
+        adopter = rt.ThreadAdopter(cfg)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        new = adopter.new_threads()
+        seen = [(t, *rt.thread_policy(t)) for t in new]
+        if not created_under_fifo:
+            assert all(p == "SCHED_OTHER" for _, p, _ in seen)
+            rt.set_thread(0, cfg)
+            adopter.adopt()
+            seen = [(t, *rt.thread_policy(t)) for t in new]
+        adopter.check(new)
+        del sess
+        rt.set_normal(0)
+        return seen
+
+    seen = _in_thread(body)
+    assert len(seen) >= 2  # intra_op_num_threads=3: the caller plus two pool threads
+    assert {(p, q) for _, p, q in seen} == {("SCHED_FIFO", 4)}
+
+
+def test_refusal_says_what_to_grant(monkeypatch: pytest.MonkeyPatch) -> None:
+    def deny(*_a: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", deny)
+    with pytest.raises(rt.RealtimeError) as e:
+        rt.set_thread(0, rt.Realtime(priority=10))
+    text = str(e.value)
+    assert "the OS refused SCHED_FIFO at priority 10" in text and "\n" not in text
+    for hint in ("setcap cap_sys_nice", "ulimit -r", "CPUSchedulingPolicy=", "--cap-add=SYS_NICE"):
+        assert hint in text
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or not sys.platform.startswith("linux"),
+                    reason="needs util-linux setpriv to drop CAP_SYS_NICE")
+def test_refusal_without_cap_sys_nice_in_a_real_process() -> None:
+    """The same refusal from the kernel itself: a child without CAP_SYS_NICE (and RLIMIT_RTPRIO
+    0, the default for users) asks for SCHED_FIFO."""
+    code = ("from kdedge.runtime import realtime as rt\n"
+            "try:\n    rt.set_thread(0, rt.Realtime(priority=10))\n"
+            "except rt.RealtimeError as e:\n    print('REFUSED', e)\nelse:\n    print('ALLOWED')\n")
+    res = subprocess.run(["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    if "setpriv:" in res.stderr:
+        pytest.skip(f"setpriv cannot drop capabilities here: {res.stderr.strip()}")
+    assert res.returncode == 0, res.stderr
+    if res.stdout.startswith("ALLOWED"):  # RLIMIT_RTPRIO > 0 for this user: allowed without the capability
+        pytest.skip("RLIMIT_RTPRIO allows SCHED_FIFO without CAP_SYS_NICE here")
+    assert res.stdout.startswith("REFUSED the OS refused SCHED_FIFO at priority 10") and "setcap" in res.stdout
+
+
+def test_gc_guard_keeps_collections_between_requests() -> None:
+    guard = rt.GcGuard()
+    enabled = gc.isenabled()
+    try:
+        gc.enable()
+        guard.enter()
+        guard.enter()  # nested: still disabled
+        assert not gc.isenabled()
+        guard.leave()
+        assert not gc.isenabled()
+        guard.leave()
+        assert gc.isenabled()
+        gc.disable()  # a caller that disabled gc keeps it disabled
+        guard.enter()
+        guard.leave()
+        assert not gc.isenabled()
+    finally:
+        (gc.enable if enabled else gc.disable)()
