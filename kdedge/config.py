@@ -12,24 +12,141 @@ A recipe has these top-level sections (all optional but ``method``'s defaults ap
 
 Overrides are ``key.path=value`` strings whose values are parsed as YAML scalars/lists
 (``--set optim.lr=0.05 --set model.args.B=3``). Unknown keys fail with a close-match
-suggestion. YAML is read with ``yaml.safe_load`` only: no tags, no code execution.
+suggestion. YAML is read strictly (:mod:`kdedge.yaml_io`): safe constructors only, no tags,
+anchors, aliases or duplicate keys, bounded size and depth.
+
+Every numeric field declares its allowed range as field metadata (:func:`number`), and
+:func:`check_ranges` checks it, finiteness included, wherever a config dataclass is created, so
+``optim.lr: .nan`` is refused with ``optim.lr must be a finite number > 0, got nan`` instead
+of training into NaN. Cross-field rules (warm-up shorter than the run, ...) are in :func:`validate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
+import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kdedge.yaml_io import YAMLRefused, dumps_yaml, loads_yaml, read_text_file, yaml_error_text
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message says what to change."""
+
+
+# --- declared ranges of numeric fields ----------------------------------------------------------
+
+RANGE = "kdedge.range"  # the field-metadata key of a Range
+MAX_SEED = 2**32 - 1    # numpy's legacy RandomState limit; also keeps seed * 100_003 inside torch's 64 bits
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config field accepts: finite, within the given bounds.
+
+    Args:
+        ge, gt, le, lt: inclusive / exclusive lower and upper bounds (None = unbounded).
+        what: the allowed values in words, for the message (default: derived from the bounds).
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    what: str | None = None
+
+    def admits(self, v: float) -> bool:
+        return (math.isfinite(v) and (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def describe(self, integer: bool) -> str:
+        """The allowed values in words: ``a finite number > 0``, ``an integer in [1, 1024]``."""
+        if self.what:
+            return self.what
+        low = ("[", ">=", self.ge) if self.ge is not None else ("(", ">", self.gt) if self.gt is not None else None
+        high = ("]", "<=", self.le) if self.le is not None else (")", "<", self.lt) if self.lt is not None else None
+        if low and high:
+            return f"{'an integer' if integer else 'a number'} in {low[0]}{_num(low[2])}, {_num(high[2])}{high[0]}"
+        kind = "an integer" if integer else "a finite number"
+        bound = low or high
+        return f"{kind} {bound[1]} {_num(bound[2])}" if bound else kind
+
+
+def _num(v: float | None) -> str:
+    if v is None or isinstance(v, int):
+        return str(v)
+    if abs(v) >= 1e6:
+        return f"{v:g}"  # 1e+30, not 1000000000000000019884624838656
+    return str(int(v)) if v.is_integer() else str(v)
+
+
+def number(default: Any = MISSING, *, default_factory: Any = MISSING, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None, what: str | None = None) -> Any:
+    """A dataclass field holding a number (or a list of numbers) in a declared range.
+
+    Example:
+        >>> gamma: float = number(0.1, gt=0, le=1)  # "optim.gamma must be a number in (0, 1], got nan"
+    """
+    meta = {RANGE: Range(ge=ge, gt=gt, le=le, lt=lt, what=what)}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@functools.lru_cache(maxsize=None)
+def _ranged_fields(cls: type) -> tuple[tuple[str, Range, bool, bool], ...]:
+    """(name, range, holds integers, may be None) of every ranged field of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if RANGE in f.metadata:
+            tp = hints[f.name]
+            args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+            inner = [typing.get_args(a)[0] if typing.get_origin(a) is list else a for a in args if a is not type(None)]
+            out.append((f.name, f.metadata[RANGE], inner == [int], type(None) in args))
+    return tuple(out)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_ranges(obj: Any, section: str, error: type[ValueError] = ConfigError) -> None:
+    """Raise ``error`` naming the first field of dataclass ``obj`` outside its declared range.
+
+    Runs in ``__post_init__`` of every config dataclass, so a config built in Python is checked
+    like one read from YAML. Lists (``optim.milestones``) are checked element by element.
+    ``section`` prefixes the key in the message (``""`` for top-level keys such as ``seed``).
+    """
+    for name, rng, integer, optional in _ranged_fields(type(obj)):
+        value = getattr(obj, name)
+        if value is None and optional:
+            continue
+        key = f"{section}.{name}" if section else name
+        items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, v in items:
+            if not _admits(rng, v, integer):
+                where, null = (key, " (or null)" if optional else "") if i is None else (f"{key}[{i}]", "")
+                raise error(f"{where} must be {rng.describe(integer)}{null}, got {_show(v)}")
+
+
+def _admits(rng: Range, v: Any, integer: bool) -> bool:
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        return False
+    try:
+        return rng.admits(v)
+    except OverflowError:  # an int beyond float range, compared with a float bound
+        return False
 
 
 @dataclass
@@ -41,37 +158,51 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"                 # sgd | adamw
-    lr: float = 0.1
-    momentum: float = 0.9
+    # Upper bounds keep values torch turns into float32 scalars inside float32 (beyond ~3.4e38 its
+    # optimisers fail with an overflow error); a merely too-large lr stops at the first non-finite loss.
+    lr: float = number(0.1, gt=0, le=1e30)
+    momentum: float = number(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: float = number(5e-4, ge=0, le=1)
     schedule: str = "cosine"          # cosine | step | constant
-    milestones: list[float] = field(default_factory=list)  # epochs (fractions allowed: lr is set per step), for schedule=step
-    gamma: float = 0.1
-    warmup_epochs: int = 0
-    grad_clip: float | None = None    # max global grad norm; None = off
+    # epochs (fractions allowed: lr is set per step), for schedule=step
+    milestones: list[float] = number(default_factory=list, ge=0)
+    gamma: float = number(0.1, gt=0, le=1)  # the step schedule's decay factor
+    warmup_epochs: int = number(0, ge=0)
+    grad_clip: float | None = number(None, gt=0)  # max global grad norm; None = off
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "optim")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = number(10, ge=1)
     amp: str = "auto"                 # auto (bf16/fp16 autocast on CUDA only) | on | off
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    eval_every: int = 1               # epochs between validations
-    checkpoint_every: int = 1         # epochs between checkpoints
+    eval_every: int = number(1, ge=1)        # epochs between validations
+    checkpoint_every: int = number(1, ge=1)  # epochs between checkpoints
     deterministic: bool = True        # deterministic algorithms where torch has them
-    threads: int | None = None        # torch CPU threads; None = torch's default
+    # torch CPU threads; None = torch's default. 1024 is more than any machine kdedge runs on has;
+    # beyond it OpenMP would try to start the threads.
+    threads: int | None = number(None, ge=1, le=1024)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "train")
 
 
 @dataclass
 class RunConfig:
     method: str = "baseline"
-    seed: int = 0
+    seed: int = number(0, ge=0, le=MAX_SEED)
     data: Any = None                  # DataConfig (imported lazily: it needs torch)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: Any = None                  # the method's Task.Config
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,33 +239,36 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
         return tuple(value)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_show(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer literal with hundreds of digits
+            raise ConfigError(f"{where} must be a finite number, got {_show(value)}") from None
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, where)
@@ -148,7 +282,7 @@ def build_dataclass(cls: type, values: Any, where: str) -> Any:
     if dataclasses.is_dataclass(values) and not isinstance(values, type):
         return values
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of options, got {values!r}")
+        raise ConfigError(f"{where}: expected a mapping of options, got {_show(values)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -159,13 +293,23 @@ def build_dataclass(cls: type, values: Any, where: str) -> Any:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+        text = str(e)  # the dataclass's own check usually names the key already ("loss.T must ...")
+        raise ConfigError(text if text.startswith(f"{where}.") else f"{where}: {text}") from None
 
 
 def parse_value(text: str) -> Any:
-    """An override's value: a YAML scalar or flow list/mapping (``0.1``, ``[1, 2]``, ``null``)."""
+    """An override's value: a YAML scalar or flow list/mapping (``0.1``, ``[1, 2]``, ``null``).
+
+    Text that is not YAML is taken as a string (``data.root=C:/data: old``); what the strict
+    loader refuses (an alias, a tag, a duplicate key) is an error, not a string.
+
+    Raises:
+        ConfigError: the value holds YAML that kdedge refuses.
+    """
     try:
-        return yaml.safe_load(text)
+        return loads_yaml(text)
+    except YAMLRefused as e:
+        raise ConfigError(f"value {_show(text)} is not allowed{yaml_error_text(e)}") from None
     except yaml.YAMLError:
         return text
 
@@ -190,19 +334,31 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"bad override {item!r}: expected key=value, e.g. optim.lr=0.05")
-    set_key(raw, key, parse_value(value))
+    try:
+        parsed = parse_value(value)
+    except ConfigError as e:
+        raise ConfigError(f"--set {key.strip()}: {e}") from None
+    set_key(raw, key, parsed)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A recipe (or a run's config.yaml) as a raw dict of sections, read strictly.
+
+    Raises:
+        ConfigError: the file is missing, not a regular text file, larger than 1 MiB, not
+            valid YAML, uses what kdedge refuses (aliases, tags, duplicate keys), or is not a
+            mapping; the message names the file (and the line).
+    """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+    what = f"config file {str(p)!r}"
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = read_text_file(p, what)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        raw = loads_yaml(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{what} is not valid YAML{yaml_error_text(e)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -239,27 +395,43 @@ def resolve(raw: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
+
+
 def validate(cfg: RunConfig) -> None:
-    if cfg.train.epochs < 1:
-        raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    """Cross-field rules and choices; each field's range was checked when its section was built."""
     if cfg.optim.name not in ("sgd", "adamw"):
         raise ConfigError(f"optim.name must be sgd or adamw, got {cfg.optim.name!r}")
     if cfg.optim.schedule not in ("cosine", "step", "constant"):
         raise ConfigError(f"optim.schedule must be cosine, step or constant; got {cfg.optim.schedule!r}")
     if cfg.optim.schedule == "step" and not cfg.optim.milestones:
         raise ConfigError("optim.schedule=step needs optim.milestones (epochs), e.g. [150, 225]")
-    if cfg.optim.warmup_epochs < 0 or cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.optim.warmup_epochs > 0:
-        raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs), got {cfg.optim.warmup_epochs}")
-    if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
-        raise ConfigError(f"optim.grad_clip must be positive or null, got {cfg.optim.grad_clip}")
+    if cfg.optim.warmup_epochs > 0 and cfg.optim.warmup_epochs >= cfg.train.epochs:
+        raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={cfg.train.epochs}), "
+                          f"got {cfg.optim.warmup_epochs}")
     if cfg.train.amp not in ("auto", "on", "off"):
         raise ConfigError(f"train.amp must be auto, on or off; got {cfg.train.amp!r}")
-    if cfg.train.eval_every < 1 or cfg.train.checkpoint_every < 1:
-        raise ConfigError("train.eval_every and train.checkpoint_every must be at least 1")
-    if cfg.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size must be at least 1, got {cfg.data.batch_size}")
+    if not _DEVICE.fullmatch(cfg.train.device):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {_show(cfg.train.device)}")
+    if not isinstance(cfg.model.name, str) or not cfg.model.name:
+        raise ConfigError(f"model.name must be a model registry name, got {_show(cfg.model.name)}")
+    bad_keys = [k for k in cfg.model.args if not isinstance(k, str) or not k.isidentifier()]
+    if bad_keys:
+        raise ConfigError(f"model.args keys must be option names, got {_show(bad_keys[0])}")
+    _check_finite(cfg.model.args, "model.args")
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """No NaN or infinity anywhere in free-form options (``model.args``): no model needs one,
+    and one would surface only as a NaN loss (or a confusing error) much later."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{where}[{i}]")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -283,4 +455,5 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
 
 
 def dump_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config as YAML that :func:`read_yaml` reads back (no aliases)."""
+    return dumps_yaml(cfg.to_dict())

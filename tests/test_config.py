@@ -44,7 +44,7 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         ("optim.lrr=0.1", "did you mean 'lr'"),
         ("trian.epochs=3", "did you mean 'train'"),
         ("data.batchsize=3", "did you mean 'batch_size'"),
-        ("train.epochs=-1", "train.epochs must be at least 1"),
+        ("train.epochs=-1", "train.epochs must be an integer >= 1, got -1"),
         ("train.epochs=two", "expected an integer"),
         ("optim.nesterov=3", "expected true or false"),
         ("method=hnee", "did you mean 'hne'"),

@@ -38,9 +38,9 @@ def _batch(n=16, seed=0):
 
 @pytest.mark.parametrize("values,match", [
     ({"loss": "kd"}, "loss.loss must be one of exitwise, distill"),
-    ({"C": 1.5}, r"loss.C must be in \[0, 1\]"),
+    ({"C": 1.5}, r"loss.C must be a number in \[0, 1\]"),
     ({"T": 0.0}, "loss.T must be a positive temperature"),
-    ({"mu": 1.0}, r"loss.mu is a confidence bound in \(0, 1\)"),
+    ({"mu": 1.0}, r"loss.mu must be a confidence bound in \(0, 1\)"),
     ({"tau_factor": 1.0}, "loss.tau_factor must be > 1"),
     ({"teachers": "all"}, "loss.teachers must be 'last', 'later'"),
     ({"tau_factr": 1.05}, "did you mean 'tau_factor'"),

@@ -29,7 +29,9 @@ def command(
     data: Optional[str] = typer.Option(None, help="Dataset: mnist5k, digits, cifar10, cifar100, imagefolder, synthetic."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Directory of cifar10/cifar100/imagefolder data (never downloaded)."),
     epochs: Optional[int] = typer.Option(None, help="Number of training epochs."),
-    model: Optional[str] = typer.Option(None, help="Model registry name (see kdedge doctor --models)."),
+    model: Optional[str] = typer.Option(None, help="Model registry name, e.g. small_cnn, resnet20, resnet32, "
+                                                   "mobilenetv2, hne, ahbf, msdnet, multiexit (an unknown name lists "
+                                                   "them all)."),
     seed: Optional[int] = typer.Option(None, help="Seed of splits, initialisation and data order."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/)."),
@@ -66,7 +68,7 @@ def command(
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if quiet or json_out or not main_rank:
-        result = fit(cfg, out, resume=resume)
+        result = fit(cfg, out, resume=resume, reporter=_MessagesOnly())
     else:
         from kdedge.cli.progress import RichReporter
 
@@ -80,3 +82,17 @@ def command(
     test = result.get("test", {})
     err.print(f"finished: {out}  test accuracy {100 * test.get('accuracy', float('nan')):.2f}% "
               f"(n={test.get('n', '?')})", highlight=False)
+
+
+class _MessagesOnly:
+    """No progress bar (``--quiet``, ``--json``), but the engine's messages still reach stderr: a
+    resume that fell back to an older checkpoint must say so."""
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self, losses: dict[str, float]) -> None: ...
+    def epoch_end(self, epoch: int, record: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None:
+        from rich.markup import escape
+
+        err.print(f"[dim]{escape(text)}[/]", highlight=False, soft_wrap=True)

@@ -19,6 +19,14 @@ from torch import Tensor, nn
 
 IGNORE_INDEX = -100  # label of an unlabelled sample (semi-supervised pools), ignored by CE
 
+# Bounds shared by the methods' loss options. Far beyond any paper's setting (T of 1 to 4,
+# weights up to 4, growth 1.05 per batch), they stop a typo such as T: 1e300 from becoming an
+# infinite loss at step 1 whose message would blame the learning rate.
+MAX_TEMPERATURE = 1000.0
+MAX_WEIGHT = 1000.0
+TEMPERATURE = "a positive temperature, at most 1000"
+GROWTH = "> 1 and at most 10 (the temperature only grows)"
+
 METHODS: dict[str, str] = {
     "baseline": "kdedge.train.tasks.baseline:BaselineTask",
     "hne": "kdedge.train.tasks.hne:HNETask",

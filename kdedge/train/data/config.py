@@ -3,11 +3,13 @@ input (:class:`DatasetInfo`)."""
 
 from __future__ import annotations
 
-from kdedge.preprocess import InputError
 import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from kdedge.config import check_ranges, number
+from kdedge.preprocess import InputError
 
 
 class DataError(InputError):
@@ -27,14 +29,13 @@ DATASETS: dict[str, str] = {
 NEEDS_ROOT = ("cifar10", "cifar100", "imagefolder")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DataError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise DataError(f"data.{name} must be a fraction in [0, 1), got {value!r}")
+# Upper bounds that keep a typo from becoming a fork bomb or a memory blow-up; each is far beyond
+# what a real run uses.
+MAX_WORKERS = 256
+MAX_BATCH = 1 << 20  # beyond sys.maxsize a DataLoader fails with an islice error that names no key
+MAX_IMAGE_SIZE = 4096
+MAX_SYNTHETIC_BYTES = 1 << 30  # the synthetic dataset is for tests and demos
+_FRACTION = "a fraction in [0, 1)"
 
 
 @dataclass
@@ -72,20 +73,20 @@ class DataConfig:
 
     name: str = "mnist5k"
     root: str | None = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    per_class: int | None = None
+    val_fraction: float = number(0.1, ge=0, lt=1, what=_FRACTION)
+    test_fraction: float = number(0.2, ge=0, lt=1, what=_FRACTION)
+    per_class: int | None = number(None, ge=1)
     unlabelled: bool = False
-    labelled_per_batch: int | None = None
-    batch_size: int = 128
-    eval_batch_size: int = 256
+    labelled_per_batch: int | None = number(None, ge=1)
+    batch_size: int = number(128, ge=1, le=MAX_BATCH)
+    eval_batch_size: int = number(256, ge=1, le=MAX_BATCH)
     augment: bool = True
-    num_workers: int = 0
-    image_size: int | None = None
-    synthetic_classes: int = 4
-    synthetic_size: int = 8
-    synthetic_channels: int = 1
-    synthetic_samples: int = 256
+    num_workers: int = number(0, ge=0, le=MAX_WORKERS)
+    image_size: int | None = number(None, ge=4, le=MAX_IMAGE_SIZE)
+    synthetic_classes: int = number(4, ge=2, le=1000)
+    synthetic_size: int = number(8, ge=4, le=1024)
+    synthetic_channels: int = number(1, ge=1, le=3)
+    synthetic_samples: int = number(256, ge=8)
 
     def __post_init__(self) -> None:
         self.validate(need_root=False)  # a recipe may leave root to --data-root
@@ -99,26 +100,17 @@ class DataConfig:
             from kdedge.models import suggest
 
             raise DataError(f"unknown dataset {self.name!r}; {suggest(str(self.name), DATASETS)}")
-        _check_fraction("val_fraction", self.val_fraction)
-        _check_fraction("test_fraction", self.test_fraction)
-        if self.per_class is not None:
-            _check_int("per_class", self.per_class, 1)
+        check_ranges(self, "data", DataError)
         if self.unlabelled and self.per_class is None:
             raise DataError("data.unlabelled needs data.per_class: the unlabelled pool is the training pool beyond "
                             "per_class labelled images per class")
-        _check_int("batch_size", self.batch_size, 1)
         if self.labelled_per_batch is not None:
-            _check_int("labelled_per_batch", self.labelled_per_batch, 1)
             if not self.unlabelled:
                 raise DataError("data.labelled_per_batch needs data.unlabelled: true (it sets how many labelled images "
                                 "each batch of labelled + unlabelled images holds)")
             if self.labelled_per_batch >= self.batch_size:
                 raise DataError(f"data.labelled_per_batch={self.labelled_per_batch} must be smaller than "
                                 f"data.batch_size={self.batch_size}: each batch needs room for unlabelled images")
-        _check_int("eval_batch_size", self.eval_batch_size, 1)
-        _check_int("num_workers", self.num_workers, 0)
-        if self.image_size is not None:
-            _check_int("image_size", self.image_size, 4)
         if self.root is not None and not isinstance(self.root, (str, os.PathLike)):
             raise DataError(f"data.root must be a directory path, got {self.root!r}")
         if need_root and self.name in NEEDS_ROOT and not self.root:
@@ -127,11 +119,19 @@ class DataConfig:
         if self.name == "imagefolder" and self.image_size is None:
             raise DataError("dataset 'imagefolder' needs data.image_size (the square input size, e.g. 224)")
         if self.name == "synthetic":
-            _check_int("synthetic_classes", self.synthetic_classes, 2)
-            _check_int("synthetic_size", self.synthetic_size, 4)
-            if self.synthetic_channels not in (1, 3):
-                raise DataError(f"data.synthetic_channels must be 1 or 3, got {self.synthetic_channels!r}")
-            _check_int("synthetic_samples", self.synthetic_samples, 4 * self.synthetic_classes)
+            self._validate_synthetic()
+
+    def _validate_synthetic(self) -> None:
+        if self.synthetic_channels not in (1, 3):
+            raise DataError(f"data.synthetic_channels must be 1 or 3, got {self.synthetic_channels!r}")
+        if self.synthetic_samples < 4 * self.synthetic_classes:
+            raise DataError(f"data.synthetic_samples must be an integer >= {4 * self.synthetic_classes} "
+                            f"(4 per class), got {self.synthetic_samples!r}")
+        size = self.synthetic_samples * self.synthetic_channels * self.synthetic_size ** 2 * 4  # float32
+        if size > MAX_SYNTHETIC_BYTES:
+            raise DataError(f"data.synthetic_samples x synthetic_channels x synthetic_size^2 describe "
+                            f"{size >> 20} MiB of images; the synthetic dataset is for tests, keep it under "
+                            f"{MAX_SYNTHETIC_BYTES >> 20} MiB")
 
 
 @dataclass(frozen=True)
@@ -176,8 +176,12 @@ class DatasetInfo:
                             f"{len(self.mean)} means and {len(self.std)} stds must agree")
         if len(self.class_names) != self.num_classes:
             raise DataError(f"DatasetInfo: {len(self.class_names)} class names for {self.num_classes} classes")
-        if not all(math.isfinite(s) and s > 0 for s in self.std) or not self.scale > 0:
-            raise DataError(f"DatasetInfo: std {self.std} and scale {self.scale} must be positive")
+        if not all(math.isfinite(s) and s > 0 for s in self.std) or not (math.isfinite(self.scale) and self.scale > 0):
+            raise DataError(f"DatasetInfo: std {self.std} and scale {self.scale} must be finite and positive")
+        if not all(math.isfinite(m) for m in self.mean):
+            raise DataError(f"DatasetInfo: mean {self.mean} must be finite")
+        if self.resize is not None and not 1 <= self.resize <= MAX_IMAGE_SIZE:
+            raise DataError(f"DatasetInfo: resize must be in [1, {MAX_IMAGE_SIZE}], got {self.resize}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -188,7 +192,9 @@ class DatasetInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DatasetInfo:
-        """Inverse of :meth:`to_dict`; a missing or unknown key raises :class:`DataError`."""
+        """Inverse of :meth:`to_dict`; a missing, unknown or mistyped key raises :class:`DataError`."""
+        if not isinstance(d, dict):
+            raise DataError(f"dataset info must be a mapping, got {type(d).__name__}")
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(names))
         if unknown:
@@ -196,6 +202,15 @@ class DatasetInfo:
         missing = [n for n in names if n not in d and n != "resize"]
         if missing:
             raise DataError(f"dataset info lacks keys {missing}")
+        try:
+            return cls._from_checked_dict(d)
+        except (TypeError, ValueError, OverflowError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"dataset info holds a value of the wrong type ({e})") from None
+
+    @classmethod
+    def _from_checked_dict(cls, d: dict[str, Any]) -> DatasetInfo:
         size = tuple(int(v) for v in d["input_size"])
         if len(size) != 2:
             raise DataError(f"dataset info input_size must be [H, W], got {d['input_size']!r}")

@@ -18,7 +18,6 @@ their identical-branch setting. Evaluation reports the target branch's accuracy 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdedge.config import check_ranges, number
 from kdedge.models.ahbf import AHBFNet, AHBFOutput, AHBFStudent
 from kdedge.train.losses.ahbf import ahbf_loss, cl_loss, dml_loss, labelled_ce, one_loss, rampup
 from kdedge.train.evaluate import eval_mode, evaluate_model, labelled_batches
-from kdedge.train.task import Task, unwrap
+from kdedge.train.task import MAX_TEMPERATURE, MAX_WEIGHT, TEMPERATURE, Task, unwrap
 
 VARIANTS = ("ahbf", "one", "cl", "dml", "vanilla")
 FUSION_OF = {"ahbf": "ahbf", "one": "one", "cl": "none", "dml": "none", "vanilla": "none"}
@@ -53,24 +53,18 @@ class AHBFConfig:
     """
 
     variant: str = "ahbf"
-    lambda1: float = 4.0
-    lambda2: float = 2.0
-    tau: float = 3.0
-    rampup_epochs: float | None = None
+    lambda1: float = number(4.0, ge=0, le=MAX_WEIGHT)
+    lambda2: float = number(2.0, ge=0, le=MAX_WEIGHT)
+    tau: float = number(3.0, gt=0, le=MAX_TEMPERATURE, what=TEMPERATURE)
+    # null = the run's epochs
+    rampup_epochs: float | None = number(None, ge=0)
     detach_teacher: bool = True
-    kd_weight: float = 1.0
+    kd_weight: float = number(1.0, ge=0, le=MAX_WEIGHT)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"loss.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        for key in ("lambda1", "lambda2", "kd_weight"):
-            v = getattr(self, key)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"loss.{key} must be a finite number >= 0, got {v!r}")
-        if not (math.isfinite(self.tau) and self.tau > 0):
-            raise ValueError(f"loss.tau must be a positive temperature, got {self.tau!r}")
-        if self.rampup_epochs is not None and not (math.isfinite(self.rampup_epochs) and self.rampup_epochs >= 0):
-            raise ValueError(f"loss.rampup_epochs must be >= 0 (or null for the run's epochs), got {self.rampup_epochs!r}")
+        check_ranges(self, "loss")
         # settings a variant would silently ignore are refused instead
         if self.variant != "ahbf" and (self.lambda1, self.lambda2) != _LAMBDAS:
             raise ValueError(f"loss.lambda1/lambda2 weight AHBF's assistant losses; variant {self.variant!r} "

@@ -14,17 +14,17 @@ samples), and the measured complexity of the tree against the paper's T_HNE and 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from kdedge.config import check_ranges, number
 from kdedge.models.hne import HNE
 from kdedge.train.losses.hne import LOSSES, anneal_temperature, ensemble_confidence, hne_loss
 from kdedge.train.evaluate import eval_mode, labelled_batches
-from kdedge.train.task import Task, TemperatureState, mean_over_ranks, unwrap
+from kdedge.train.task import GROWTH, MAX_TEMPERATURE, TEMPERATURE, Task, TemperatureState, mean_over_ranks, unwrap
 
 __all__ = ["HNEConfig", "HNETask", "member_logits", "summarize", "complexity"]
 
@@ -44,24 +44,17 @@ class HNEConfig:
     """
 
     loss: str = "hd"
-    T: float = 2.0
-    alpha: float = 0.5
+    T: float = number(2.0, gt=0, le=MAX_TEMPERATURE, what=TEMPERATURE)
+    alpha: float = number(0.5, ge=0, le=1)
     anneal: bool = False
-    mu: float = 0.5
-    anneal_factor: float = 1.05
+    mu: float = number(0.5, gt=0, lt=1, what="a confidence bound in (0, 1)")
+    anneal_factor: float = number(1.05, gt=1, le=10, what=GROWTH)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss.loss must be one of {', '.join(LOSSES)} (hd = the paper's hierarchical "
                              f"distillation), got {self.loss!r}")
-        if not (self.T > 0 and math.isfinite(self.T)):
-            raise ValueError(f"loss.T must be a positive temperature, got {self.T!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"loss.alpha must be in [0, 1], got {self.alpha!r}")
-        if not 0.0 < self.mu < 1.0:
-            raise ValueError(f"loss.mu is a confidence bound in (0, 1), got {self.mu!r}")
-        if not self.anneal_factor > 1.0:
-            raise ValueError(f"loss.anneal_factor must be > 1 (the temperature only grows), got {self.anneal_factor!r}")
+        check_ranges(self, "loss")
 
 
 class HNETask(TemperatureState, Task):

@@ -14,7 +14,6 @@ Budget mode and confidence early exit need a validation split to choose on:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdedge.config import check_ranges, number
 from kdedge.models.multiexit import num_exits
 from kdedge.runtime import exits as modes
 from kdedge.train.losses.multiexit import (
@@ -33,7 +33,7 @@ from kdedge.train.losses.multiexit import (
     teacher_sets,
 )
 from kdedge.train.evaluate import stage_logits
-from kdedge.train.task import Task, TemperatureState, mean_over_ranks, unwrap
+from kdedge.train.task import GROWTH, MAX_TEMPERATURE, TEMPERATURE, Task, TemperatureState, mean_over_ranks, unwrap
 
 LOSSES = ("exitwise", "distill")
 
@@ -55,24 +55,17 @@ class MultiExitConfig:
     """
 
     loss: str = "distill"
-    C: float = 0.5
-    T: float = 1.0
+    C: float = number(0.5, ge=0, le=1)
+    T: float = number(1.0, gt=0, le=MAX_TEMPERATURE, what=TEMPERATURE)
     anneal: bool = True
-    mu: float = 0.5
-    tau_factor: float = 1.05
+    mu: float = number(0.5, gt=0, lt=1, what="a confidence bound in (0, 1)")
+    tau_factor: float = number(1.05, gt=1, le=10, what=GROWTH)
     teachers: str | list[list[int]] = "last"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if not 0.0 <= self.C <= 1.0:
-            raise ValueError(f"loss.C must be in [0, 1], got {self.C!r}")
-        if not (self.T > 0 and math.isfinite(self.T)):
-            raise ValueError(f"loss.T must be a positive temperature, got {self.T!r}")
-        if not 0.0 < self.mu < 1.0:
-            raise ValueError(f"loss.mu is a confidence bound in (0, 1), got {self.mu!r}")
-        if not self.tau_factor > 1.0:
-            raise ValueError(f"loss.tau_factor must be > 1 (the temperature only grows), got {self.tau_factor!r}")
+        check_ranges(self, "loss")
         if isinstance(self.teachers, str) and self.teachers not in TEACHER_CHOICES:
             raise ValueError(f"loss.teachers must be 'last', 'later' or a list of per-exit lists, "
                              f"got {self.teachers!r}")
