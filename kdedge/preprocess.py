@@ -25,6 +25,8 @@ def _error(msg: str) -> ValueError:
 
 def resized_size(height: int, width: int, short: int) -> tuple[int, int]:
     """(H, W) after resizing the shorter side to ``short`` (torchvision's rounding: truncate the long side)."""
+    if height < 1 or width < 1:
+        raise _error(f"cannot resize an empty image of {height}x{width} pixels")
     if width <= height:
         return int(short * height / width), short
     return short, int(short * width / height)
@@ -76,6 +78,8 @@ def _as_nhwc(raw: np.ndarray, channels: int) -> np.ndarray:
     if arr.shape[-1] != channels:
         raise _error(f"preprocess: the model expects {channels} channel(s), the input has {arr.shape[-1]} "
                      f"(shape {arr.shape}, channels last)")
+    if arr.shape[0] < 1 or arr.shape[1] < 1 or arr.shape[2] < 1:  # a resize would divide by the empty side
+        raise _error(f"preprocess: the input holds no pixels (shape {arr.shape}); pass at least one non-empty image")
     return arr
 
 

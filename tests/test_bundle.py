@@ -113,8 +113,16 @@ def test_hand_written_bundle_opens(tmp_path: Path) -> None:
         b.file(s1, "tensorrt")
     with pytest.raises(BundleError, match="build them on the device with: kdedge build .* --target tensorrt"):
         open_bundle(tmp_path / "b", targets=["tensorrt"])
-    with pytest.raises(BundleError, match="export it with --target torch"):
+    with pytest.raises(BundleError, match="no 'torch' files .*kdedge export RUN_DIR --target torch"):
         open_bundle(tmp_path / "b", targets=["torch"])
+    # an unknown name is not "missing from the bundle": it is unknown, with the known ones
+    from kdedge.targets import TargetError
+
+    with pytest.raises(TargetError, match=r"unknown target 'bogus'; known: onnx, torch") as info:
+        open_bundle(tmp_path / "b", targets=["bogus"])
+    assert "export" not in str(info.value) and "build" not in str(info.value)
+    with pytest.raises(TargetError, match=r"unknown target 'onxx' \(did you mean 'onnx'\?\)"):
+        open_bundle(tmp_path / "b", targets=["onxx"])
 
 
 def test_newer_schema_names_the_release_to_upgrade_to(tmp_path: Path) -> None:

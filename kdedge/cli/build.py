@@ -10,6 +10,8 @@ import typer
 
 from kdedge.cli.common import err, handle_errors, print_json
 
+MAX_VERIFY_N = 4096  # verification inputs: a handful is the point; more only allocates
+
 HELP = """Compile a bundle's stage (and fused prefix) ONNX files for a target that is built on the
 device, such as TensorRT (engines are tied to the GPU and TensorRT version), verify the result
 against onnxruntime on a few inputs where both run, and add the files to the bundle
@@ -105,6 +107,8 @@ def command(
     verify_n: int = typer.Option(4, help="Inputs to verify on against onnxruntime (0: no check)."),
     json_out: bool = typer.Option(False, "--json", help="Print the verification report as JSON."),
 ) -> None:
+    from rich.markup import escape
+
     from kdedge.runtime.bundle import open_bundle
     from kdedge.targets import CompileSpec
     from kdedge.targets.build import build_bundle, preflight
@@ -112,8 +116,10 @@ def command(
 
     def progress(msg: str) -> None:
         if not json_out:
-            err.print(f"[dim]{msg}[/]", highlight=False)
+            err.print(f"[dim]{escape(msg)}[/]", highlight=False)  # messages hold paths: not markup
 
+    if not 0 <= verify_n <= MAX_VERIFY_N:  # each verification input is allocated and run through every graph
+        raise ValueError(f"--verify-n must be from 0 to {MAX_VERIFY_N}, got {verify_n}")
     calibrated = _check_options(precision, calib, calib_data, calib_root, calib_split, calib_count, calib_batch)
     spec = CompileSpec(precision=precision, device=device, min_batch=min_batch, opt_batch=opt_batch,
                        max_batch=max_batch)
@@ -135,4 +141,5 @@ def command(
     calibrated_by = ""
     if cset is not None:
         calibrated_by = f", calibrated on {cset.count} images ({cset.digest[:12]})"
-    err.print(f"added {target} files to {bundle} (checked: {report['verified']}{calibrated_by})", highlight=False)
+    err.print(escape(f"added {target} files to {bundle} (checked: {report['verified']}{calibrated_by})"),
+              highlight=False)

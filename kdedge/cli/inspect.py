@@ -6,10 +6,13 @@ from pathlib import Path
 
 import typer
 
-from kdedge.cli.common import handle_errors, print_json
+from kdedge.cli.common import fail, handle_errors, print_json
 
 HELP = """Show a bundle: stages, members, FLOPs, accuracy per stage, files, sizes and the
-verification result. The manifest and every checksum are verified first.
+verification result. The manifest and every checksum are verified first. A damaged bundle (a
+file missing, modified or not a regular file) or one whose verification failed is still shown,
+then the command exits with status 2, so `kdedge inspect B && deploy B` never ships it; --json
+prints the summary with its "status" and "problems" either way.
 
 Examples:
 
@@ -31,3 +34,6 @@ def command(
         print_json(info)
     else:
         typer.echo(format_inspect(info))
+    if info["status"] != "ok":
+        more = f" (and {len(info['problems']) - 1} more)" if len(info["problems"]) > 1 else ""
+        fail(f"{info['problems'][0]}{more} (status: {info['status']})")

@@ -87,6 +87,14 @@ def _dataset(name: str, data_root: Optional[str], split: str, seed: int, limit: 
                          f"{bundle.num_classes}; evaluate it on the dataset it was exported for "
                          f"({bundle.preprocessing.get('dataset')})")
     count = len(ds) if limit is None else min(limit, len(ds))
+    from kdedge.runtime.inputs import MAX_INPUT_BYTES
+
+    c, h, w = (int(d) for d in bundle.input_shape[1:])
+    most = max(1, MAX_INPUT_BYTES // (c * h * w * 4))
+    if count > most:  # checked before the raw images are stacked, not after
+        raise ValueError(f"dataset {name} ({split}) has {count} images, {count * c * h * w * 4 / 2**30:.1f} GiB once "
+                         f"preprocessed, more than the {MAX_INPUT_BYTES / 2**30:.1f} GiB kdedge run loads at once; "
+                         f"pass --limit {most} or less")
     raw = np.stack([ds.raw(i) for i in range(count)])
     x = preprocess(raw, bundle, where=f"dataset {name} ({split})")
     y = np.asarray(ds.targets[:count], dtype=np.int64)
@@ -94,13 +102,14 @@ def _dataset(name: str, data_root: Optional[str], split: str, seed: int, limit: 
 
 
 def _print_results(rows: list[dict[str, Any]], budget: Optional[float]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table()
     for col in ("input", "class", "p", "stage", "members", "time (ms)", *(["met"] if budget is not None else [])):
         t.add_column(col, justify="left" if col in ("input", "class") else "right")
-    for r in rows:
-        t.add_row(r["input"], r["class"], f"{r['confidence']:.3f}", str(r["stage"]), str(r["members"]),
+    for r in rows:  # file and class names are data, not rich markup ("[b]x.png", a class "[/]")
+        t.add_row(escape(r["input"]), escape(r["class"]), f"{r['confidence']:.3f}", str(r["stage"]), str(r["members"]),
                   f"{r['total_ms']:.3f}", *(["yes" if r["budget_met"] else "[red]MISS[/]"] if budget is not None else []))
     out.print(t)
 
@@ -150,6 +159,7 @@ def command(
 ) -> None:
     from kdedge.runtime import Runner
     from kdedge.runtime.inputs import load_inputs
+    from kdedge.runtime.runner import OutputError
 
     if (input_path is None) == (data is None):
         raise ValueError("give exactly one of --input PATH (images or a .npy batch) or --data NAME (a dataset split)")
@@ -176,8 +186,10 @@ def command(
             if json_out:
                 print_json(result)
                 return
+            from rich.markup import escape
+
             acc = f"accuracy {100 * result['accuracy']:.2f}%"
-            out.print(f"[bold]{runner.bundle.family}[/] on {name} ({split}) under {result['policy']}: {acc} "
+            out.print(f"[bold]{escape(runner.bundle.family)}[/] on {name} ({split}) under {result['policy']}: {acc} "
                       f"(n={result['n']}), mean stage reached {result['mean_stage']:.2f}", highlight=False,
                       soft_wrap=True)
             out.print(f"answers per stage: {result['stage_counts']}", highlight=False, soft_wrap=True)
@@ -193,7 +205,10 @@ def command(
         rows: list[dict[str, Any]] = []
         budget = None
         for i in range(0, len(inputs), batch):
-            res = runner.run(inputs.x[i: i + batch], policy)
+            try:
+                res = runner.run(inputs.x[i: i + batch], policy)
+            except OutputError as e:  # name the input, not "sample k of the request"
+                raise OutputError(f"input {inputs.names[i + e.sample]}: {e}", e.sample) from None
             budget = res.budget_ms
             for name, r in zip(inputs.names[i: i + batch], res):
                 rows.append({"input": name, **r.to_dict()})

@@ -3,42 +3,79 @@
 Reads only the bundle (numpy + jsonschema, no torch, no onnxruntime). The manifest must be
 valid (else :class:`~kdedge.runtime.bundle.BundleError`); file checks are *reported*: each
 file's size and whether its sha256 matches, and ``intact`` for the whole bundle, so that a
-damaged bundle can still be looked at.
+damaged bundle can still be looked at. ``status`` sums it up for programs: ``ok``,
+``damaged`` (a file is missing, modified or not a regular file) or ``unverified`` (the manifest
+records a failed verification); ``problems`` gives one line per problem. ``kdedge inspect``
+exits non-zero unless the status is ``ok``, so that ``kdedge inspect B && deploy B`` never
+ships a damaged bundle.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from kdedge.runtime.bundle import path_bytes, read_manifest, sha256_path
+from kdedge.runtime.bundle import check_entry, read_manifest
+
+STATUSES = ("ok", "damaged", "unverified")
 
 
 def _file_row(root: Path, graph: str, target: str, f: dict[str, Any]) -> dict[str, Any]:
+    """One file's row; only regular files (and package directories) are measured and hashed,
+    sizes before digests, so a FIFO or a device in a file's place cannot hang the inspection."""
+    import os
+    import stat
+
+    from kdedge.runtime.bundle import path_bytes
+
     full = root / f["path"]
-    exists = full.exists()
-    size = path_bytes(full) if exists else None
+    problem = check_entry(root, f, f"{graph} ({target})" if target != "-" else graph)
+    try:
+        inside = root.resolve() in full.resolve().parents
+        mode = os.stat(full).st_mode
+        exists = True
+    except (OSError, RuntimeError):  # missing, or a symbolic-link loop
+        inside, mode, exists = False, 0, full.is_symlink()
+    size = None
+    if inside and (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # never measure what lies outside the bundle
+        try:
+            size = path_bytes(full)
+        except (OSError, ValueError):
+            size = None
     return {"graph": graph, "target": target, "path": f["path"], "precision": f.get("precision"),
-            "bytes": size, "bytes_recorded": f["bytes"], "exists": exists,
-            "sha256_ok": bool(exists and sha256_path(full) == f["sha256"])}
+            "bytes": size, "bytes_recorded": f["bytes"], "exists": exists, "sha256_ok": problem is None,
+            "problem": problem}
+
+
+def _verify_report(root: Path, manifest: dict[str, Any]) -> Any:
+    """The export's verification report, read strictly; None when absent or unreadable (its
+    checksum row says whether it is intact)."""
+    from kdedge.io import JSONError, read_json_strict
+
+    entry = manifest["reports"].get("verify")
+    if entry is None:
+        return None
+    try:
+        return read_json_strict(root / entry["path"])
+    except (JSONError, OSError):
+        return None
 
 
 def inspect_bundle(path: str | Path) -> dict[str, Any]:
     """Summary of a bundle: manifest, per-file sizes and checksum results, verification.
 
     Returns:
-        ``{"path", "intact", "manifest", "files": [{graph, target, path, precision, bytes,
-        bytes_recorded, exists, sha256_ok}], "total_bytes", "stages": [...], "prefixes": [...],
-        "verification": {...}, "verify_report": {...} | None, "profiles": [names]}``; each stage
-        row has name, inputs (bindings), outputs, members, members_total, macs, params,
-        accuracy and its file per target.
+        ``{"path", "status", "problems", "intact", "manifest", "files": [{graph, target, path,
+        precision, bytes, bytes_recorded, exists, sha256_ok, problem}], "total_bytes", "stages":
+        [...], "prefixes": [...], "verification": {...}, "verify_report": {...} | None,
+        "profiles": [names]}``; each stage row has name, inputs (bindings), outputs, members,
+        members_total, macs, params, accuracy and its file per target.
 
     Raises:
         BundleError: the path is not a bundle or its manifest is invalid or of a newer schema.
 
     Example:
-        >>> info = inspect_bundle("model.kdedge"); info["intact"], info["stages"][0]["accuracy"]
+        >>> info = inspect_bundle("model.kdedge"); info["status"], info["stages"][0]["accuracy"]
     """
     root = Path(path)
     manifest = read_manifest(root)
@@ -56,17 +93,17 @@ def inspect_bundle(path: str | Path) -> dict[str, Any]:
             })
     for name, f in manifest["reports"].items():
         files.append(_file_row(root, f"report:{name}", "-", f))
-    report = None
-    vpath = root / manifest["reports"]["verify"]["path"] if "verify" in manifest["reports"] else None
-    if vpath is not None and vpath.is_file():
-        try:
-            report = json.loads(vpath.read_text())
-        except ValueError:
-            report = None
     profiles = sorted(p.name for p in (root / "profiles").glob("*.json")) if (root / "profiles").is_dir() else []
+    problems = [f["problem"] for f in files if f["problem"]]
+    intact = not problems
+    if not manifest["verification"]["passed"]:
+        problems.append(f"bundle {root}: the manifest records a failed verification against torch; re-export it")
+    status = "damaged" if not intact else ("unverified" if problems else "ok")
     return {
         "path": str(root),
-        "intact": all(f["sha256_ok"] for f in files),
+        "status": status,
+        "problems": problems,
+        "intact": intact,
         "format": manifest["format"],
         "schema_version": manifest["schema_version"],
         "family": manifest["family"],
@@ -83,7 +120,7 @@ def inspect_bundle(path: str | Path) -> dict[str, Any]:
         "verification": manifest["verification"],
         "quantization": manifest["quantization"],
         "provenance": {k: v for k, v in manifest["provenance"].items() if k != "config"},
-        "verify_report": report,
+        "verify_report": _verify_report(root, manifest),
         "profiles": profiles,
         "manifest": manifest,
     }
@@ -95,7 +132,7 @@ def format_inspect(info: dict[str, Any]) -> str:
     v = info["verification"]
     lines = [
         f"bundle {info['path']}  family {info['family']}  schema {info['schema_version']}  "
-        f"targets {', '.join(info['targets'])}  {'intact' if info['intact'] else 'DAMAGED (checksum mismatch)'}",
+        f"targets {', '.join(info['targets'])}  {'intact' if info['intact'] else 'DAMAGED (file check failed)'}",
         f"input {info['input']['shape']} {info['input']['dtype']} {info['input']['layout']}, "
         f"{len(info['classes'])} classes, combine {info['combine']['default']} (supports {', '.join(rules)})",
         f"verification: {'passed' if v['passed'] else 'FAILED'} on {v['n']} images, max abs error "

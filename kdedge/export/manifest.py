@@ -97,11 +97,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 def is_bundle_dir(path: Path) -> bool:
-    """``path`` holds a kdedge manifest (of any schema version)."""
+    """``path`` holds a kdedge manifest (of any schema version).
+
+    Read strictly (bounded size and depth, regular files only): the path may be anything a user
+    names with ``--out``, and a FIFO or a manifest nested 200,000 deep must not hang or crash
+    the check that decides whether it may be replaced."""
+    from kdedge.io import read_json_strict
+
     try:
-        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        manifest = read_json_strict(path / MANIFEST)
+    except (OSError, ValueError):
         return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
 def check_destination(out: Path, force: bool) -> None:

@@ -18,12 +18,12 @@ from kdedge.runtime.combine import COMBINE_RULES, Running, combine
 from kdedge.runtime.inputs import InputError, Inputs, check_batch, load_inputs, preprocess
 from kdedge.runtime.policies import (CONTINUE, STOP, AllOf, Confidence, Context, Deadline, Decision, Energy, Fixed, Full,
                                      Policy, make_policy)
-from kdedge.runtime.runner import Result, Results, Runner
+from kdedge.runtime.runner import OutputError, Result, Results, Runner
 from kdedge.runtime.sessions import AbortHandle, OrtOptions, OrtSession, Session, StageAborted, Watchdog
 
 __all__ = [
     "AbortHandle", "AllOf", "Bundle", "BundleError", "BundleVersionError", "COMBINE_RULES", "CONTINUE", "ChecksumError",
     "Confidence", "Context", "Deadline", "Decision", "Energy", "Fixed", "Full", "InputError", "Inputs", "OrtOptions",
-    "OrtSession", "Policy", "Result", "Results", "Runner", "Running", "STOP", "Session", "StageAborted", "Watchdog",
+    "OrtSession", "OutputError", "Policy", "Result", "Results", "Runner", "Running", "STOP", "Session", "StageAborted", "Watchdog",
     "check_batch", "combine", "load_inputs", "make_policy", "open_bundle", "preprocess",
 ]

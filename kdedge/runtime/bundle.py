@@ -4,13 +4,19 @@ This module reads and checks bundles. It imports numpy, jsonschema and the stand
 only (no torch): the device runtime opens bundles with it. ``kdedge.export`` writes bundles
 with the same schema and helpers. Every field is documented in ``docs/bundle.md``.
 
-Opening a bundle checks, in this order: ``manifest.json`` parses; ``format`` is
-``kdedge-bundle``; ``schema_version`` is one this kdedge reads (a newer one fails with a
-message naming the kdedge version to upgrade to); the manifest validates against
-``kdedge/schemas/manifest.schema.json`` and the wiring rules JSON Schema cannot express
-(bindings point backwards, tensor names follow the naming convention, the default combine rule
-is supported); every file the manifest lists exists inside the bundle and has the recorded
-sha256 (a path that several entries share, the functions of one CoreML package, is checked once).
+Opening a bundle checks, in this order: ``manifest.json`` parses as strict JSON
+(:func:`kdedge.io.read_json_strict`: a regular file, bounded size and nesting, no NaN, no
+duplicate keys); ``format`` is ``kdedge-bundle``; ``schema_version`` is one this kdedge reads (a
+newer one fails with a message naming the kdedge version to upgrade to); no number is
+non-finite; the manifest validates against ``kdedge/schemas/manifest.schema.json`` (integers
+are JSON integers) and the rules JSON Schema cannot express: wiring (bindings point backwards,
+tensor names follow the naming convention, the default combine rule is supported) and
+consistency (logits are ``[N, len(classes)]``, an input has the shape and dtype of what it is
+bound to, shapes are bounded, preprocessing gives finite values); every file the manifest lists
+is a regular file (or package directory) inside the bundle with the recorded size and sha256 (a
+path that several entries share, the functions of one CoreML package, is checked once). The
+graphs themselves are checked against the manifest when their sessions open
+(:mod:`kdedge.runtime.sessions`). Every failure is one line naming the bundle.
 
 Example:
     >>> b = open_bundle("model.kdedge")
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -33,6 +40,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 import numpy as np
+
+from kdedge.runtime.files import NotRegularFile, describe_path, file_kind, open_regular
 
 FORMAT = "kdedge-bundle"
 # 2: a target's file entries may share one path as functions of one package (``function``)
@@ -47,6 +56,12 @@ PRECISIONS = ("fp32", "fp16", "int8")
 SCHEMA_INTRODUCED_IN = {1: "0.1.0", 2: "0.1.0"}
 # the first schema version in which a target's entries may share a path (each naming a function)
 SHARED_PATHS_SINCE = 2
+
+# Bounds on what a manifest may declare, far above any model kdedge exports: a hand-edited shape
+# must fail as one line at open time, not as a terabyte allocation when the runner binds buffers.
+MAX_RANK = 8                       # dimensions of a tensor
+MAX_SAMPLE_ELEMENTS = 1 << 28      # elements of one sample of one tensor (1 GiB of float32)
+LOGITS_DTYPES = ("float32", "float16")
 
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 _BINDING = re.compile(r"^stage(0|[1-9][0-9]*):(.+)$")
@@ -151,7 +166,11 @@ def sha256_path(path: str | Path, chunk: int = 1 << 20) -> str:
             h.update(f"{rel}\0{sha256_path(f, chunk)}\n".encode())
         return h.hexdigest()
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    try:
+        fh = open_regular(path)  # a FIFO or device inside a bundle must not hang the check
+    except NotRegularFile as e:
+        raise BundleError(str(e)) from None
+    with fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -171,7 +190,8 @@ def path_bytes(path: str | Path) -> int:
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis, in float64."""
+    """Numerically stable softmax over the last axis, in float64: the row maximum is subtracted
+    first, so finite logits give finite probabilities however large they are."""
     z = np.asarray(z, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -186,17 +206,25 @@ def combine(rule: str, logits: Sequence[np.ndarray], members: Sequence[int]) -> 
     - ``last``: softmax(logits_k / members_k)
 
     ``logits_j`` is stage j's logits output: the SUM of the logits of its ``members_j`` members.
+
+    Raises:
+        ValueError: no stage, mismatched lengths, an unknown rule, or logits holding NaN or
+            infinity (probabilities from them would be NaN: refused, not returned).
     """
     if not len(logits):
         raise ValueError("combine needs at least one completed stage")
     if len(logits) != len(members):
         raise ValueError(f"combine: {len(logits)} logits arrays for {len(members)} member counts")
+    arrays = [np.asarray(lg, np.float64) for lg in logits]
+    for j, a in enumerate(arrays):
+        if not np.isfinite(a).all():
+            raise ValueError(f"combine: the logits of stage {j} hold NaN or infinite values")
     if rule == "mean_logits":
-        return softmax(np.sum([np.asarray(l, np.float64) for l in logits], axis=0) / float(sum(members)))
+        return softmax(np.sum(arrays, axis=0) / float(sum(members)))
     if rule == "mean_probs":
-        return np.mean([softmax(np.asarray(l, np.float64) / m) for l, m in zip(logits, members)], axis=0)
+        return np.mean([softmax(a / m) for a, m in zip(arrays, members)], axis=0)
     if rule == "last":
-        return softmax(np.asarray(logits[-1], np.float64) / members[-1])
+        return softmax(arrays[-1] / members[-1])
     raise ValueError(f"unknown combine rule {rule!r}; known: {', '.join(COMBINE_RULES)}")
 
 
@@ -469,7 +497,81 @@ def _check_wiring(manifest: dict[str, Any]) -> None:
     for k, s in enumerate(manifest["stages"]):
         if s.get("last_stage", k) != k:
             raise BundleError(f"{s['name']}: last_stage must be {k}")
+    _check_preprocessing(manifest)
+    _check_shapes(manifest)
     _check_paths(manifest)
+
+
+def _shape_text(shape: Sequence[Any]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+
+
+def _check_shape(what: str, shape: Sequence[Any]) -> None:
+    """A declared shape is ``[null, d1, ...]`` with few dimensions and a bounded sample size."""
+    if len(shape) > MAX_RANK:
+        raise BundleError(f"{what} has {len(shape)} dimensions {_shape_text(shape)}; at most {MAX_RANK} are allowed")
+    elements = 1
+    for d in shape[1:]:
+        if d is not None:
+            elements *= d
+    if elements > MAX_SAMPLE_ELEMENTS:
+        raise BundleError(f"{what} declares shape {_shape_text(shape)}: {elements:,} elements per sample, more than "
+                          f"the {MAX_SAMPLE_ELEMENTS:,} a bundle may declare (a damaged or hand-edited manifest?)")
+
+
+def _check_shapes(manifest: dict[str, Any]) -> None:
+    """The manifest agrees with itself: every tensor's shape is bounded, an input has the shape and
+    dtype of what its binding names (the bundle input or an earlier stage's output), and every
+    graph's logits are ``[N, len(classes)]`` floats. The graphs are checked against these shapes
+    when their sessions open (:class:`kdedge.runtime.sessions.OrtSession`)."""
+    classes = len(manifest["classes"])
+    in_shape = list(manifest["input"]["shape"])
+    _check_shape("input", in_shape)
+    produced: dict[str, dict[str, Any]] = {}  # binding "stageK:NAME" -> its output entry
+    for kind in ("stages", "prefixes"):
+        for s in manifest[kind]:
+            tensors = [i["tensor"] for i in s["inputs"]]
+            if len(set(tensors)) != len(tensors):
+                raise BundleError(f"{s['name']} lists an input twice: {tensors}")
+            for i in s["inputs"]:
+                what = f"{s['name']} input {i['tensor']!r}"
+                _check_shape(what, i["shape"])
+                if i["binding"] == INPUT:
+                    want, want_dtype, source = in_shape, "float32", "the bundle input"
+                else:
+                    o = produced[i["binding"]]  # _check_wiring made sure it exists
+                    want, want_dtype, source = o["shape"], o["dtype"], f"output {i['binding']!r}"
+                if list(i["shape"]) != list(want) or i["dtype"] != want_dtype:
+                    raise BundleError(f"{what} is declared {_shape_text(i['shape'])} {i['dtype']}, but it reads "
+                                      f"{source}, which is {_shape_text(want)} {want_dtype}")
+            for o in s["outputs"]:
+                _check_shape(f"{s['name']} output {o['tensor']!r}", o["shape"])
+                if kind == "stages":
+                    produced[f"{s['name']}:{o['name']}"] = o
+                logits_ok = list(o["shape"]) == [None, classes] and o["dtype"] in LOGITS_DTYPES
+                if o["name"] == s["logits"] and not logits_ok:
+                    raise BundleError(f"{s['name']} logits {o['tensor']!r} are declared {_shape_text(o['shape'])} "
+                                      f"{o['dtype']}; with {classes} classes they must be [N, {classes}] "
+                                      f"{' or '.join(LOGITS_DTYPES)} (classes and graphs disagree)")
+
+
+def _check_preprocessing(manifest: dict[str, Any]) -> None:
+    """The preprocessing rule maps every raw value (0..255) to a finite float32: a tiny ``std``
+    or a huge ``scale`` would turn every image into inf, which would be reported as bad input."""
+    p = manifest["preprocessing"]
+    resize, size = p["resize"], p["input_size"]
+    if resize is not None and resize < max(size):
+        raise BundleError(f"preprocessing.resize {resize} is smaller than the crop input_size {size}: the crop "
+                          "would not fit in a square image resized to it")
+    if resize is not None and resize * resize > MAX_SAMPLE_ELEMENTS:
+        raise BundleError(f"preprocessing.resize {resize} would make images of at least {resize}x{resize} pixels, "
+                          f"more than the {MAX_SAMPLE_ELEMENTS:,} a bundle may declare")
+    f32 = float(np.finfo(np.float32).max)
+    for c, (mean, std) in enumerate(zip(p["mean"], p["std"])):
+        lo, hi = (0.0 - mean) / std, (255.0 * p["scale"] - mean) / std
+        if not all(math.isfinite(v) and abs(v) < f32 for v in (lo, hi)) or np.float32(std) == 0:
+            raise BundleError(f"preprocessing of channel {c} (scale {p['scale']:g}, mean {mean:g}, std {std:g}) "
+                              "does not give finite float32 values")
 
 
 def _listed_files(manifest: dict[str, Any]) -> list[tuple[str, str | None, dict[str, Any]]]:
@@ -519,24 +621,103 @@ def _check_paths(manifest: dict[str, Any]) -> None:
                 raise BundleError(f"{what} and {what0} share {path!r} but record different sha256 or bytes")
 
 
+def _strict_validator() -> Any:
+    """A JSON-schema validator whose ``integer`` is a JSON integer only: the standard one also
+    accepts ``8.0``, which would reach numpy as a float shape and fail far from the manifest."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, v: isinstance(v, int) and not isinstance(v, bool))
+    return jsonschema.validators.extend(base, type_checker=checker)(load_schema())
+
+
+def _nonfinite(obj: Any) -> str | None:
+    """The path (``stages/0/accuracy/last``) of the first non-finite float inside ``obj``, or None.
+
+    Iterative, so a deeply nested dict built in Python cannot overflow the stack. Strict JSON
+    refuses ``NaN`` literals, but ``1e400`` still parses as infinity, and a manifest dict may
+    come from code rather than a file."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return where or "(top level)"
+        if isinstance(v, dict):
+            stack.extend((f"{where}/{k}" if where else str(k), x) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{where}/{i}" if where else str(i), x) for i, x in enumerate(v))
+    return None
+
+
 def validate_manifest(manifest: dict[str, Any], where: str = "manifest") -> None:
-    """Check a manifest dict: format and version, the JSON schema, then the wiring rules.
+    """Check a manifest dict: format and version, finite numbers, the JSON schema, then the
+    wiring and consistency rules (every message starts with ``where``).
 
     Raises:
         BundleVersionError: a newer schema version.
         BundleError: anything else, naming the first problem.
     """
     check_version(manifest, where)
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(load_schema())
-    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
+    bad = _nonfinite(manifest)
+    if bad is not None:
+        raise BundleError(f"{where}: the manifest holds a non-finite number (NaN or infinity) at {bad}; "
+                          "a kdedge manifest never does (damaged or hand-edited?), re-export the bundle")
+    errors = sorted(_strict_validator().iter_errors(manifest), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]
         loc = "/".join(str(p) for p in e.absolute_path) or "(top level)"
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        raise BundleError(f"{where} does not match the bundle schema at {loc}: {e.message}{more}")
-    _check_wiring(manifest)
+        raise BundleError(f"{where} does not match the bundle schema at {loc}: {e.message[:300]}{more}")
+    try:
+        _check_wiring(manifest)
+    except BundleError as e:
+        raise BundleError(f"{where}: {e}") from None
+
+
+def _entry_problem(path: Path, what: str, f: dict[str, Any]) -> tuple[type[BundleError], str] | None:
+    """Why the file (or package directory) of entry ``f`` is not the one the manifest records,
+    as (error class, one line), or None when it is intact.
+
+    Only regular files and directories of regular files are read (a FIFO or device in their
+    place is named, never opened); sizes are compared before anything is hashed."""
+    try:
+        root = path.resolve()
+        full = (path / f["path"]).resolve()
+    except (OSError, RuntimeError) as e:  # a symbolic-link loop (RuntimeError before Python 3.13)
+        return BundleError, f"bundle {path}: {what} file {f['path']} cannot be resolved ({e})"
+    if root not in full.parents:
+        return BundleError, f"bundle {path}: {what} file {f['path']!r} points outside the bundle"
+    try:
+        mode = os.stat(full).st_mode
+    except FileNotFoundError:
+        return BundleError, f"bundle {path} is incomplete: {what} file {f['path']} is missing"
+    except OSError as e:
+        return BundleError, f"bundle {path}: cannot read {what} file {f['path']}: {e.strerror or e}"
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return BundleError, (f"bundle {path}: {what} file {f['path']} is {file_kind(mode)}, not a regular file; "
+                             "re-export the bundle")
+    try:
+        size = path_bytes(full)
+        if size != f["bytes"]:
+            return ChecksumError, (f"bundle {path}: {what} file {f['path']} has {size} bytes, the manifest records "
+                                   f"{f['bytes']}; the file was modified or truncated, re-export the bundle")
+        digest = sha256_path(full)
+    except BundleError as e:
+        return BundleError, f"bundle {path}: {what}: {e}"
+    except OSError as e:
+        return BundleError, f"bundle {path}: cannot read {what} file {f['path']}: {e.strerror or e}"
+    if digest != f["sha256"]:
+        return ChecksumError, (f"bundle {path}: {what} file {f['path']} has sha256 {digest[:12]}…, the manifest "
+                               f"records {f['sha256'][:12]}…; the file was modified or damaged, re-export the bundle")
+    return None
+
+
+def check_entry(path: str | Path, f: dict[str, Any], what: str = "file") -> str | None:
+    """None when bundle ``path``'s file entry ``f`` is intact, else the problem in one line
+    (what ``kdedge inspect`` reports without refusing the bundle)."""
+    problem = _entry_problem(Path(path), what, f)
+    return None if problem is None else problem[1]
 
 
 def verify_files(path: Path, manifest: dict[str, Any], targets: Sequence[str] | None = None) -> None:
@@ -545,8 +726,11 @@ def verify_files(path: Path, manifest: dict[str, Any], targets: Sequence[str] | 
     Args:
         targets: check only the stage files of these targets (reports are always checked);
             None checks every file.
+
+    Raises:
+        BundleError: a file is missing, outside the bundle or not a regular file.
+        ChecksumError: a file's size or sha256 differs from the manifest's.
     """
-    root = path.resolve()
     checked: set[str] = set()  # a shared path (one package, several functions) is hashed once
     for what, target, f in _listed_files(manifest):
         if targets is not None and target is not None and target not in targets:
@@ -554,37 +738,51 @@ def verify_files(path: Path, manifest: dict[str, Any], targets: Sequence[str] | 
         if f["path"] in checked:  # _check_paths made every entry sharing it record the same digest
             continue
         checked.add(f["path"])
-        full = (path / f["path"]).resolve()
-        if root not in full.parents:
-            raise BundleError(f"{what}: {f['path']!r} points outside the bundle")
-        if not full.exists():
-            raise BundleError(f"bundle {path} is incomplete: {what} file {f['path']} is missing")
-        size = path_bytes(full)
-        if size != f["bytes"]:
-            raise ChecksumError(f"bundle {path}: {what} file {f['path']} has {size} bytes, the manifest records "
-                                f"{f['bytes']}; the file was modified or truncated, re-export the bundle")
-        digest = sha256_path(full)
-        if digest != f["sha256"]:
-            raise ChecksumError(f"bundle {path}: {what} file {f['path']} has sha256 {digest[:12]}…, the manifest "
-                                f"records {f['sha256'][:12]}…; the file was modified or damaged, re-export the bundle")
+        problem = _entry_problem(path, what, f)
+        if problem is not None:
+            raise problem[0](problem[1])
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and validate ``path/manifest.json`` (no file checksums)."""
+    """Read and validate ``path/manifest.json`` (no file checksums).
+
+    The manifest is read with :func:`kdedge.io.read_json_strict`: bounded size and nesting, no
+    NaN, no duplicate keys, and only if it is a regular file (never a FIFO)."""
+    from kdedge.io import JSONError, read_json_strict
+
     path = Path(path)
     if not path.exists():
-        raise BundleError(f"bundle {path} does not exist")
+        raise BundleError(describe_path(path, "bundle"))
     if not path.is_dir():
-        raise BundleError(f"{path} is not a bundle directory (a bundle is a directory with {MANIFEST})")
+        kind = "a file" if path.is_file() else file_kind(path.stat().st_mode)
+        raise BundleError(f"{path} is {kind}, not a bundle; a bundle is a directory holding {MANIFEST} "
+                          "(from kdedge export)")
     mpath = path / MANIFEST
-    if not mpath.is_file():
+    if not mpath.exists() and not mpath.is_symlink():
         raise BundleError(f"{path} is not a complete bundle: {MANIFEST} is missing (an interrupted export?)")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath} is not valid JSON: {e}") from None
+        manifest = read_json_strict(mpath, what=str(mpath))
+    except JSONError as e:
+        raise BundleError(str(e)) from None
+    except FileNotFoundError:
+        raise BundleError(f"{path} is not a complete bundle: {describe_path(mpath)}") from None
     validate_manifest(manifest, where=f"bundle {path}")
     return manifest
+
+
+def missing_target_message(path: str | Path, manifest: dict[str, Any], target: str) -> str:
+    """The error for a known target whose files the bundle lacks, with the way to add them:
+    ``kdedge build`` on the device for targets compiled from the ONNX (TensorRT), a new export
+    from the training run for those compiled from the stage modules (torch, CoreML)."""
+    from kdedge.targets import get_target
+
+    held = ", ".join(manifest["targets"])
+    if target != "onnx" and get_target(target).caps.source == "onnx" and "onnx" in manifest["targets"]:
+        how = f"build them on the device with: kdedge build {path} --target {target}"
+    else:
+        run_dir = (manifest.get("provenance") or {}).get("run_dir") or "RUN_DIR"
+        how = f"export the training run again with them: kdedge export {run_dir} --target {target}"
+    return f"bundle {path} has no {target!r} files (it holds {held}); {how}"
 
 
 def open_bundle(path: str | Path, *, targets: Sequence[str] | None = None, verify: bool = True) -> Bundle:
@@ -602,20 +800,20 @@ def open_bundle(path: str | Path, *, targets: Sequence[str] | None = None, verif
     Raises:
         BundleVersionError: the bundle needs a newer kdedge.
         ChecksumError: a file differs from its recorded sha256.
+        TargetError: a name in ``targets`` that is no known target.
         BundleError: anything else wrong, with a one-line message.
     """
     path = Path(path)
+    if targets is not None:
+        from kdedge.targets import get_target  # the registry: no runtime library imported
+
+        for t in targets:
+            get_target(t)  # an unknown name fails first, with the known ones and a close match
     manifest = read_manifest(path)
     if targets is not None:
         missing = [t for t in targets if t not in manifest["targets"]]
         if missing:
-            how = f"export it with --target {missing[0]}"
-            from kdedge.targets import TARGETS, get_target  # the registry: no runtime library imported
-
-            if missing[0] in TARGETS and missing[0] != "onnx" and get_target(missing[0]).caps.source == "onnx":
-                how = f"build them on the device with: kdedge build {path} --target {missing[0]}"  # from the ONNX
-            raise BundleError(f"bundle {path} has no files for target(s) {missing}; it holds "
-                              f"{', '.join(manifest['targets'])}; {how}")
+            raise BundleError(missing_target_message(path, manifest, missing[0]))
     if verify:
         verify_files(path, manifest, targets)
     return Bundle(
@@ -628,7 +826,8 @@ def open_bundle(path: str | Path, *, targets: Sequence[str] | None = None, verif
 
 __all__ = [
     "Bundle", "BundleError", "BundleVersionError", "COMBINE_RULES", "ChecksumError", "FORMAT", "FileEntry", "InputInfo",
-    "MANIFEST", "PRECISIONS", "SCHEMA_VERSION", "SHARED_PATHS_SINCE", "StageEntry", "TensorEntry", "check_version",
-    "combine", "load_schema", "open_bundle", "output_tensor_name", "package_files", "path_bytes", "read_manifest",
-    "safe_name", "sha256_path", "softmax", "tensor_name", "validate_manifest", "verify_files",
+    "MANIFEST", "MAX_RANK", "MAX_SAMPLE_ELEMENTS", "PRECISIONS", "SCHEMA_VERSION", "SHARED_PATHS_SINCE", "StageEntry",
+    "TensorEntry", "check_entry", "check_version", "combine", "load_schema", "missing_target_message", "open_bundle",
+    "output_tensor_name", "package_files", "path_bytes", "read_manifest", "safe_name", "sha256_path", "softmax",
+    "tensor_name", "validate_manifest", "verify_files",
 ]

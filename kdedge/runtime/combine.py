@@ -40,6 +40,11 @@ def check_rule(rule: str) -> str:
 def softmax(z: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """Numerically stable softmax of ``z * scale`` over the last axis, in float64 (a new array).
 
+    The row maximum is subtracted before ``exp``, so finite logits give finite probabilities
+    however large they are (float32 logits near 3e38 included: the arithmetic is float64). Logits
+    holding NaN or infinity have no meaningful softmax; callers refuse them first (the runner
+    checks each stage's logits, :func:`combine` checks its arguments).
+
     Written with few numpy calls: on [1, classes] arrays the per-call cost, not the arithmetic,
     is what the runner pays.
     """
@@ -68,7 +73,8 @@ class Running:
         self._acc: np.ndarray | None = None
 
     def add(self, logits: np.ndarray, members: int) -> None:
-        """Add a completed stage: its logits [N, K] (sum over ``members`` members)."""
+        """Add a completed stage: its logits [N, K] (sum over ``members`` members), finite (the
+        runner checks them; the check is not repeated here, on the hot path)."""
         if members < 1:
             raise ValueError(f"a stage completes at least one member, got members={members}")
         if self.rule == "mean_logits":
@@ -119,6 +125,10 @@ def combine(rule: str, logits: Sequence[np.ndarray], members: Sequence[int]) -> 
 
     Same semantics as ``kdedge.models.stages.combine_torch``.
 
+    Raises:
+        ValueError: no stage, mismatched lengths, an unknown rule, or logits holding NaN or
+            infinity (their probabilities would be NaN: refused, not returned).
+
     Example:
         >>> combine("mean_logits", [np.zeros((1, 3)), np.ones((1, 3))], [1, 2]).shape
         (1, 3)
@@ -128,6 +138,8 @@ def combine(rule: str, logits: Sequence[np.ndarray], members: Sequence[int]) -> 
     if len(logits) != len(members):
         raise ValueError(f"combine: {len(logits)} logits arrays for {len(members)} member counts")
     run = Running(rule)
-    for lg, m in zip(logits, members):
+    for j, (lg, m) in enumerate(zip(logits, members)):
+        if not np.isfinite(np.asarray(lg, dtype=np.float64)).all():
+            raise ValueError(f"combine: the logits of stage {j} hold NaN or infinite values")
         run.add(lg, int(m))
     return run.probs()

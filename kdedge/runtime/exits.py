@@ -44,7 +44,8 @@ __all__ = [
 
 
 def softmax(logits: Any, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax in float64."""
+    """Numerically stable softmax in float64 (the maximum is subtracted first: finite logits give
+    finite probabilities however large; non-finite logits give NaN, which the functions below refuse)."""
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=axis, keepdims=True)
     e = np.exp(z)
@@ -57,19 +58,27 @@ def _check_probs(probs: Any, labels: Any | None = None) -> tuple[np.ndarray, np.
         p = p.astype(np.float64)
     if p.ndim != 3 or 0 in p.shape:
         raise ValueError(f"probabilities must have shape [exits, samples, classes], got {p.shape}")
+    if not np.isfinite(p).all():  # a NaN confidence never reaches a threshold: silently wrong exits
+        raise ValueError("probabilities hold NaN or infinite values (from non-finite logits?)")
     if labels is None:
         return p, None
     y = np.asarray(labels)
     if y.shape != (p.shape[1],):
         raise ValueError(f"labels must have shape [{p.shape[1]}] to match the probabilities, got {y.shape}")
-    return p, y.astype(np.int64)
+    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all()
+                                                   and (y == np.round(y)).all())):
+        raise ValueError(f"labels must be class indices (integers), got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.size and (y.min() < 0 or y.max() >= p.shape[2]):
+        raise ValueError(f"labels must be class indices in [0, {p.shape[2]}), got values from {y.min()} to {y.max()}")
+    return p, y
 
 
 def _check_costs(costs: Sequence[float], num_exits: int) -> np.ndarray:
     c = np.asarray(costs, dtype=np.float64)
     if c.shape != (num_exits,):
         raise ValueError(f"need one cumulative cost per exit ({num_exits}), got {c.shape}")
-    if np.any(c < 0) or np.any(np.diff(c) < 0):
+    if not np.isfinite(c).all() or np.any(c < 0) or np.any(np.diff(c) < 0):  # NaN passes every comparison
         raise ValueError(f"costs must be cumulative (non-negative, non-decreasing), got {c.tolist()}")
     return c
 
@@ -139,7 +148,7 @@ def budget_curve(val_accuracy: Sequence[float], test_accuracy: Sequence[float],
 
 def geometric_fractions(num_exits: int, ratio: float) -> np.ndarray:
     """MSDNet's exit distribution: q_k ∝ ratio^(k+1), k = 0..E-1, summing to 1."""
-    if num_exits < 1 or not ratio > 0:
+    if num_exits < 1 or not (math.isfinite(ratio) and ratio > 0):
         raise ValueError(f"need num_exits >= 1 and ratio > 0, got {num_exits}, {ratio}")
     logq = np.arange(1, num_exits + 1) * math.log(ratio)
     q = np.exp(logq - logq.max())
@@ -206,6 +215,8 @@ def evaluate_thresholds(probs: Any, labels: Any, thresholds: Sequence[float], co
     th = np.asarray(thresholds, dtype=np.float64)
     if th.shape != (E,):
         raise ValueError(f"need {E} thresholds, got {th.shape}")
+    if not np.isfinite(th).all():  # a NaN threshold is never reached: every sample would run to the end
+        raise ValueError(f"thresholds must be finite numbers, got {th.tolist()}")
     c = _check_costs(costs, E)
     conf, pred = _confidences(p, combine)
     passes = conf >= th[:, None]
@@ -243,6 +254,8 @@ def fit_thresholds_for_cost(probs: Any, labels: Any, costs: Sequence[float], tar
     p, y = _check_probs(probs, labels)
     E = p.shape[0]
     c = _check_costs(costs, E)
+    if not math.isfinite(target_cost):  # NaN would pass every comparison below and accept any thresholds
+        raise ValueError(f"target cost must be a finite number, got {target_cost!r}")
     if target_cost < c[0]:
         raise ValueError(f"target cost {target_cost:g} is below the cost of the first exit ({c[0]:g}); "
                          f"no thresholds can meet it")

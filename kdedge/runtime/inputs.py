@@ -9,9 +9,19 @@ per channel, as float32 NCHW.
 What :func:`load_inputs` accepts:
 
 - an image file (PNG, JPEG, BMP, GIF, TIFF, WebP, PGM/PPM), read with Pillow;
-- a directory: every image file in it (sorted by name; other files are ignored);
+- a directory: every image file in it (sorted by name; files of other types and
+  subdirectories are ignored, an image name that is not a regular file is refused);
 - a ``.npy`` file: ``uint8`` raw images (HW, HWC, NHW or NHWC) preprocessed like images, or a
   ``float32`` model input already preprocessed ([N, C, H, W] or [C, H, W]).
+
+Untrusted input is bounded before anything large is allocated or decoded: only regular files
+are opened, and never in a way that blocks (:func:`kdedge.runtime.files.open_regular`: a FIFO
+or ``/dev/zero`` is refused); a ``.npy`` header is read first and its shape and dtype checked
+against the bundle and against the file's size (a truncated file, or one whose header claims
+10^8 images, fails before its data is read; a float32 batch is memory-mapped, not loaded); an
+image's size is read from its header and bounded (:data:`MAX_IMAGE_PIXELS`) before it is
+decoded; a directory holds at most :data:`MAX_INPUT_FILES` images and a batch made in memory at
+most :data:`MAX_INPUT_BYTES`.
 
 Every failure is an :class:`InputError` (a ValueError) naming the file, what is wrong and what
 the bundle expects. numpy and the standard library only; Pillow is imported to read images.
@@ -25,15 +35,27 @@ Example:
 from __future__ import annotations
 
 import math
+import os
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "InputError", "Inputs", "check_batch", "load_inputs", "preprocess", "read_image"]
+from kdedge.preprocess import resized_size
+from kdedge.runtime.files import NotRegularFile, describe_path, file_kind, open_regular
+
+__all__ = ["IMAGE_SUFFIXES", "InputError", "Inputs", "MAX_IMAGE_PIXELS", "MAX_INPUT_BYTES", "MAX_INPUT_FILES",
+           "check_batch", "list_images", "load_inputs", "preprocess", "read_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm")
+
+# Bounds on untrusted input, far above what a request needs; the messages name them.
+MAX_IMAGE_PIXELS = 64 << 20   # pixels of one image (a 67-megapixel photo); Pillow's own bomb limit is 89M
+MAX_INPUT_FILES = 100_000     # image files read from one directory
+MAX_INPUT_BYTES = 4 << 30     # a batch built in memory (float32 after preprocessing, or raw uint8 read)
 
 
 class InputError(ValueError):
@@ -45,7 +67,8 @@ class Inputs:
     """A preprocessed batch and where each sample came from.
 
     Attributes:
-        x: float32 [N, C, H, W], ready for :meth:`Runner.run`.
+        x: float32 [N, C, H, W], ready for :meth:`Runner.run` (a copy-on-write memory map for a
+            float32 ``.npy``).
         names: one name per sample (file name, or ``file.npy[i]``).
     """
 
@@ -58,6 +81,40 @@ class Inputs:
 
 def _shape_text(shape: Sequence[Any]) -> str:
     return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _pixels(n: int) -> str:
+    return f"{n / 1e6:.0f} MP" if n >= 1_000_000 else f"{n:,} pixels"
+
+
+def _check_batch_shape(shape: Sequence[int], dtype: np.dtype, input_shape: Sequence[int], where: str) -> None:
+    """The checks of :func:`check_batch` that need only the shape and dtype (a ``.npy`` header)."""
+    c, h, w = (int(v) for v in input_shape)
+    if dtype != np.float32:
+        raise InputError(f"{where} has dtype {dtype}, the bundle expects float32 (preprocessed) input; "
+                         "convert with x.astype(np.float32), or pass raw uint8 images to be preprocessed")
+    if len(shape) != 4 or shape[0] < 1:
+        raise InputError(f"{where} has shape {list(shape)}, the bundle expects [N, {c}, {h}, {w}] with N >= 1")
+    if shape[1] != c:
+        raise InputError(f"{where} has {shape[1]} channel(s) (shape {list(shape)}), the bundle expects {c} "
+                         f"(shape [N, {c}, {h}, {w}], channels first)")
+    if tuple(shape[2:]) != (h, w):
+        raise InputError(f"{where} has images of size {shape[2]}x{shape[3]}, the bundle expects {h}x{w} "
+                         f"(shape [N, {c}, {h}, {w}]); resize them first")
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """No NaN or inf in ``x``. A small batch (one request) is checked directly; a large one with a
+    single float64 sum (NaN and inf propagate through it, float32 values cannot overflow it), which
+    makes no boolean copy of the batch; errstate keeps +inf + -inf from printing a warning."""
+    if x.size <= 1 << 16:
+        return bool(np.isfinite(x).all())
+    with np.errstate(invalid="ignore"):
+        return math.isfinite(float(x.sum(dtype=np.float64)))
 
 
 def check_batch(x: Any, input_shape: Sequence[int], where: str = "the input") -> np.ndarray:
@@ -74,21 +131,8 @@ def check_batch(x: Any, input_shape: Sequence[int], where: str = "the input") ->
     """
     if not isinstance(x, np.ndarray):
         raise InputError(f"{where} must be a numpy array, got {type(x).__name__}")
-    c, h, w = (int(v) for v in input_shape)
-    if x.dtype != np.float32:
-        raise InputError(f"{where} has dtype {x.dtype}, the bundle expects float32 (preprocessed) input; "
-                         "convert with x.astype(np.float32), or pass raw uint8 images to be preprocessed")
-    if x.ndim != 4 or x.shape[0] < 1:
-        raise InputError(f"{where} has shape {list(x.shape)}, the bundle expects [N, {c}, {h}, {w}] with N >= 1")
-    if x.shape[1] != c:
-        raise InputError(f"{where} has {x.shape[1]} channel(s) (shape {list(x.shape)}), the bundle expects {c} "
-                         f"(shape [N, {c}, {h}, {w}], channels first)")
-    if tuple(x.shape[2:]) != (h, w):
-        raise InputError(f"{where} has images of size {x.shape[2]}x{x.shape[3]}, the bundle expects {h}x{w} "
-                         f"(shape [N, {c}, {h}, {w}]); resize them first")
-    # one float64 reduction: NaN and inf propagate through a sum, and float32 values cannot
-    # overflow a float64 sum, so this is exact and cheaper than isfinite().all() on small batches
-    if not math.isfinite(float(x.sum(dtype=np.float64))):
+    _check_batch_shape(x.shape, x.dtype, input_shape, where)
+    if not _all_finite(x):
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
         raise InputError(f"{where} contains NaN or infinite values (in {bad} of {len(x)} samples); the bundle "
                          "expects finite numbers")
@@ -102,18 +146,65 @@ def _prep(bundle_or_manifest: Any) -> tuple[dict[str, Any], tuple[int, int, int]
     return prep, (int(shape[1]), int(shape[2]), int(shape[3]))
 
 
-def _resize_center_crop(image: np.ndarray, resize: int, size: tuple[int, int]) -> np.ndarray:
+def _raw_layout(shape: Sequence[int], c: int, order: str, where: str) -> tuple[int, int, int]:
+    """(images, height, width) of raw images of ``shape`` (HW, HWC, NHW or NHWC) for a model
+    with ``c`` channels, from the shape alone (a ``.npy`` header is checked before its data is read).
+
+    Raises:
+        InputError: an unusable layout, the wrong channel count, no images or empty images.
+    """
+    if len(shape) == 2:
+        n, h, w, ch = 1, shape[0], shape[1], 1
+    elif len(shape) == 3:
+        if shape[-1] == c and c in (1, 3):
+            n, (h, w, ch) = 1, shape                 # one HWC image
+        elif c == 1 and shape[-1] not in (3, 4):
+            (n, h, w), ch = shape, 1                 # a grey batch, NHW
+        else:
+            raise InputError(f"{where} has shape {list(shape)} (read as HWC: {shape[-1]} channels), the "
+                             f"bundle expects {c} channel(s) ({order})")
+    elif len(shape) == 4:
+        n, h, w, ch = shape
+    else:
+        raise InputError(f"{where} has shape {list(shape)}; raw images must be HW, HWC, NHW or NHWC")
+    if ch != c:
+        raise InputError(f"{where} has {ch} channel(s) (shape {list(shape)}, channels last), the "
+                         f"bundle expects {c} ({order})")
+    if n < 1:
+        raise InputError(f"{where} holds no images (shape {list(shape)})")
+    if h < 1 or w < 1:
+        raise InputError(f"{where} holds empty images of {h}x{w} pixels (shape {list(shape)})")
+    return n, h, w
+
+
+def _check_raw(n: int, h: int, w: int, prep: dict[str, Any], chw: tuple[int, int, int], where: str) -> None:
+    """Raw images of ``h`` x ``w`` can be preprocessed within the bounds, before any is decoded."""
+    c, H, W = chw
+    if h * w > MAX_IMAGE_PIXELS:
+        raise InputError(f"{where} has images of {w}x{h} pixels ({_pixels(h * w)}), more than the "
+                         f"{_pixels(MAX_IMAGE_PIXELS)} kdedge decodes; the bundle's input is {H}x{W}, "
+                         "resize them first")
+    if prep.get("resize") is None and (h, w) != (H, W):
+        raise InputError(f"{where} has images of size {h}x{w}, the bundle expects {H}x{W}; resize them first")
+    need = n * c * H * W * 4
+    if need > MAX_INPUT_BYTES:
+        raise InputError(f"{where} holds {n} images, {_gib(need)} once preprocessed, more than the "
+                         f"{_gib(MAX_INPUT_BYTES)} kdedge loads at once; split them into smaller inputs")
+
+
+def _resize_center_crop(image: np.ndarray, resize: int, size: tuple[int, int], where: str) -> np.ndarray:
     """torchvision's Resize(resize) + CenterCrop(size) on a PIL image (bilinear, antialiased)."""
     from PIL import Image
 
     h, w, c = image.shape
-    new_h, new_w = (int(resize * h / w), resize) if w <= h else (resize, int(resize * w / h))
+    new_h, new_w = resized_size(h, w, resize)
     if (new_h, new_w) != (h, w):
         pil = Image.fromarray(image[:, :, 0] if c == 1 else image, mode="L" if c == 1 else "RGB")
         image = np.asarray(pil.resize((new_w, new_h), resample=Image.BILINEAR)).reshape(new_h, new_w, c)
     ch, cw = size
     if ch > new_h or cw > new_w:
-        raise InputError(f"center crop {ch}x{cw} does not fit in the resized image {new_h}x{new_w}")
+        raise InputError(f"{where}: the center crop {ch}x{cw} does not fit in the image resized to {new_h}x{new_w} "
+                         f"(from {h}x{w})")
     top, left = int(round((new_h - ch) / 2.0)), int(round((new_w - cw) / 2.0))
     return image[top: top + ch, left: left + cw]
 
@@ -127,34 +218,17 @@ def preprocess(raw: np.ndarray, bundle: Any, where: str = "the input") -> np.nda
         where: name for messages.
 
     Raises:
-        InputError: wrong dtype, channel count or size.
+        InputError: wrong dtype, channel count or size, empty images, or beyond the bounds.
     """
     prep, (c, h, w) = _prep(bundle)
     arr = np.asarray(raw)
     if arr.dtype != np.uint8:
         raise InputError(f"{where}: raw images must be uint8, got {arr.dtype}")
-    if arr.ndim == 2:
-        arr = arr[None, :, :, None]
-    elif arr.ndim == 3:
-        if arr.shape[-1] == c and c in (1, 3):
-            arr = arr[None]                      # one HWC image
-        elif c == 1 and arr.shape[-1] not in (3, 4):
-            arr = arr[..., None]                 # a grey batch, NHW
-        else:
-            raise InputError(f"{where} has shape {list(arr.shape)} (read as HWC: {arr.shape[-1]} channels), the "
-                             f"bundle expects {c} channel(s) ({prep['channel_order']})")
-    elif arr.ndim != 4:
-        raise InputError(f"{where} has shape {list(arr.shape)}; raw images must be HW, HWC, NHW or NHWC")
-    if arr.shape[-1] != c:
-        raise InputError(f"{where} has {arr.shape[-1]} channel(s) (shape {list(arr.shape)}, channels last), the "
-                         f"bundle expects {c} ({prep['channel_order']})")
-    if arr.shape[0] < 1:
-        raise InputError(f"{where} holds no images")
+    n, ih, iw = _raw_layout(arr.shape, c, prep["channel_order"], where)
+    _check_raw(n, ih, iw, prep, (c, h, w), where)
+    arr = arr.reshape(n, ih, iw, c)
     if prep.get("resize") is not None:
-        arr = np.stack([_resize_center_crop(img, int(prep["resize"]), (h, w)) for img in arr])
-    elif tuple(arr.shape[1:3]) != (h, w):
-        raise InputError(f"{where} has images of size {arr.shape[1]}x{arr.shape[2]}, the bundle expects {h}x{w}; "
-                         "resize them first")
+        arr = np.stack([_resize_center_crop(img, int(prep["resize"]), (h, w), where) for img in arr])
     mean = np.asarray(prep["mean"], dtype=np.float32)
     std = np.asarray(prep["std"], dtype=np.float32)
     x = arr.astype(np.float32) * np.float32(prep["scale"])
@@ -162,78 +236,214 @@ def preprocess(raw: np.ndarray, bundle: Any, where: str = "the input") -> np.nda
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def read_image(path: str | Path, channel_order: str) -> np.ndarray:
+def _open(path: Path, what: str) -> BinaryIO:
+    """:func:`open_regular` with its failures as :class:`InputError`."""
+    try:
+        return open_regular(path, what)
+    except (FileNotFoundError, NotRegularFile) as e:
+        raise InputError(str(e)) from None
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def read_image(path: str | Path, channel_order: str, size: tuple[int, int] | None = None) -> np.ndarray:
     """An image file as a uint8 HWC array in ``channel_order`` (``L`` or ``RGB``).
 
     A grey image is expanded to RGB and an RGBA/palette image converted for an RGB model; a grey
     picture stored as RGB is accepted by a grey model, a colour one is refused (converting
-    colour to grey is the user's choice, not the runtime's).
+    colour to grey is the user's choice, not the runtime's). The image's size is read from its
+    header and checked before it is decoded: at most :data:`MAX_IMAGE_PIXELS`, and exactly
+    ``size`` (H, W) when given (a bundle without a resize step).
 
     Raises:
-        InputError: unreadable or not an image, or colour given to a grey model.
+        InputError: not a regular file, unreadable or not an image, too large, of another size
+            than ``size``, or colour given to a grey model.
     """
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
     except ImportError as e:  # pragma: no cover - Pillow is a base dependency
         raise ImportError("reading images needs Pillow: pip install pillow") from e
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("I;16", "I", "F") or mode.startswith("I;"):
-                raise InputError(f"{path} is a {mode} (16/32-bit) image; the bundle expects 8-bit "
-                                 f"{'greyscale' if channel_order == 'L' else 'RGB'} images")
-            if channel_order == "L":
-                if mode in ("L", "1", "LA"):
-                    arr = np.asarray(im.convert("L"))[:, :, None]
-                else:
-                    rgb = np.asarray(im.convert("RGB"))
-                    if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
-                        raise InputError(f"{path} is a colour image ({mode}, 3 channels), the bundle expects "
-                                         "greyscale (1 channel, L); convert it, e.g. PIL.Image.open(p).convert('L')")
-                    arr = rgb[:, :, :1]  # a grey picture stored as colour
-            else:
-                arr = np.asarray(im.convert("RGB"))
-    except InputError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                         "is it a valid image file?") from None
+    with _open(path, "image") as fh, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a warning would print, not fail
+        try:
+            with Image.open(fh) as im:
+                w, h = im.size
+                if size is not None and (h, w) != tuple(size):
+                    raise InputError(f"{path} has images of size {h}x{w}, the bundle expects {size[0]}x{size[1]}; "
+                                     "resize them first")
+                if h * w > MAX_IMAGE_PIXELS:
+                    raise InputError(f"image {path} is {w}x{h} pixels ({_pixels(h * w)}), more than the "
+                                     f"{_pixels(MAX_IMAGE_PIXELS)} kdedge decodes; resize it first")
+                im.load()
+                arr = _convert(im, path, channel_order)
+        except InputError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise InputError(f"image {path} is too large to decode safely ({str(e).split(',')[0]}); resize it "
+                             "first") from None
+        except Exception as e:  # Pillow's decoders raise many types on damaged files (OSError, SyntaxError, ...)
+            raise InputError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                             "is it a valid image file?") from None
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def _load_npy(path: Path, bundle: Any) -> Inputs:
+def _convert(im: Any, path: Path, channel_order: str) -> np.ndarray:
+    """A decoded PIL image as uint8 HWC in ``channel_order`` (see :func:`read_image`)."""
+    mode = im.mode
+    if mode in ("I;16", "I", "F") or mode.startswith("I;"):
+        raise InputError(f"{path} is a {mode} (16/32-bit) image; the bundle expects 8-bit "
+                         f"{'greyscale' if channel_order == 'L' else 'RGB'} images")
+    if channel_order != "L":
+        return np.asarray(im.convert("RGB"))
+    if mode in ("L", "1", "LA"):
+        return np.asarray(im.convert("L"))[:, :, None]
+    rgb = np.asarray(im.convert("RGB"))
+    if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
+        raise InputError(f"{path} is a colour image ({mode}, 3 channels), the bundle expects "
+                         "greyscale (1 channel, L); convert it, e.g. PIL.Image.open(p).convert('L')")
+    return rgb[:, :, :1]  # a grey picture stored as colour
+
+
+# ---------------------------------------------------------------------------------------------
+# .npy files: the header first
+
+
+def _npy_header(fh: BinaryIO, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from a ``.npy`` header, without reading the data."""
+    from numpy.lib import format as npy
+
     try:
-        with open(path, "rb") as fh:
-            magic = fh.read(6)
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
-    if magic != b"\x93NUMPY":
-        raise InputError(f"cannot read {path}: not a valid .npy file (save arrays with numpy.save)")
-    try:
-        arr = np.load(path, allow_pickle=False)
+        version = npy.read_magic(fh)
     except ValueError:
-        raise InputError(f"cannot read {path}: it holds Python objects; object arrays are refused (they would need "
-                         "unpickling); save a uint8 or float32 array") from None
-    except (OSError, EOFError) as e:
-        raise InputError(f"cannot read {path}: not a valid .npy file ({e})") from None
-    if not isinstance(arr, np.ndarray):
-        raise InputError(f"{path} is not a single .npy array")
-    _, (c, h, w) = _prep(bundle)
-    if arr.dtype == np.uint8:
-        x = preprocess(arr, bundle, where=str(path))
-    elif arr.dtype == np.float32:
-        x = arr[None] if arr.ndim == 3 else arr
-        if x.ndim != 4:
-            raise InputError(f"{path} has shape {list(arr.shape)}; a float32 .npy must be the preprocessed model "
-                             f"input [N, {c}, {h}, {w}] (or [{c}, {h}, {w}])")
-    else:
-        raise InputError(f"{path} has dtype {arr.dtype}; the bundle takes uint8 raw images (HW, HWC, NHW, NHWC) or "
-                         f"float32 preprocessed input [N, {c}, {h}, {w}]; convert with .astype(np.float32) or "
-                         ".astype(np.uint8)")
-    x = check_batch(x, (c, h, w), where=str(path))
+        raise InputError(f"cannot read {path}: not a valid .npy file (save arrays with numpy.save)") from None
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    if version not in readers:
+        raise InputError(f"{path} is a .npy file of format version {version[0]}.{version[1]} (a structured array?); "
+                         "save a plain uint8 or float32 array")
+    try:
+        shape, fortran, dtype = readers[version](fh)
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise InputError(f"cannot read {path}: not a valid .npy file (its header: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if any(d < 0 for d in shape):
+        raise InputError(f"cannot read {path}: its header gives a negative dimension {list(shape)}")
+    return tuple(int(d) for d in shape), bool(fortran), dtype
+
+
+def _check_npy_size(fh: BinaryIO, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """The file holds exactly the data its header describes: a header claiming 10^8 images on a
+    small file is a truncated file, not a reason to allocate."""
+    data = os.fstat(fh.fileno()).st_size - fh.tell()
+    need = math.prod(shape) * dtype.itemsize
+    if data < need:
+        raise InputError(f"{path} is truncated: its header describes a {dtype} array of shape {list(shape)} "
+                         f"({need:,} bytes of data), the file holds {data:,} bytes after the header")
+    if data > need:
+        raise InputError(f"{path} holds {data - need:,} bytes after its {dtype} array of shape {list(shape)} "
+                         "(several arrays saved into one file?); save one array per .npy file")
+
+
+def _npy_data(fh: BinaryIO, path: Path, shape: tuple[int, ...], fortran: bool, dtype: np.dtype,
+              mmap: bool) -> np.ndarray:
+    """The array of a ``.npy`` whose header and size were checked: memory-mapped when ``mmap``
+    (native-order, C-order data is then never copied), else read into memory."""
+    offset = fh.tell()
+    need = math.prod(shape) * dtype.itemsize
+    native = dtype.isnative or dtype.itemsize == 1
+    if mmap and native and not fortran:  # copy-on-write: writable for targets that want it, never written back
+        return np.memmap(fh, dtype=dtype, mode="c", offset=offset, shape=shape, order="C")
+    if need > MAX_INPUT_BYTES:
+        raise InputError(f"{path} holds {_gib(need)} of data to convert (byte order or Fortran order), more than the "
+                         f"{_gib(MAX_INPUT_BYTES)} kdedge loads at once; save it with numpy.save from a C-order array")
+    arr = np.frombuffer(fh.read(need), dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return np.ascontiguousarray(arr.astype(dtype.newbyteorder("="), copy=False))
+
+
+def _load_npy(path: Path, bundle: Any) -> Inputs:
+    prep, (c, h, w) = _prep(bundle)
+    where = str(path)
+    with _open(path, "input") as fh:
+        shape, fortran, dtype = _npy_header(fh, path)
+        if dtype.hasobject:
+            raise InputError(f"{path} holds Python objects (dtype {dtype}); object arrays are refused (they would "
+                             "need unpickling); save a uint8 or float32 array")
+        if dtype.kind == "u" and dtype.itemsize == 1 and dtype.fields is None:
+            n, ih, iw = _raw_layout(shape, c, prep["channel_order"], where)
+            _check_npy_size(fh, path, shape, dtype)
+            _check_raw(n, ih, iw, prep, (c, h, w), where)
+            x = preprocess(_npy_data(fh, path, shape, fortran, dtype, mmap=False), bundle, where=where)
+        elif dtype.kind == "f" and dtype.itemsize == 4 and dtype.fields is None:
+            batch = (1, *shape) if len(shape) == 3 else shape
+            if len(batch) != 4:
+                raise InputError(f"{path} has shape {list(shape)}; a float32 .npy must be the preprocessed model "
+                                 f"input [N, {c}, {h}, {w}] (or [{c}, {h}, {w}])")
+            _check_batch_shape(batch, np.dtype(np.float32), (c, h, w), where)
+            _check_npy_size(fh, path, shape, dtype)
+            x = _npy_data(fh, path, shape, fortran, dtype, mmap=True).reshape(batch)
+        else:
+            raise InputError(f"{path} has dtype {dtype}; the bundle takes uint8 raw images (HW, HWC, NHW, NHWC) or "
+                             f"float32 preprocessed input [N, {c}, {h}, {w}]; convert with .astype(np.float32) or "
+                             ".astype(np.uint8)")
+    x = check_batch(x, (c, h, w), where=where)
     return Inputs(x, tuple(f"{path.name}[{i}]" for i in range(len(x))))
+
+
+# ---------------------------------------------------------------------------------------------
+# directories and the entry point
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """The image files of directory ``path`` (by suffix, :data:`IMAGE_SUFFIXES`), sorted by name.
+
+    Files of other types and subdirectories are ignored; an image name that is not a regular
+    file (a FIFO, a device, a broken link) is refused rather than skipped, so that no input is
+    silently left out.
+
+    Raises:
+        InputError: an image name that is not a regular file, more than :data:`MAX_INPUT_FILES`
+            images, or an unreadable directory.
+    """
+    path = Path(path)
+    files: list[Path] = []
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
+                    continue
+                full = Path(entry.path)
+                try:
+                    mode = os.stat(full).st_mode  # follows links: a link to an image is an image
+                except FileNotFoundError:
+                    raise InputError(f"input {describe_path(full)}") from None
+                if stat.S_ISDIR(mode):
+                    continue
+                if not stat.S_ISREG(mode):
+                    raise InputError(f"input {full} is {file_kind(mode)}, not a regular file; kdedge reads only "
+                                     "regular files (remove it from the directory)")
+                files.append(full)
+                if len(files) > MAX_INPUT_FILES:
+                    raise InputError(f"directory {path} holds more than {MAX_INPUT_FILES:,} image files, more than "
+                                     "kdedge reads at once; split them into several directories")
+    except OSError as e:
+        raise InputError(f"cannot read directory {path}: {e.strerror or e}") from None
+    return sorted(files, key=lambda f: f.name)
+
+
+def _load_dir(path: Path, bundle: Any) -> Inputs:
+    prep, (c, h, w) = _prep(bundle)
+    files = list_images(path)
+    if not files:
+        raise InputError(f"directory {path} holds no image files ({', '.join(IMAGE_SUFFIXES[:5])}, …)")
+    need = len(files) * c * h * w * 4
+    if need > MAX_INPUT_BYTES:
+        raise InputError(f"directory {path} holds {len(files)} images, {_gib(need)} once preprocessed, more than "
+                         f"the {_gib(MAX_INPUT_BYTES)} kdedge loads at once; split them into several directories")
+    size = None if prep.get("resize") is not None else (h, w)
+    x = np.empty((len(files), c, h, w), np.float32)  # filled in place: no list of arrays, no concatenation copy
+    for i, f in enumerate(files):
+        x[i] = preprocess(read_image(f, prep["channel_order"], size), bundle, where=str(f))[0]
+    return Inputs(check_batch(x, (c, h, w), where=str(path)), tuple(f.name for f in files))
 
 
 def load_inputs(path: str | Path, bundle: Any) -> Inputs:
@@ -245,23 +455,28 @@ def load_inputs(path: str | Path, bundle: Any) -> Inputs:
             preprocessing and input shape apply.
 
     Raises:
-        InputError: missing path, unknown file type, unreadable image, empty directory, wrong
-            dtype/shape/channels/size, NaN/inf.
+        InputError: missing path, not a regular file or directory, unknown file type,
+            unreadable image, empty directory, wrong dtype/shape/channels/size, NaN/inf, or
+            beyond the bounds of the module docstring.
     """
     path = Path(path)
     prep, (c, h, w) = _prep(bundle)
-    if not path.exists():
-        raise InputError(f"input {path} does not exist")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise InputError(f"directory {path} holds no image files ({', '.join(IMAGE_SUFFIXES[:5])}, …)")
-        x = np.concatenate([preprocess(read_image(f, prep["channel_order"]), bundle, where=str(f)) for f in files])
-        return Inputs(check_batch(x, (c, h, w), where=str(path)), tuple(f.name for f in files))
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputError(describe_path(path, "input")) from None
+    except OSError as e:
+        raise InputError(f"cannot read input {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        return _load_dir(path, bundle)
+    if not stat.S_ISREG(mode):
+        raise InputError(f"input {path} is {file_kind(mode)}, not a regular file or a directory; give an image "
+                         "file, a directory of images or a .npy array")
     if path.suffix.lower() == ".npy":
         return _load_npy(path, bundle)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        x = preprocess(read_image(path, prep["channel_order"]), bundle, where=str(path))
+        size = None if prep.get("resize") is not None else (h, w)
+        x = preprocess(read_image(path, prep["channel_order"], size), bundle, where=str(path))
         return Inputs(check_batch(x, (c, h, w), where=str(path)), (path.name,))
     raise InputError(f"{path}: unknown input type {path.suffix or '(no suffix)'}; give an image file, a directory "
                      "of images or a .npy array")

@@ -38,10 +38,50 @@ from kdedge.runtime.bundle import INPUT, Bundle, StageEntry, open_bundle
 from kdedge.runtime.combine import Running, check_rule
 from kdedge.runtime.inputs import check_batch
 from kdedge.runtime.policies import Context, Full, Policy
-from kdedge.runtime.sessions import (AbortHandle, OrtOptions, Session, StageAborted, Watchdog, get_session_factory,
-                                     numpy_dtype)
+from kdedge.runtime.sessions import (AbortHandle, OrtOptions, Session, StageAborted, Watchdog, check_threads,
+                                     get_session_factory, numpy_dtype)
 
-__all__ = ["Result", "Results", "Runner"]
+__all__ = ["OutputError", "Result", "Results", "Runner"]
+
+
+class OutputError(ValueError):
+    """A stage produced NaN or infinite logits, so no answer can be given (never a NaN one).
+
+    A bundle's graphs compute finite logits for inputs in the range they were trained on; an
+    overflow means the input is far outside it (e.g. a float32 ``.npy`` of unnormalised values).
+
+    Attributes:
+        sample: the index, in the request, of the first sample whose logits are not finite.
+    """
+
+    def __init__(self, message: str, sample: int = 0) -> None:
+        super().__init__(message)
+        self.sample = sample
+
+
+def _finite(a: Any) -> bool:
+    """All of ``a`` (a stage's [N, classes] logits) is finite. ``isfinite().all()`` rather than a
+    sum: a sum of +inf and -inf would print numpy's RuntimeWarning beside the error."""
+    return bool(np.isfinite(a).all())
+
+
+def _logits_error(graph: str, tensor: str, logits: Any, x: np.ndarray, classes: int,
+                  idx: np.ndarray | None = None) -> ValueError:
+    """The error for logits of the wrong shape (a session that does not match the manifest), or
+    for non-finite logits of the active samples ``x`` (``idx``: their indices in the request;
+    None: all of it), naming the graph, the tensor and the first bad sample."""
+    if tuple(logits.shape) != (len(x), classes):
+        return ValueError(f"{graph} returned logits {tensor} of shape {list(logits.shape)} for {len(x)} sample(s), "
+                          f"the manifest says [N, {classes}]; its file does not match the manifest, re-export "
+                          "the bundle")
+    a = np.asarray(logits, dtype=np.float64).reshape(len(x), -1)
+    bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+    first = int(bad[0] if idx is None else idx[bad[0]]) if bad.size else 0
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    return OutputError(f"{graph} computed NaN or infinite logits ({tensor}) for {bad.size} of {len(x)} sample(s), "
+                       f"the first is sample {first} of the request: the computation overflowed; the input's values "
+                       f"reach {peak:.3g}, while preprocessed images stay within a few units; check that the input "
+                       "is preprocessed by the bundle's rule (or pass raw uint8 images)", sample=first)
 
 _PLANS_PER_THREAD = 8  # batch sizes whose bound buffers a thread keeps (least recently used dropped)
 
@@ -198,8 +238,9 @@ class Runner:
         bundle: a bundle directory or an opened :class:`~kdedge.runtime.bundle.Bundle`.
         target: which of the bundle's targets to run (``onnx``, ``torch``, ``coreml``, ``tensorrt``), or
             ``auto``: the first of them that runs here (:data:`kdedge.targets.PREFERENCE`).
-        threads: CPU threads per session (default: the CPUs this process may use); part of the
-            latency profile's key.
+        threads: CPU threads per session (default: the CPUs this process may use; at most
+            :func:`~kdedge.runtime.sessions.max_threads`, 4 x the CPUs); part of the latency
+            profile's key.
         optimization: onnxruntime graph optimisation level (``all``, ``extended``, …).
         providers: onnxruntime execution providers (default CPU).
         combine: combine rule (default: the bundle's default; must be one it supports).
@@ -240,6 +281,7 @@ class Runner:
                  watchdog: bool = True, check_inputs: bool = True, bind: bool = True,
                  mode: Callable[[], str] | None = None, device: str | None = None,
                  cuda_graphs: bool = False) -> None:
+        threads = check_threads(threads)  # before anything is opened: --threads 100000 fails at once
         if target == "auto":  # the first of the bundle's targets that runs on this device
             from kdedge.runtime.bundle import read_manifest
             from kdedge.targets import pick_target
@@ -247,8 +289,11 @@ class Runner:
             target = pick_target(bundle.targets if isinstance(bundle, Bundle) else read_manifest(bundle)["targets"])
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, targets=[target])
         if target not in self.bundle.targets:
-            raise ValueError(f"bundle {self.bundle.path} has no {target!r} files; it holds "
-                             f"{', '.join(self.bundle.targets)}")
+            from kdedge.runtime.bundle import BundleError, missing_target_message
+            from kdedge.targets import get_target
+
+            get_target(target)  # unknown: say so, with the known ones
+            raise BundleError(missing_target_message(self.bundle.path, self.bundle.manifest, target))
         self.target = target
         self.combine = check_rule(combine or self.bundle.combine_default)
         if self.combine not in self.bundle.combine_supported:
@@ -281,6 +326,7 @@ class Runner:
         self._names = [e.name for e in self.entries]
         self._P = len(self.bundle.prefixes)
         self._members = [e.members for e in self.entries]
+        self._K = len(self.classes)
         # before stage k: the tensors that exist (the input, outputs of stages < k) and that stages
         # >= k still read; what is kept, for the remaining samples, when some leave the batch
         self._live_before = []
@@ -461,7 +507,10 @@ class Runner:
         aborted = 0
         budget = None
         for i in range(0, n, batch):
-            res = self.run(x[i: i + batch], policy)
+            try:
+                res = self.run(x[i: i + batch], policy)
+            except OutputError as e:
+                raise OutputError(f"sample {i + e.sample} of {n}: {e}", i + e.sample) from None
             j = slice(i, i + len(res))
             pred[j], stage[j], ms[j], met[j] = res.labels, res.stage, res.total_ms, res.budget_met
             aborted += res.aborted is not None
@@ -498,6 +547,8 @@ class Runner:
 
         Raises:
             InputError: a batch of the wrong shape or dtype, or with NaN/inf values.
+            OutputError: a stage computed NaN or infinite logits (the input is far outside the
+                range the model was trained on); no answer with NaN probabilities is returned.
             ProfileError: the policy needs a latency profile and there is no usable one.
         """
         clock = self._clock
@@ -589,6 +640,8 @@ class Runner:
                     Watchdog.disarm(token)
             stage_ms.append((clock() - ts) * 1e3)
             graphs.append(self._names[k])
+            if logits.shape != (len(x), self._K) or not _finite(logits):
+                raise _logits_error(self._names[k], self._logits[k], logits, x, self._K, idx)
             running.add(logits, self._members[k])
             last = k
 
@@ -625,6 +678,8 @@ class Runner:
         else:
             logits = session.run({INPUT: x})[entry.logits_tensor]
         te = clock()
+        if logits.shape != (n, self._K) or not _finite(logits):
+            raise _logits_error(entry.name, entry.logits_tensor, logits, x, self._K)
         running = Running(self.combine)
         running.set_fused(logits, entry.members_total, entry.last_stage + 1)
         probs = running.probs()

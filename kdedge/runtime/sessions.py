@@ -37,7 +37,8 @@ import numpy as np
 
 __all__ = [
     "AbortHandle", "BoundCall", "OPTIMIZATION_LEVELS", "OrtOptions", "OrtSession", "SESSION_FACTORIES", "Session",
-    "SessionFactory", "StageAborted", "Watchdog", "default_threads", "get_session_factory", "open_ort_session",
+    "SessionFactory", "StageAborted", "THREADS_PER_CPU", "Watchdog", "check_threads", "default_threads",
+    "get_session_factory", "max_threads", "open_ort_session",
 ]
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "layout", "all")
@@ -143,6 +144,34 @@ def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+THREADS_PER_CPU = 4  # the bound of every thread count: kdedge run, profile, Runner, OrtOptions
+
+
+def max_threads() -> int:
+    """The most intra-op threads a session may ask for: 4 x the machine's CPUs.
+
+    More cannot run faster, and without a bound a typo such as ``--threads 100000`` spends
+    minutes creating threads before anything runs (it looks like a hang)."""
+    return THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
+def check_threads(threads: Any) -> int | None:
+    """``threads`` as an int if it is None or from 1 to :func:`max_threads`; the one place the
+    thread count of every session (any target) is checked.
+
+    Raises:
+        ValueError: not an integer, or out of range (one line with the bounds).
+    """
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise ValueError(f"threads must be an integer, got {threads!r}")
+    if not 1 <= threads <= max_threads():
+        raise ValueError(f"threads must be an integer from 1 to {max_threads()} ({THREADS_PER_CPU} x the "
+                         f"{os.cpu_count() or 1} CPUs of this machine), got {int(threads)}")
+    return int(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # onnxruntime
 
@@ -167,9 +196,7 @@ class OrtOptions:
     config: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        check_threads(self.threads)
         if self.optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"unknown graph optimisation level {self.optimization!r}; "
                              f"known: {', '.join(OPTIMIZATION_LEVELS)}")
@@ -276,7 +303,8 @@ class OrtSession:
     can_bind = True
 
     def __init__(self, path: str | Path, inputs: Sequence[str], outputs: Sequence[str], name: str | None = None,
-                 options: OrtOptions | None = None) -> None:
+                 options: OrtOptions | None = None,
+                 declared: Mapping[str, tuple[Sequence[int | None], str]] | None = None) -> None:
         import onnxruntime as ort
 
         self._ort = ort
@@ -298,6 +326,33 @@ class OrtSession:
             raise ValueError(f"{self.path} has inputs {sorted(have_in)} and outputs {sorted(have_out)}; the manifest "
                              f"lists inputs {list(self.inputs)} and outputs {list(self.outputs)}; re-export the bundle")
         self._out_list = list(self.outputs)
+        # outputs whose shape the graph leaves symbolic: checked after each run, never bound
+        self._unchecked: dict[str, tuple[int | None, ...]] = {}
+        if declared is not None:
+            self._check_declared(declared)
+
+    def _check_declared(self, declared: Mapping[str, tuple[Sequence[int | None], str]]) -> None:
+        """The graph's declared inputs and outputs agree with the manifest's shapes and dtypes.
+
+        A mismatch would otherwise surface as an onnxruntime error in the middle of a request,
+        or as buffers of the wrong size bound to the graph. Dimensions the graph leaves symbolic
+        cannot be checked here; such outputs are checked after every run instead, and the
+        session does not bind buffers (``can_bind`` False)."""
+        for kind, args in (("input", self._sess.get_inputs()), ("output", self._sess.get_outputs())):
+            for a in args:
+                if a.name not in declared:
+                    continue
+                shape, dtype = tuple(declared[a.name][0]), declared[a.name][1]
+                graph_shape = list(a.shape) if a.shape is not None else None
+                problem, symbolic = _graph_mismatch(graph_shape, a.type, shape, dtype)
+                if problem is not None:
+                    raise ValueError(f"{self.path}: {self.name}'s graph declares {kind} {a.name!r} as {problem}, the "
+                                     f"manifest says {_shape_text(shape)} {dtype}; the manifest does not describe "
+                                     "this graph (hand-edited?), re-export the bundle")
+                if symbolic and kind == "output":
+                    self._unchecked[a.name] = shape
+        if self._unchecked:
+            self.can_bind = False
 
     def run(self, inputs: Mapping[str, np.ndarray], abort: AbortHandle | None = None) -> dict[str, np.ndarray]:
         ro = getattr(abort, "_run_options", None)
@@ -308,7 +363,13 @@ class OrtSession:
             if abort is not None and abort.aborted:
                 raise StageAborted(f"{self.name} was aborted") from None
             raise RuntimeError(f"onnxruntime failed running {self.name}: {str(e).splitlines()[0]}") from None
-        return dict(zip(self.outputs, values))
+        out = dict(zip(self.outputs, values))
+        for name, shape in self._unchecked.items():
+            got = out[name].shape
+            if len(got) != len(shape) or any(d is not None and d != g for d, g in zip(shape[1:], got[1:])):
+                raise ValueError(f"{self.path}: {self.name} returned {name} of shape {list(got)}, the manifest says "
+                                 f"{_shape_text(shape)}; re-export the bundle")
+        return out
 
     def abort_handle(self) -> AbortHandle:
         return _OrtAbortHandle(self._ort.RunOptions())
@@ -321,9 +382,47 @@ class OrtSession:
 
 
 def open_ort_session(bundle: Any, entry: Any, options: OrtOptions | None) -> OrtSession:
-    """The ``onnx`` target's factory: an :class:`OrtSession` for a bundle's stage entry."""
+    """The ``onnx`` target's factory: an :class:`OrtSession` for a bundle's stage entry, its graph
+    checked against the entry's shapes and dtypes."""
+    declared = {t.tensor: (t.shape, t.dtype) for t in (*entry.inputs, *entry.outputs)}
     return OrtSession(bundle.file(entry, "onnx"), [i.tensor for i in entry.inputs], [o.tensor for o in entry.outputs],
-                      name=entry.name, options=options)
+                      name=entry.name, options=options, declared=declared)
+
+
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
+              "int32": "tensor(int32)", "uint8": "tensor(uint8)", "bool": "tensor(bool)"}
+
+
+def _shape_text(shape: Sequence[Any]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+
+
+def _graph_mismatch(graph_shape: list[Any] | None, graph_type: str, shape: Sequence[int | None],
+                    dtype: str) -> tuple[str | None, bool]:
+    """(how the graph declares a tensor, when that contradicts the manifest's ``shape`` and
+    ``dtype``, else None; whether some dimension is symbolic and so could not be checked).
+
+    onnxruntime gives each dimension as an int (fixed), a string (symbolic, e.g. ``batch``) or
+    None. The batch dimension (the manifest's null) must not be fixed: every graph of a bundle
+    takes any batch size."""
+    text = f"{_shape_text(['?' if not isinstance(d, int) else d for d in graph_shape or ['?']])} {graph_type}"
+    if _ORT_TYPES.get(dtype) != graph_type:
+        return text, False
+    if graph_shape is None:
+        return None, True
+    if len(graph_shape) != len(shape):
+        return text, False
+    symbolic = False
+    for k, (g, m) in enumerate(zip(graph_shape, shape)):
+        fixed = isinstance(g, int) and g >= 0
+        if k == 0:
+            if fixed and m is None:
+                return f"{text} (a fixed batch size)", False
+        elif not fixed or m is None:
+            symbolic = True  # the graph (or the manifest) leaves it open: checked after each run
+        elif g != m:
+            return text, False
+    return None, symbolic
 
 
 def numpy_dtype(name: str) -> Any:

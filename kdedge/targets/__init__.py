@@ -53,7 +53,11 @@ def get_target(name: str) -> Target:
         return _CACHE[name]
     where = TARGETS.get(name) or TEST_TARGETS.get(name)
     if where is None:
-        raise TargetError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(TARGETS), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TargetError(f"unknown target {name!r}{hint}; known: {', '.join(TARGETS)}")
     module, _, cls = where.partition(":")
     target = getattr(importlib.import_module(module), cls)()
     _CACHE[name] = target

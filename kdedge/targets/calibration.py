@@ -287,13 +287,13 @@ def images_from_path(path: str | Path, bundle: Any, *, count: int | None = None,
     Raises:
         CalibrationError: a missing path or unreadable / ill-shaped images (the reason in one line).
     """
-    from kdedge.runtime.inputs import IMAGE_SUFFIXES, InputError, load_inputs
+    from kdedge.runtime.inputs import IMAGE_SUFFIXES, InputError, list_images, load_inputs
 
     path = Path(path)
     try:
         if count is not None and path.is_dir():
             # the files load_inputs would read, in its order; only the chosen ones are decoded
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = list_images(path)
             if not files:
                 raise InputError(f"directory {path} holds no image files ({', '.join(IMAGE_SUFFIXES[:5])}, …)")
             x = np.concatenate([load_inputs(files[int(i)], bundle).x for i in subset(len(files), count, batch_size)])
