@@ -132,3 +132,29 @@ def test_unreadable_profile_files(tmp_path: Path) -> None:
         LatencyProfile.load(tmp_path / "p.json")
     with pytest.raises(MissingProfileError, match="does not exist"):
         LatencyProfile.load(tmp_path / "none.json")
+
+
+def test_a_new_batch_is_merged_into_the_stored_profile(profiled, tmp_path: Path) -> None:
+    """``kdedge profile --batch 2`` after ``--batch 1,3``: one profile with 1, 2 and 3, batch 1
+    and 3 exactly as they were."""
+    dst = tmp_path / "copy.kdedge"
+    shutil.copytree(profiled[0], dst)
+    path = dst / "profiles" / profiled[2].name
+    before = json.loads(path.read_text())
+    notes: list[str] = []
+    prof, path2, _ = profile_bundle(dst, batches=(2,), runs=2, warmup=0, threads=1, plot=False, report=notes.append)
+    after = json.loads(path.read_text())
+    assert path2 == path and prof.batches == after["batches"] == [1, 2, 3]
+    for g, per in before["graphs"].items():
+        assert after["graphs"][g]["1"] == per["1"] and after["graphs"][g]["3"] == per["3"]
+        assert after["graphs"][g]["2"]["latency_ms"]["n"] == 2
+    assert notes == [f"{path}: added batch 2, kept batch 1, 3"]
+
+
+def test_profile_files_are_validated_on_load(profiled, tmp_path: Path) -> None:
+    data = json.loads(profiled[2].read_text())
+    data["graphs"]["stage1"]["3"]["latency_ms"]["p99"] = None
+    p = tmp_path / "x.json"
+    p.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=r"x.json: stage1 batch 3 p99 must be a finite number > 0 \(ms\), got null"):
+        LatencyProfile.load(p)

@@ -13,7 +13,7 @@ from helpers_runtime import FakeClock, fake_factory, toy_bundle
 from kdedge.profile.latency import LatencyProfile, bundle_fingerprint, current_key
 from kdedge.runtime import (CONTINUE, STOP, AllOf, Confidence, Deadline, Decision, Fixed, Full, Runner, combine,
                             make_policy, open_bundle)
-from kdedge.runtime.policies import confidence_of
+from kdedge.runtime.policies import Energy, confidence_of
 from kdedge.runtime.sessions import OrtOptions, OrtSession, StageAborted, Watchdog, open_ort_session
 
 LAT = {"stage0": 1.0, "stage1": 2.0, "stage2": 3.0, "prefix0": 0.5, "prefix1": 1.5, "prefix2": 2.5}
@@ -124,6 +124,18 @@ def test_deadline_reads_the_profile_statistic(bundle) -> None:
     assert r.run(ids(1), Deadline(6.5)).stage.tolist() == [1]             # p99: 1 + 4 + 0.1 fits, + 5 not
     assert r.run(ids(1), Deadline(6.5, stat="median")).stage.tolist() == [2]  # median: 1 + 2 + 3 fits
     assert r.run(ids(1), Deadline(4.0)).stage.tolist() == [0]             # 4.1 > 3 ms left
+
+
+def test_deadline_refuses_a_profile_lookup_that_is_not_finite(bundle) -> None:
+    """A NaN latency would make ``latency + margin > left`` False and run every stage: the
+    lookup is refused instead (profiles are validated when built, this guards later edits)."""
+    prof = profile_for(bundle, {"stage0": _stats(1, 1.5), "stage1": _stats(2, 4), "stage2": _stats(3, 5)})
+    prof.data["graphs"]["stage1"]["1"]["latency_ms"]["p99"] = float("nan")
+    r, *_ = make(bundle, profile=prof, threads=1)
+    with pytest.raises(ValueError, match="stage1 at batch 1 a p99 latency_ms of nan"):
+        r.run(ids(1), Deadline(6.5))
+    with pytest.raises(ValueError, match="stage1 batch 1 p99 must be a finite number > 0"):
+        LatencyProfile(prof.data)
 
 
 def test_deadline_without_a_profile_says_to_profile(bundle) -> None:
@@ -243,6 +255,10 @@ def test_user_policy_and_bad_decisions(bundle) -> None:
     (lambda: Deadline(5, watchdog_min_ms=-1), "watchdog_min_ms"),
     (lambda: Confidence(-0.1), ">= 0"),
     (lambda: Confidence(0.5, measure="entropy"), "unknown confidence measure"),
+    (lambda: Confidence(90), "probabilities from 0 to 1.*write 0.9"),       # a percentage: never reached
+    (lambda: Confidence([0.5, 1.5]), "probabilities from 0 to 1"),          # only NEVER may close an exit
+    (lambda: Deadline(5, latencies_ms=[1, float("nan"), 1]), r"latencies_ms\[1\] must be a finite number"),
+    (lambda: Energy(5, energies_mj=[1, -1, 1]), r"energies_mj\[1\] must be a finite number"),
     (lambda: Fixed(0), "at least 1 stage"),
     (lambda: AllOf(), "at least one policy"),
     (lambda: make_policy(stages=2, deadline_ms=3), "cannot be combined"),

@@ -17,6 +17,10 @@ torch-cuda-cudagraphs), with a CSV of the numbers and PNGs of accuracy against l
 --meter) per stage; the deadline policy of kdedge run
 uses the profile that matches the device and setting it runs under.
 
+Measuring other batch sizes adds them to the stored profile of the same device, setting,
+target, threads and bundle files (re-measured batches are replaced, the others kept); a stored
+profile of other stage files (the bundle changed) is replaced, and the command says so.
+
 Examples:
 
   kdedge profile hne.kdedge
@@ -42,14 +46,39 @@ restored afterwards, also on an error or Ctrl-C.
 
 
 def parse_batches(text: str) -> list[int]:
-    """``"1,32"`` -> [1, 32]; a clear error otherwise."""
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"--batch takes comma-separated positive integers such as 1,32; got {text!r}")
+    """``"1,32"`` -> [1, 32]; a clear error otherwise (also above ``MAX_BATCH``)."""
+    from kdedge.profile.latency import MAX_BATCH
+
+    parts = [v for v in text.replace(" ", "").split(",") if v]
+    # digits only: int() would also take "+3", "1_000" and "٣"
+    values = [int(v) for v in parts if v.isascii() and v.isdigit() and len(v) <= 9]
+    if not values or len(values) != len(parts) or any(not 1 <= v <= MAX_BATCH for v in values):
+        raise ValueError(f"--batch takes comma-separated integers from 1 to {MAX_BATCH} such as 1,32; got {text!r}")
     return sorted(set(values))
+
+
+def check_arguments(batch: str, runs: int, warmup: int, threads: Optional[int],
+                    meter_period_ms: Optional[float]) -> list[int]:
+    """The batch sizes, after checking every numeric option against its bounds, before anything
+    is opened or measured (one line naming the option)."""
+    import math
+
+    from kdedge.profile.latency import MAX_RUNS
+    from kdedge.runtime.sessions import max_threads
+    from kdedge.profile.meters.base import MAX_PERIOD_S
+
+    batches = parse_batches(batch)
+    if not 1 <= runs <= MAX_RUNS:
+        raise ValueError(f"--runs must be from 1 to {MAX_RUNS}, got {runs}")
+    if not 0 <= warmup <= MAX_RUNS:
+        raise ValueError(f"--warmup must be from 0 to {MAX_RUNS}, got {warmup}")
+    if threads is not None and not 1 <= threads <= max_threads():
+        raise ValueError(f"--threads must be from 1 to {max_threads()} (4 x this machine's CPUs), got {threads}")
+    if meter_period_ms is not None and not (math.isfinite(meter_period_ms)
+                                            and 0 < meter_period_ms <= MAX_PERIOD_S * 1e3):
+        raise ValueError(f"--meter-period-ms must be a number of ms in (0, {MAX_PERIOD_S * 1e3:g}], "
+                         f"got {meter_period_ms}")
+    return batches
 
 
 def _ms(v: float) -> str:
@@ -65,9 +94,11 @@ def command(
                                          "CoreML compute units (default: the device its files were compiled for)."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Capture and replay CUDA graphs (torch, tensorrt)."),
     batch: str = typer.Option("1", "--batch", help="Batch sizes, comma-separated (e.g. 1,32)."),
-    runs: int = typer.Option(200, help="Timed rounds per batch size (each runs the chain and every prefix once)."),
-    warmup: int = typer.Option(20, help="Untimed rounds first."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads per session (default: all usable CPUs)."),
+    runs: int = typer.Option(200, help="Timed rounds per batch size (each runs the chain and every prefix "
+                             "once); 1 to 100000."),
+    warmup: int = typer.Option(20, help="Untimed rounds first; 0 to 100000."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per session (default: all usable CPUs); at most "
+                                          "4 x the CPUs."),
     optimization: str = typer.Option("all", help="onnxruntime graph optimisation: disable, basic, extended, layout, all."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the accuracy-vs-latency PNG next to the profile."),
     meter: Optional[str] = typer.Option(None, "--meter", help="Power meter for energy per stage: auto, none, "
@@ -85,19 +116,13 @@ def command(
     json_out: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    batches = parse_batches(batch)
-    if runs < 1:
-        raise ValueError(f"--runs must be at least 1, got {runs}")
-    if warmup < 0:
-        raise ValueError(f"--warmup must be 0 or more, got {warmup}")
+    batches = check_arguments(batch, runs, warmup, threads, meter_period_ms)
     power_meter = None
     if meter is not None:
         import inspect
 
         from kdedge.profile.meters import METERS, create_meter
 
-        if meter_period_ms is not None and meter_period_ms <= 0:
-            raise ValueError(f"--meter-period-ms must be positive, got {meter_period_ms}")
         takes_period = meter == "auto" or (meter in METERS
                                            and "period_s" in inspect.signature(METERS[meter].__init__).parameters)
         kwargs = {"period_s": meter_period_ms / 1e3} if meter_period_ms is not None and takes_period else {}
@@ -143,7 +168,7 @@ def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: i
     bundle = opened
     kw: dict[str, Any] = dict(target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
                               optimization=optimization, plot=plot, meter=meter, device=device,
-                              cuda_graphs=cuda_graphs)
+                              cuda_graphs=cuda_graphs, report=_note)
 
     def go(progress: Any) -> Any:
         if modes is None:
@@ -163,7 +188,24 @@ def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: i
         return go(tick)
 
 
-def _report(prof: object, path: Path, png: Optional[Path], plot: bool, json_out: bool) -> None:
+def _note(message: str) -> None:
+    """What happened to the profile already stored (merged, replaced): stderr, so that --json
+    output stays one document."""
+    err.print(f"profile: {message}", highlight=False, soft_wrap=True)
+
+
+def _runs_title(data: dict[str, Any]) -> str:
+    """``200 runs after 20 warm-up``, or, for a profile merged from measurements with other run
+    counts, where to read them."""
+    measured = data.get("measured") or {}
+    pairs = {(m.get("runs"), m.get("warmup")) for m in measured.values()} or {(data.get("runs"), data.get("warmup"))}
+    if len(pairs) == 1:
+        runs, warmup = next(iter(pairs))
+        return f"{runs} runs after {warmup} warm-up"
+    return "runs per batch in column n"
+
+
+def _report(prof: Any, path: Path, png: Optional[Path], plot: bool, json_out: bool) -> None:
     from kdedge.profile.latency import STATS, format_table
 
     if json_out:
@@ -172,18 +214,18 @@ def _report(prof: object, path: Path, png: Optional[Path], plot: bool, json_out:
     from rich import box
     from rich.table import Table
 
-    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"latency (ms) on {prof.device}, setting {prof.setting}, {prof.threads} thread(s), "
-                    f"{prof.data['runs']} runs after {prof.data['warmup']} warm-up")
-    for col in ("graph", "batch", *STATS):
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"latency (ms) on {prof.device}, setting {prof.setting}, "
+                    f"{prof.threads} thread(s), {_runs_title(prof.data)}")
+    for col in ("graph", "batch", *STATS, "n"):
         t.add_column(col, justify="left" if col == "graph" else "right", no_wrap=True)
     for row in format_table(prof):
-        t.add_row(row["graph"], str(row["batch"]), *[_ms(row[k]) for k in STATS])
+        t.add_row(row["graph"], str(row["batch"]), *[_ms(row[k]) for k in STATS], str(row["n"]))
     out.print(t)
     energy = prof.energy
     if energy is not None and energy.get("measured"):
         e = Table(box=box.SIMPLE_HEAD, pad_edge=False,
-                  title=f"energy (mJ per inference, mean over windows of {energy['runs_per_window']} runs), "
-                        f"meter {energy['source']}")
+                  title=f"energy (mJ per inference, mean over windows of {energy.get('runs_per_window', '?')} "
+                        f"runs), meter {energy.get('source', '?')}")
         for col in ("graph", "batch", "mJ"):
             e.add_column(col, justify="left" if col == "graph" else "right", no_wrap=True)
         for row in format_table(prof):

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -31,7 +32,7 @@ import numpy as np
 __all__ = ["measure_energy", "energy_summary"]
 
 
-def _window(meter: Any, runs: int, once: Callable[[], None]) -> Any:
+def _window(meter: Any, runs: int, once: Callable[[], None], what: str) -> Any:
     meter.start()
     try:
         for _ in range(runs):
@@ -39,7 +40,20 @@ def _window(meter: Any, runs: int, once: Callable[[], None]) -> Any:
     except BaseException:
         meter.stop()
         raise
-    return meter.stop()
+    return _checked(meter.stop(), what)
+
+
+def _checked(reading: Any, what: str) -> Any:
+    """Refuse a window whose energy is NaN, infinite or negative: a broken sensor or a counter
+    that wrapped unnoticed. Stored, it would switch the energy policy off or make it lie; no
+    clamping can repair a window (only a *difference* of windows may dip below 0 by noise)."""
+    j = reading.joules
+    if j is not None and not (isinstance(j, (int, float)) and math.isfinite(j) and j >= 0):
+        from kdedge.profile.meters.base import PowerError
+
+        raise PowerError(f"power meter {reading.source} read {j!r} J over the window of {what}; a window's energy "
+                         "must be a finite number >= 0: check the meter (kdedge doctor, docs/power.md)")
+    return reading
 
 
 def energy_summary(reading: Any, runs: int) -> dict[str, Any]:
@@ -70,11 +84,11 @@ def measure_energy(runner: Any, x: np.ndarray, runs: int, meter: Any) -> tuple[d
     cumulative: list[Any] = []
     for k in range(1, k_stages + 1):
         pol = Fixed(k, fused=False)
-        cumulative.append(_window(meter, runs, lambda pol=pol: runner.run(x, pol)))
+        cumulative.append(_window(meter, runs, lambda pol=pol: runner.run(x, pol), f"stages 0..{k - 1}"))
     prefix_readings = []
     for j in range(runner.num_prefixes):
         pol = Fixed(j + 1, fused=True)
-        prefix_readings.append(_window(meter, runs, lambda pol=pol: runner.run(x, pol)))
+        prefix_readings.append(_window(meter, runs, lambda pol=pol: runner.run(x, pol), f"prefix{j}"))
     first = cumulative[0]
     periods = [r.period_s for r in (*cumulative, *prefix_readings) if r.period_s is not None]
     info: dict[str, Any] = {

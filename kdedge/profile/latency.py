@@ -25,10 +25,14 @@ Profile JSON (version 1)::
      "setting_detail": {...}, "target": "onnx", "run_key": "", "threads": 2, "options": {...},
      "bundle": {"fingerprint": "...", "family": "hne", "path": "..."},
      "created": "...", "versions": {...}, "runs": 200, "warmup": 20, "batches": [1, 32],
+     "measured": {"1": {"created": "...", "runs": 200, "warmup": 20}, "32": {...}},
      "graphs": {"stage0": {"1": {"latency_ms": {"min": ..., ..., "n": 200}}, "32": {...}}, ...}}
 
 A graph/batch entry may hold other metrics next to ``latency_ms`` (the power work adds
-``energy_mj``); :meth:`LatencyProfile.stat` reads any of them.
+``energy_mj``); :meth:`LatencyProfile.stat` reads any of them. Every profile is validated
+(``kdedge/schemas/profile.schema.json`` plus :mod:`kdedge.profile.validate`) when it is built
+or read, and measuring a batch size merges it into the profile stored for the same key
+(:mod:`kdedge.profile.merge`, :func:`store_profile`).
 
 Example:
     >>> prof, path, png = profile_bundle("hne.kdedge", batches=(1, 32), threads=2)
@@ -38,47 +42,72 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
-import json
 import math
 import os
 import platform
-import tempfile
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-FORMAT = "kdedge-profile"
-VERSION = 1
-STATS = ("min", "mean", "median", "p90", "p95", "p99", "max")
-CHAIN = "chain"
+from kdedge.io import JSONError, atomic_write, atomic_write_json, read_json_strict
+from kdedge.profile.merge import merge_profiles
+from kdedge.profile.spec import (CHAIN, FORMAT, STATS, VERSION, ForeignProfileError, InvalidProfileError,
+                                 MissingProfileError, NewerProfileError, ProfileError, StaleProfileError)
+from kdedge.profile.validate import check_coverage, validate_profile
+from kdedge.runtime.sessions import check_threads, max_threads
 
 __all__ = [
-    "CHAIN", "FORMAT", "ForeignProfileError", "LatencyProfile", "MissingProfileError", "ProfileError", "STATS",
-    "StaleProfileError", "VERSION", "bundle_fingerprint", "check_profile", "current_key", "format_table",
-    "measure_profile", "open_target_bundle", "plot_accuracy_energy", "plot_accuracy_latency", "profile_bundle", "profile_csv",
-    "profile_filename", "profile_power_modes", "resolve_profile", "summarize", "write_profile", "write_reports",
+    "CHAIN", "FORMAT", "ForeignProfileError", "InvalidProfileError", "LatencyProfile", "MAX_BATCH", "MAX_RUNS",
+    "MissingProfileError", "NewerProfileError", "ProfileError", "STATS", "StaleProfileError", "VERSION",
+    "bundle_fingerprint", "check_measure_args", "check_profile", "current_key", "format_table", "max_threads",
+    "measure_profile", "open_target_bundle", "plot_accuracy_energy", "plot_accuracy_latency", "profile_bundle",
+    "profile_csv", "profile_filename", "profile_power_modes", "resolve_profile", "store_profile", "summarize",
+    "timer_resolution_ms", "write_profile", "write_reports",
 ]
 
-
-class ProfileError(ValueError):
-    """A latency profile that is missing, unreadable or cannot be used here."""
-
-
-class MissingProfileError(ProfileError):
-    """No profile for this device and setting."""
-
-
-class StaleProfileError(ProfileError):
-    """A profile measured on other stage files than the bundle's current ones."""
+# Bounds on what a measurement may ask for: far above any useful profile, low enough that a typo
+# (--runs 2000000000, --batch 10000000) fails at once instead of running for days or exhausting
+# memory. Threads: 4x the CPUs is already heavy oversubscription; the runtime's OrtOptions
+# refuses more in the same way.
+MAX_RUNS = 100_000
+MAX_BATCH = 65_536
+MAX_INPUT_BYTES = 4 << 30
 
 
-class ForeignProfileError(ProfileError):
-    """A profile measured on another device, setting or target."""
+def check_measure_args(batches: Sequence[int], runs: int, warmup: int, threads: int | None) -> list[int]:
+    """The sorted, distinct batch sizes, after checking every measurement argument.
+
+    Raises:
+        ValueError: one line naming the argument, its bounds and the value.
+    """
+    def count(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if not batches or not all(count(b) and 1 <= b <= MAX_BATCH for b in batches):
+        raise ValueError(f"batch sizes must be integers from 1 to {MAX_BATCH}, got {list(batches)}")
+    if not (count(runs) and 1 <= runs <= MAX_RUNS):
+        raise ValueError(f"need runs >= 1 and <= {MAX_RUNS} (an integer), got {runs!r}")
+    if not (count(warmup) and 0 <= warmup <= MAX_RUNS):
+        raise ValueError(f"need warmup >= 0 and <= {MAX_RUNS} (an integer), got {warmup!r}")
+    check_threads(threads)
+    return sorted({int(b) for b in batches})
+
+
+@lru_cache(maxsize=1)
+def timer_resolution_ms() -> float:
+    """The resolution of ``time.perf_counter`` (the runner's clock) in ms, at least 1 ns.
+
+    A stage timed below it (0.0 ms) is recorded as this resolution: a real stage takes time, and
+    every latency statistic of a profile is > 0 (docs/runtime.md, "Profile format").
+    """
+    return max(time.get_clock_info("perf_counter").resolution * 1e3, 1e-6)
 
 
 def summarize(samples_ms: Sequence[float]) -> dict[str, float]:
@@ -86,10 +115,16 @@ def summarize(samples_ms: Sequence[float]) -> dict[str, float]:
 
     Percentiles are nearest-rank: the p-th percentile is the ⌈p·n/100⌉-th smallest sample (numpy
     ``method="inverted_cdf"``), a latency that was actually observed.
+
+    Raises:
+        ValueError: no samples, or a sample that is not a finite number >= 0 (a broken clock).
     """
     a = np.asarray(samples_ms, dtype=np.float64)
     if a.size == 0:
         raise ValueError("no latency samples to summarise")
+    if not np.all(np.isfinite(a)) or np.any(a < 0):
+        bad = a[~np.isfinite(a) | (a < 0)][0]
+        raise ValueError(f"a latency sample of {bad!r} ms: the clock gave a non-finite or negative time")
     out = {"min": float(a.min()), "mean": float(a.mean()), "median": float(np.median(a))}
     for p in (90, 95, 99):
         out[f"p{p}"] = float(np.percentile(a, p, method="inverted_cdf"))
@@ -112,7 +147,15 @@ def bundle_fingerprint(bundle: Any, target: str) -> str:
 
 
 def profile_filename(device: str, setting: str, key: str = "") -> str:
-    """``<device>-<setting>.json``, or ``<device>-<setting>-<key>.json`` for a non-empty run key."""
+    """``<device>-<setting>.json``, or ``<device>-<setting>-<key>.json`` for a non-empty run key.
+
+    Raises:
+        ProfileError: a part that would leave ``profiles/`` or hide the file (a power-mode name
+            such as ``../x`` read from a device).
+    """
+    for part in (device, setting, key):
+        if any(c in part for c in "/\\\0") or part.startswith("."):
+            raise ProfileError(f"{part!r} cannot be part of a profile file name (no path separators, no leading dot)")
     return f"{device}-{setting}" + (f"-{key}" if key else "") + ".json"
 
 
@@ -135,10 +178,21 @@ def current_key(threads: int, nvpmodel: Any | None = None) -> tuple[str, str, di
 
 @dataclass(frozen=True)
 class LatencyProfile:
-    """A loaded profile (``data`` is the JSON dict; ``path`` where it came from, if a file)."""
+    """A loaded, valid profile (``data`` is the JSON dict; ``path`` where it came from, if a file).
+
+    Constructing one validates ``data`` (:func:`kdedge.profile.validate.validate_profile`), so a
+    policy never plans with a null, NaN, infinite or negative statistic.
+
+    Raises:
+        InvalidProfileError: ``data`` breaks the profile format (the message names the field).
+        NewerProfileError: ``data`` is of a newer profile version.
+    """
 
     data: dict[str, Any]
     path: Path | None = None
+
+    def __post_init__(self) -> None:
+        validate_profile(self.data, self.where())
 
     @property
     def device(self) -> str:
@@ -179,37 +233,45 @@ class LatencyProfile:
         return list(self.data["graphs"])
 
     def where(self) -> str:
+        """The file, or (for a profile built in memory) its name; safe on invalid data, because
+        validation messages start with it."""
         if self.path is not None:
             return str(self.path)
-        return f"profile {Path(profile_filename(self.device, self.setting, self.run_key)).stem}"
+        d = self.data if isinstance(self.data, dict) else {}
+        key = d.get("run_key") if isinstance(d.get("run_key"), str) else ""
+        return f"profile {d.get('device', '?')}-{d.get('setting', '?')}" + (f"-{key}" if key else "")
 
-    def _entry(self, graph: str, batch: int) -> dict[str, Any]:
+    def _entry(self, graph: str, batch: int, metric: str) -> dict[str, Any] | None:
+        """The ``metric`` summary of ``graph`` at ``batch``: the measured batch, else the next
+        larger batch that measured ``metric``, else the largest scaled proportionally (None when
+        no batch measured it). Per metric, because a merged profile may hold energy for some
+        batches only."""
         g = self.data["graphs"].get(graph)
         if g is None:
             raise ProfileError(f"{self.where()} has no measurements of {graph}; it has {', '.join(self.graphs)}")
-        if str(batch) in g:
-            return g[str(batch)]
-        measured = sorted(int(b) for b in g)
+        measured = sorted(int(b) for b, e in g.items() if metric in e)
+        if not measured:
+            return None
         above = [b for b in measured if b >= batch]
-        if above:  # latency grows with the batch: the next larger measured batch is an upper bound
-            return g[str(above[0])]
+        if above:  # latency and energy grow with the batch: the next larger measured batch is an upper bound
+            return g[str(above[0])][metric]
         top = measured[-1]
         scale = batch / top  # beyond the largest measured batch: scale proportionally (documented)
-        return {m: {k: (v * scale if k != "n" else v) for k, v in s.items()} for m, s in g[str(top)].items()}
+        return {k: (v * scale if k != "n" else v) for k, v in g[str(top)][metric].items()}
 
     def stat(self, graph: str, batch: int, stat: str = "p99", metric: str = "latency_ms") -> float:
         """A statistic of ``graph`` at ``batch``: the measured batch, else the next larger measured
         one, else the largest scaled proportionally.
 
         Raises:
-            ProfileError: unknown graph, statistic or metric (e.g. ``energy_mj`` before the
-                power work measures it).
+            ProfileError: unknown graph, statistic or metric (e.g. ``energy_mj`` in a profile
+                made without a meter).
         """
         if stat not in STATS:
             raise ProfileError(f"unknown statistic {stat!r}; known: {', '.join(STATS)}")
-        entry = self._entry(graph, batch)
-        if metric not in entry:
-            have = ", ".join(sorted(entry))
+        summary = self._entry(graph, batch, metric)
+        if summary is None:
+            have = ", ".join(sorted({m for e in self.data["graphs"][graph].values() for m in e}))
             if metric == "energy_mj":
                 e = self.energy
                 why = ("its meter measured nothing: " + str(e.get("note")) if e is not None
@@ -220,11 +282,11 @@ class LatencyProfile:
                                    "power meter (see docs/power.md)")
             raise ProfileError(f"{self.where()} has no {metric} measurements (it has {have}); "
                                f"measure them with kdedge profile")
-        if stat not in entry[metric]:
-            have = ", ".join(k for k in entry[metric] if k != "n")
+        if stat not in summary:
+            have = ", ".join(k for k in summary if k != "n")
             raise ProfileError(f"{self.where()} has no {stat} of {metric} (it has {have}); energy is measured "
                                "over windows of many runs, so only its mean per inference exists")
-        return float(entry[metric][stat])
+        return float(summary[stat])
 
     @property
     def energy(self) -> dict[str, Any] | None:
@@ -240,35 +302,28 @@ class LatencyProfile:
         return bool(e and e.get("measured"))
 
     def to_json(self) -> str:
-        return json.dumps(self.data, indent=2, allow_nan=False) + "\n"
+        from kdedge.io import dumps_strict
+
+        return dumps_strict(self.data) + "\n"
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyProfile:
-        """Read and check a profile file.
+        """Read and check a profile file: strict JSON (bounded size and depth, no NaN, no
+        duplicate keys), then the profile format (:mod:`kdedge.profile.validate`).
 
         Raises:
-            ProfileError: missing, not JSON, another format, a newer version, or fields missing.
+            MissingProfileError: no such file.
+            NewerProfileError: a newer profile version.
+            ProfileError: not a regular file, unreadable, not JSON, or not a valid profile (the
+                message names the file and the field).
         """
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = read_json_strict(path, what="the file")
         except FileNotFoundError:
             raise MissingProfileError(f"latency profile {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, JSONError) as e:
             raise ProfileError(f"cannot read latency profile {path}: {e}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ProfileError(f"{path} is not a kdedge latency profile (format {data.get('format') if isinstance(data, dict) else None!r})")
-        v = data.get("version")
-        if not isinstance(v, int) or v < 1:
-            raise ProfileError(f"{path}: version must be a positive integer, got {v!r}")
-        if v > VERSION:
-            raise ProfileError(f"{path} is a version {v} profile; this kdedge reads up to version {VERSION}; "
-                               "upgrade kdedge or profile the bundle again")
-        for key in ("device", "setting", "target", "threads", "bundle", "batches", "graphs"):
-            if key not in data:
-                raise ProfileError(f"{path} lacks the field {key!r}; profile the bundle again")
-        if not isinstance(data["bundle"], dict) or "fingerprint" not in data["bundle"]:
-            raise ProfileError(f"{path} lacks bundle.fingerprint; profile the bundle again")
         return cls(data, path)
 
 
@@ -278,7 +333,8 @@ def check_profile(profile: LatencyProfile, bundle: Any, target: str, device: str
     setting, or of other stage files.
 
     Raises:
-        ForeignProfileError, StaleProfileError: with the command that makes a usable one.
+        ForeignProfileError, StaleProfileError: with the command that makes a usable one
+            (foreign also for a profile of another bundle's graphs).
     """
     redo = f"run `kdedge profile {bundle.path} --target {target}{_run_flags(key)} --threads <N>` on this device"
     if profile.target != target:
@@ -294,9 +350,13 @@ def check_profile(profile: LatencyProfile, bundle: Any, target: str, device: str
         raise ForeignProfileError(f"{profile.where()} was measured under setting {profile.setting!r}, this runner "
                                   f"runs under {setting!r} (threads / governor / power mode); run with the "
                                   f"profile's setting, or {redo}")
+    check_coverage(profile.data, bundle, profile.where())
     if profile.fingerprint != bundle_fingerprint(bundle, target):
+        measured_on = str(profile.data["bundle"].get("path") or "")
+        other = (f", or the profile is of the bundle at {measured_on}"
+                 if measured_on and measured_on != str(bundle.path) else "")
         raise StaleProfileError(f"{profile.where()} is stale: it was measured on other {target} stage files than "
-                                f"this bundle's (the bundle was re-exported since); {redo}")
+                                f"this bundle's (the bundle was re-exported since{other}); {redo}")
 
 
 def _run_flags(key: str) -> str:
@@ -333,7 +393,9 @@ def resolve_profile(bundle: Any, arg: Any, target: str, threads: int, setting: s
         raise MissingProfileError(f"this policy needs a latency profile and the runner has none; {how}")
     if isinstance(arg, LatencyProfile):
         prof = arg
-    elif isinstance(arg, (str, Path)) and str(arg) != "auto":
+    elif not isinstance(arg, (str, Path)):
+        raise ProfileError(f"profile= takes 'auto', a path or a LatencyProfile, got {type(arg).__name__}")
+    elif str(arg) != "auto":
         prof = LatencyProfile.load(arg)
     else:
         path = Path(bundle.path) / "profiles" / profile_filename(device, setting, key)
@@ -367,7 +429,8 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
                     warmup: int = 20, threads: int | None = None, optimization: str = "all",
                     providers: Sequence[str] | None = None, progress: Progress | None = None,
                     seed: int = 0, meter: Any | None = None, nvpmodel: Any | None = None,
-                    device: str | None = None, cuda_graphs: bool = False) -> LatencyProfile:
+                    device: str | None = None, cuda_graphs: bool = False,
+                    clock: Callable[[], float] | None = None) -> LatencyProfile:
     """Measure every stage (inside the runner's stage loop), every fused prefix and the full chain.
 
     Args:
@@ -388,22 +451,27 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
         nvpmodel: where the setting (power mode) is read from (default: the system's).
         device, cuda_graphs: where the target's sessions run (:class:`~kdedge.runtime.Runner`);
             part of the profile's key.
+        clock: the runner's clock in seconds (default ``time.perf_counter``; tests pass a coarse
+            one). Times below :func:`timer_resolution_ms` are recorded as that resolution.
 
     Returns:
-        the :class:`LatencyProfile` (not yet written; see :func:`write_profile`).
+        the :class:`LatencyProfile` (not yet written; see :func:`store_profile`).
+
+    Raises:
+        ValueError: an argument out of bounds (:func:`check_measure_args`), or a batch whose
+            input would not fit in ``MAX_INPUT_BYTES``.
     """
     from kdedge.runtime.policies import Fixed, Full
     from kdedge.runtime.runner import Runner
 
-    batches = sorted({int(b) for b in batches})
-    if not batches or batches[0] < 1:
-        raise ValueError(f"batch sizes must be positive integers, got {list(batches)}")
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    batches = check_measure_args(list(batches), runs, warmup, threads)
     rng = np.random.default_rng(seed)
+    floor = timer_resolution_ms()
     with Runner(bundle, target=target, threads=threads, optimization=optimization, providers=providers,
-                profile=None, watchdog=False, device=device, cuda_graphs=cuda_graphs) as runner:
+                profile=None, watchdog=False, device=device, cuda_graphs=cuda_graphs,
+                **({} if clock is None else {"clock": clock})) as runner:
         b = runner.bundle
+        _check_input_bytes(batches[-1], runner.input_shape)
         target = runner.target  # "auto" resolved
         device, setting, detail = current_key(runner.threads, nvpmodel)
         full = Full()
@@ -418,12 +486,13 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
                 timed = r >= warmup
                 if timed:
                     for g, ms in zip(res.graphs, res.stage_ms):
-                        samples.setdefault(g, {}).setdefault(n, []).append(ms)
-                    samples.setdefault(CHAIN, {}).setdefault(n, []).append(float(res.total_ms[0]))
+                        samples.setdefault(g, {}).setdefault(n, []).append(_at_least(ms, floor))
+                    samples.setdefault(CHAIN, {}).setdefault(n, []).append(_at_least(float(res.total_ms[0]), floor))
                 for pol in fixed:
                     res = runner.run(x, pol)
                     if timed:
-                        samples.setdefault(res.graphs[0], {}).setdefault(n, []).append(res.stage_ms[0])
+                        ms = _at_least(res.stage_ms[0], floor)
+                        samples.setdefault(res.graphs[0], {}).setdefault(n, []).append(ms)
                 done += 1
                 if progress is not None:
                     progress(done, total, f"batch {n}")
@@ -441,6 +510,7 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
                 for g, e in per_graph.items():
                     graphs.setdefault(g, {}).setdefault(str(n), {})["energy_mj"] = e
         opts = runner.options
+        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         data = {
             "format": FORMAT,
             "version": VERSION,
@@ -452,17 +522,34 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
             "threads": runner.threads,
             "options": _options_record(opts),
             "bundle": {"fingerprint": bundle_fingerprint(b, target), "family": b.family, "path": str(b.path)},
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": created,
             "host": platform.platform(),
             "versions": _versions(),
             "runs": int(runs),
             "warmup": int(warmup),
             "batches": batches,
+            "measured": {str(n): {"created": created, "runs": int(runs), "warmup": int(warmup)} for n in batches},
             "graphs": graphs,
         }
         if energy is not None:
             data["energy"] = energy
     return LatencyProfile(data)
+
+
+def _at_least(ms: float, floor: float) -> float:
+    """A measured time, raised to the timer's resolution when it read below it (0.0 ms): the
+    stage ran, the clock could not see it. Negative or NaN times are left for :func:`summarize`
+    to refuse: they mean a broken clock, not a fast stage."""
+    return floor if 0 <= ms < floor else ms
+
+
+def _check_input_bytes(batch: int, input_shape: Sequence[int]) -> None:
+    """Refuse a batch whose random input alone would take more than ``MAX_INPUT_BYTES``."""
+    nbytes = 4 * batch * int(np.prod(input_shape))
+    if nbytes > MAX_INPUT_BYTES:
+        raise ValueError(f"batch {batch} of inputs {list(input_shape)} needs {nbytes / 2**30:.1f} GiB of float32 "
+                         f"input, more than the {MAX_INPUT_BYTES >> 30} GiB a profile measures with; use a smaller "
+                         "--batch")
 
 
 def _options_record(opts: Any) -> dict[str, Any]:
@@ -473,30 +560,93 @@ def _options_record(opts: Any) -> dict[str, Any]:
             "providers": list(getattr(opts, "providers", None) or ["CPUExecutionProvider"])}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+def write_profile(bundle: Any, profile: LatencyProfile, path: str | Path | None = None,
+                  report: Callable[[str], None] | None = None) -> Path:
+    """Store ``profile`` (default ``BUNDLE/profiles/<device>-<setting>[-<run key>].json``), merged
+    into the profile already there (:func:`store_profile`); returns the path."""
+    return store_profile(bundle, profile, path, report=report).path  # type: ignore[return-value]
 
 
-def write_profile(bundle: Any, profile: LatencyProfile, path: str | Path | None = None) -> Path:
-    """Write ``profile`` atomically (default ``BUNDLE/profiles/<device>-<setting>[-<run key>].json``)."""
+def store_profile(bundle: Any, profile: LatencyProfile, path: str | Path | None = None,
+                  report: Callable[[str], None] | None = None) -> LatencyProfile:
+    """Merge ``profile`` into the one stored at ``path`` and write the result atomically.
+
+    A stored profile with the same key (device, setting, target, run key, threads, fingerprint,
+    options) keeps its other batches; one with another key is replaced (stale: the bundle
+    changed); one that is not a valid profile is moved aside to ``<name>.invalid`` (never
+    deleted) and replaced; one of a newer profile version is left alone and this call fails.
+    Read-merge-write holds an exclusive lock on the profiles directory, so two ``kdedge
+    profile`` runs at once do not drop each other's batches.
+
+    Args:
+        report: called with one line saying what happened to the stored profile (batches added,
+            kept, re-measured; why it was replaced).
+
+    Returns:
+        the stored profile, with its path.
+
+    Raises:
+        NewerProfileError: the stored profile is of a newer version (not overwritten).
+    """
     out = Path(path) if path is not None else Path(bundle.path) / "profiles" / profile_filename(
         profile.device, profile.setting, profile.run_key)
-    text = profile.to_json()
-    _atomic_write(out, lambda p: p.write_text(text, encoding="utf-8"))
-    return out
+    with _locked(out.parent):
+        old = _stored(out, report)
+        data, message = merge_profiles(None if old is None else old.data, profile.data, str(out))
+        merged = LatencyProfile(data, out)  # validated before it replaces anything
+        atomic_write_json(out, merged.data)
+    if message and report is not None:
+        report(message)
+    return merged
+
+
+def _stored(out: Path, report: Callable[[str], None] | None) -> LatencyProfile | None:
+    """The profile stored at ``out``, None when there is none (or it was unusable and moved aside)."""
+    if not os.path.lexists(out):
+        return None
+    try:
+        return LatencyProfile.load(out)
+    except NewerProfileError:
+        raise NewerProfileError(f"{out} was written by a newer kdedge (a newer profile version) and was not "
+                                "overwritten; move it away to store this measurement, or profile with that "
+                                "kdedge") from None
+    except ProfileError as e:
+        aside = _free_name(out.with_name(out.name + ".invalid"))
+        os.replace(out, aside)
+        if report is not None:
+            report(f"{out} was not a usable profile ({e}); moved it to {aside.name} and wrote a new one")
+        return None
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2``... : the first name not taken."""
+    candidate, i = path, 0
+    while os.path.lexists(candidate):
+        i += 1
+        candidate = path.with_name(f"{path.name}.{i}")
+    return candidate
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``directory`` (flock on its descriptor; no lock file to
+    leave behind). Where flock is missing (Windows) or refused (some network file systems) the
+    write is still atomic; only concurrent merges could then lose a batch."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def format_table(profile: LatencyProfile) -> list[dict[str, Any]]:
@@ -573,7 +723,7 @@ def _plot_accuracy(bundle: Any, profile: LatencyProfile, path: str | Path, batch
         fig.savefig(tmp, format="png")
 
     try:
-        _atomic_write(out, save)
+        atomic_write(out, save)
     finally:
         plt.close(fig)
     return out
@@ -612,7 +762,7 @@ def write_reports(bundle: Any, profile: LatencyProfile, path: str | Path, plot: 
     out: dict[str, Path] = {}
     text = profile_csv(profile)
     csv_path = path.with_suffix(".csv")
-    _atomic_write(csv_path, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(csv_path, lambda p: p.write_text(text, encoding="utf-8"))
     out["csv"] = csv_path
     if plot:
         png = plot_accuracy_latency(bundle, profile, path.with_suffix(".png"))
@@ -643,9 +793,14 @@ def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: S
                    providers: Sequence[str] | None = None, plot: bool = True,
                    progress: Progress | None = None, meter: Any | None = None, nvpmodel: Any | None = None,
                    device: str | None = None, cuda_graphs: bool = False,
+                   report: Callable[[str], None] | None = None,
                    ) -> tuple[LatencyProfile, Path, Path | None]:
     """Measure a bundle on this device and store the profile in the bundle, with its CSV and PNGs
     (:func:`write_reports`: ``<profile>.csv``, ``<profile>.png``, ``<profile>-energy.png``).
+
+    The batches measured are merged into the profile already stored for the same key
+    (:func:`store_profile`); ``report`` is told what happened to it. The returned profile is the
+    stored one: every batch it holds.
 
     Returns:
         (profile, profile path, PNG path or None).
@@ -657,8 +812,9 @@ def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: S
     prof = measure_profile(b, target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
                            optimization=optimization, providers=providers, progress=progress, meter=meter,
                            nvpmodel=nvpmodel, device=device, cuda_graphs=cuda_graphs)
-    path = write_profile(b, prof)
-    prof = LatencyProfile(prof.data, path)
+    prof = store_profile(b, prof, report=report)
+    path = prof.path
+    assert path is not None
     reports = write_reports(b, prof, path, plot=plot)
     return prof, path, reports.get("latency_png")
 

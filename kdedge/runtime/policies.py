@@ -16,8 +16,14 @@ Built in:
   reaches a threshold; samples that are done leave the batch.
 - :class:`AllOf`: several policies at once (a sample goes on only if all say so).
 
-An energy policy reads ``ctx.cost(graph, metric="energy_mj", stat="mean")`` exactly as
-:class:`Deadline` reads latency; it is added once profiles carry energy (docs/runtime.md).
+- :class:`Energy`: go on only while the next stage's profiled mean energy fits the budget;
+  it reads ``ctx.cost(graph, metric="energy_mj", stat="mean")`` exactly as :class:`Deadline`
+  reads latency.
+
+Every cost a policy plans with is a finite number >= 0: explicit ones are checked when the
+policy is built, profiled ones by :meth:`Context.cost` at each lookup (a ``ProfileError``
+otherwise). A NaN would not fail loudly by itself; it would make ``latency + margin > left``
+False and silently switch the deadline off.
 
 Policies hold no per-call state, so one policy object may serve several threads at once.
 
@@ -106,10 +112,45 @@ class Context:
         latency profile of this device and setting.
 
         Raises:
-            ProfileError: no usable profile (the message says how to make one), or the profile
-                does not have ``metric``.
+            ProfileError: no usable profile (the message says how to make one), the profile
+                does not have ``metric``, or the lookup gave a cost that is not a finite number
+                >= 0 (a policy would otherwise switch itself off: ``NaN > left`` is False).
         """
-        return self._cost_fn(graph, self.batch, stat, metric)
+        return _finite_cost(self._cost_fn(graph, self.batch, stat, metric), graph, self.batch, stat, metric)
+
+
+def _finite_cost(v: Any, graph: str, batch: int, stat: str, metric: str) -> float:
+    """``v`` as a float when it is a finite number >= 0; else the ProfileError that stops the
+    request before a policy plans with it."""
+    if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+        return float(v)
+    from kdedge.profile.latency import ProfileError
+
+    unit = " " + metric.rsplit("_", 1)[-1] if "_" in metric else ""
+    raise ProfileError(f"the profile gives {graph} at batch {batch} a {stat} {metric} of {v!r}{unit}; a cost must "
+                       "be a finite number >= 0, so no policy can plan with it: profile the bundle again "
+                       "(kdedge profile)")
+
+
+def _costs(values: Sequence[float] | None, what: str) -> tuple[float, ...] | None:
+    """Explicit per-stage costs (``latencies_ms=``, ``energies_mj=``), each a finite number >= 0."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{what} must be a sequence of numbers, got {type(values).__name__}")
+    out = []
+    for i, v in enumerate(list(values)):
+        if not (isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+                and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{what}[{i}] must be a finite number >= 0, got {v!r}")
+        out.append(float(v))
+    if not out:
+        raise ValueError(f"{what} is empty; give one value per stage")
+    return tuple(out)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @runtime_checkable
@@ -216,22 +257,21 @@ class Deadline:
                  latencies_ms: Sequence[float] | None = None, watchdog: bool = True,
                  watchdog_min_ms: float = 1.0, fused: bool = False,
                  prefix_latencies_ms: Sequence[float] | None = None) -> None:
-        if not (isinstance(deadline_ms, (int, float)) and math.isfinite(deadline_ms) and deadline_ms > 0):
+        if not (_number(deadline_ms) and deadline_ms > 0):
             raise ValueError(f"the deadline must be a positive number of milliseconds, got {deadline_ms!r}")
-        if not (isinstance(margin_ms, (int, float)) and math.isfinite(margin_ms) and margin_ms >= 0):
-            raise ValueError(f"the deadline margin must be >= 0 ms, got {margin_ms!r}")
+        if not (_number(margin_ms) and margin_ms >= 0):
+            raise ValueError(f"the deadline margin must be a finite number >= 0 ms, got {margin_ms!r}")
         from kdedge.profile.latency import STATS
 
         if stat not in STATS:
             raise ValueError(f"unknown latency statistic {stat!r}; known: {', '.join(STATS)}")
-        if not (isinstance(watchdog_min_ms, (int, float)) and watchdog_min_ms >= 0):
-            raise ValueError(f"watchdog_min_ms must be >= 0, got {watchdog_min_ms!r}")
+        if not (_number(watchdog_min_ms) and watchdog_min_ms >= 0):
+            raise ValueError(f"watchdog_min_ms must be a finite number >= 0, got {watchdog_min_ms!r}")
         self.deadline_ms = float(deadline_ms)
         self.margin_ms = float(margin_ms)
         self.stat = stat
-        self.latencies_ms = None if latencies_ms is None else tuple(float(v) for v in latencies_ms)
-        self.prefix_latencies_ms = (None if prefix_latencies_ms is None
-                                    else tuple(float(v) for v in prefix_latencies_ms))
+        self.latencies_ms = _costs(latencies_ms, "latencies_ms")
+        self.prefix_latencies_ms = _costs(prefix_latencies_ms, "prefix_latencies_ms")
         self.watchdog = watchdog
         self.watchdog_min_ms = float(watchdog_min_ms)
         self.fused = fused
@@ -310,13 +350,13 @@ class Energy:
 
     def __init__(self, budget_mj: float, margin_mj: float = 0.0,
                  energies_mj: Sequence[float] | None = None) -> None:
-        if not (isinstance(budget_mj, (int, float)) and math.isfinite(budget_mj) and budget_mj > 0):
+        if not (_number(budget_mj) and budget_mj > 0):
             raise ValueError(f"the energy budget must be a positive number of millijoules, got {budget_mj!r}")
-        if not (isinstance(margin_mj, (int, float)) and math.isfinite(margin_mj) and margin_mj >= 0):
-            raise ValueError(f"the energy margin must be >= 0 mJ, got {margin_mj!r}")
+        if not (_number(margin_mj) and margin_mj >= 0):
+            raise ValueError(f"the energy margin must be a finite number >= 0 mJ, got {margin_mj!r}")
         self.budget_mj = float(budget_mj)
         self.margin_mj = float(margin_mj)
-        self.energies_mj = None if energies_mj is None else tuple(float(v) for v in energies_mj)
+        self.energies_mj = _costs(energies_mj, "energies_mj")
         self.needs_profile = self.energies_mj is None
         self.name = f"energy-{self.budget_mj:g}mJ"
 
@@ -372,8 +412,17 @@ class Confidence:
 
     def __init__(self, threshold: float | Sequence[float], measure: str = "max") -> None:
         values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
-        if not values or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
+        if not values or not all(_number(v) and v >= 0 for v in values):
             raise ValueError(f"confidence thresholds must be numbers >= 0 (probabilities), got {threshold!r}")
+        from kdedge.runtime.exits import NEVER
+
+        # above 1 no confidence ever reaches it: the policy would silently run every stage
+        # (``--confidence 90`` meaning 90 %); only a per-exit list may close an exit with NEVER
+        allowed = (lambda v: v <= 1 or v == NEVER) if not isinstance(threshold, (int, float)) else (lambda v: v <= 1)
+        if not all(allowed(v) for v in values):
+            raise ValueError(f"confidence thresholds are probabilities from 0 to 1 (a per-exit list may close an "
+                             f"exit with kdedge.runtime.exits.NEVER = {NEVER:g}), got {threshold!r}; for 90 %, "
+                             "write 0.9")
         if measure not in MEASURES:
             raise ValueError(f"unknown confidence measure {measure!r}; known: {', '.join(MEASURES)}")
         self.thresholds = tuple(float(v) for v in values)

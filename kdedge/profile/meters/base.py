@@ -44,6 +44,9 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 #: Sampling period of polling meters unless told otherwise; ``bench/bench_meter_overhead.py``
 #: measures what it costs (docs/power.md).
 DEFAULT_PERIOD_S = 0.01
+# A sampling period above this cannot resolve any inference window, and an infinite one would
+# wait forever for the sample that closes a window.
+MAX_PERIOD_S = 10.0
 
 #: Rails that carry the whole board's input power, in order of preference. When one is present
 #: it is the total; summing it with the other rails would count their power twice.
@@ -278,8 +281,8 @@ class SamplingMeter(Meter):
     """
 
     def __init__(self, period_s: float = DEFAULT_PERIOD_S, total_rail: str | None = None) -> None:
-        if not period_s > 0:
-            raise PowerError(f"sampling period must be > 0 seconds, got {period_s}")
+        if not (isinstance(period_s, (int, float)) and math.isfinite(period_s) and 0 < period_s <= MAX_PERIOD_S):
+            raise PowerError(f"sampling period must be > 0 and at most {MAX_PERIOD_S:g} seconds, got {period_s!r}")
         self.period_s = float(period_s)
         self.total_rail = total_rail
         self._samples: list[_Sample] = []
