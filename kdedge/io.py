@@ -86,6 +86,13 @@ def _refuse_constant(name: str) -> Any:
     raise JSONError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise JSONError(f"{text} overflows a double")
+    return value
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
@@ -126,7 +133,8 @@ def loads_strict(text: str, *, what: str = "JSON", max_depth: int = MAX_JSON_DEP
     if text.count("[") + text.count("{") > max_depth and _depth(text) > max_depth:
         raise JSONError(f"{what} is nested deeper than {max_depth} levels; it is not a file kdedge wrote")
     try:
-        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicates)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                          object_pairs_hook=_no_duplicates)
     except JSONError as e:
         raise JSONError(f"{what} is not strict JSON: {e}") from None
     except json.JSONDecodeError as e:
