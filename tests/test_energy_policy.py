@@ -5,6 +5,7 @@ measured profile of the toy bundle with its numbers replaced."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -129,7 +130,8 @@ def test_runner_follows_the_power_mode(base, tmp_path: Path) -> None:
         return seen[-1]
 
     pol = Deadline(10.0, margin_ms=0.0, watchdog=False)
-    with Runner(bundle, threads=1, mode=mode) as r:
+    ticks = itertools.count(0.0, 1e-6)  # 1 µs per clock read: the elapsed time is not the machine's load
+    with Runner(bundle, threads=1, mode=mode, clock=lambda: next(ticks)) as r:
         stages = [r.run(x[:1], pol)[0].stage for _ in range(4)]
         assert r.mode == "15W" and r.profile.setting == "15W"
     assert stages == [0, 0, 2, 0] and seen == ["15W", "15W", "MAXN", "15W"]

@@ -56,7 +56,9 @@ def test_default_scheme_computes_the_same_without_vnni(val_file: Path) -> None:
     here, there = _probe(bundle, val_file, False), _probe(bundle, val_file, True)
     for a, b in zip(here["logits"], there["logits"]):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-3, rtol=1e-3)
-    assert here["accuracy"] == there["accuracy"]
+    n = len(digits()[3])
+    for a, b in zip(here["accuracy"], there["accuracy"]):  # the float parts use other kernels there: at most
+        assert abs(a - b) <= 1 / n + 1e-12                   # one borderline image may change its class
 
 
 @pytest.mark.slow

@@ -67,6 +67,14 @@ def fake_tool(tmp_path: Path, name: str) -> str:
     return str(exe)
 
 
+def _wait_until(cond, timeout_s: float = 60.0) -> None:
+    """Poll ``cond`` until it holds; the timeout only guards against a hang."""
+    give_up = time.perf_counter() + timeout_s
+    while not cond():
+        assert time.perf_counter() < give_up, "the meter produced no samples"
+        time.sleep(0.002)
+
+
 # -- the integrator ---------------------------------------------------------------------------
 
 
@@ -152,7 +160,7 @@ class AnalyticMeter(PollingMeter):
 def test_polling_meter_matches_the_exact_integral(a: float, b: float) -> None:
     meter = AnalyticMeter(a, b, period_s=0.002)
     with meter:
-        time.sleep(0.12)
+        _wait_until(lambda: len(meter.stamps) >= 12)  # a count of samples, not a time: a busy machine only slows it
     r = meter.reading
     assert r is not None and r.measured
     # Exact up to the sample stamps: a read is stamped at its midpoint, a microsecond or so from
@@ -165,7 +173,7 @@ def test_polling_meter_matches_the_exact_integral(a: float, b: float) -> None:
     inside = [t for t in meter.stamps if meter.window_start <= t <= meter.window_start + r.seconds]
     assert r.samples == len(inside) >= 10
     assert r.period_s == pytest.approx((inside[-1] - inside[0]) / (len(inside) - 1))
-    assert r.period_s >= 0.002 * 0.9
+    assert r.period_s >= 0.002 * 0.9  # never faster than asked (slower when the machine is busy)
 
 
 def test_polling_meter_start_stop_errors() -> None:
@@ -242,13 +250,14 @@ def test_sysfs_meter_follows_a_power_step(tmp_path: Path) -> None:
     curr = root / "1-0040" / "hwmon" / "hwmon1" / "curr1_input"
     meter = JetsonSysfsMeter(root=str(root), period_s=0.002, total_rail="VDD_IN")
     meter.start()
-    time.sleep(0.05)
+    _wait_until(lambda: len(meter._samples) >= 5)
     poke(curr, 2240)  # input power doubles
-    time.sleep(0.05)
+    seen = len(meter._samples)
+    _wait_until(lambda: len(meter._samples) >= seen + 5)
     r = meter.stop()
     low, high = 5.072 * 1.120, 5.072 * 2.240
+    # strictly between: the window saw both levels (how long each lasted depends on scheduling)
     assert low * r.seconds < r.joules < high * r.seconds
-    assert r.joules == pytest.approx((low + high) / 2 * r.seconds, rel=0.25)
 
 
 def test_total_rail_choice(tmp_path: Path) -> None:
@@ -411,13 +420,14 @@ def test_tegrastats_meter_integrates_its_lines(tegrastats_exe: str, use_pty: boo
     with meter.session():
         for _ in range(2):  # the subprocess stays up across windows
             with meter:
-                time.sleep(0.15)
+                start = len(meter._samples)
+                _wait_until(lambda: len(meter._samples) >= start + 5)
             r = meter.reading
             assert r.joules == pytest.approx(5.0 * r.seconds, rel=1e-9)
             assert r.rails["VDD_SOC"] == pytest.approx(1.5 * r.seconds, rel=1e-9)
             assert "held" not in r.note  # both edges bracketed by lines
-            assert 4 <= r.samples <= 12
-            assert 0.01 < r.period_s < 0.04
+            assert r.samples >= 4
+            assert r.period_s > 0.01  # lines come every 20 ms or later, never faster
     assert meter._proc is None
 
 
