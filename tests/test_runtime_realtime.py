@@ -196,3 +196,161 @@ def test_gc_guard_keeps_collections_between_requests() -> None:
         assert not gc.isenabled()
     finally:
         (gc.enable if enabled else gc.disable)()
+
+
+# -- the runner in real time ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("torch")
+    from helpers_runtime import toy_bundle
+
+    return toy_bundle(tmp_path_factory.mktemp("rt"))[0]
+
+
+def _x():
+    import numpy as np
+
+    return np.zeros((1, 1, 8, 8), np.float32)
+
+
+@needs_fifo
+def test_runner_gives_every_request_thread_the_policy(bundle) -> None:
+    from kdedge.runtime import Runner
+    from kdedge.runtime.policies import Deadline, Full
+
+    seen: dict[str, object] = {}
+
+    class Spy(Full):
+        def decide(self, ctx):  # inside a request: which policy runs it, is gc off?
+            seen["policy"] = rt.thread_policy(threading.get_native_id())
+            seen["gc"] = gc.isenabled()
+            return super().decide(ctx)
+
+    def body():
+        tid = threading.get_native_id()
+        cfg = rt.Realtime(priority=6, lock_memory=False)
+        with Runner(bundle, threads=2, realtime=cfg) as r:
+            assert r.run_key == "rtfifo6"
+            r.warmup()
+            r.run(_x(), Spy())
+            # the watchdog's thread (started by a deadline with an abort) runs one priority above
+            r.run(_x(), Deadline(1000.0, latencies_ms=[0.01] * 3, watchdog_min_ms=0))
+            threads = r.realtime_threads
+        return tid, threads, rt.thread_policy(tid)
+
+    gc_was = gc.isenabled()
+    tid, threads, after = _in_thread(body)
+    assert gc.isenabled() == gc_was and seen["gc"] is False and seen["policy"] == ("SCHED_FIFO", 6)
+    policies = {t: (p, q) for t, p, q, _ in threads}
+    assert policies[tid] == ("SCHED_FIFO", 6)
+    # the caller, onnxruntime's pool thread of each of the three stage sessions, the watchdog
+    assert len(policies) >= 5
+    assert sorted(set(policies.values())) == [("SCHED_FIFO", 6), ("SCHED_FIFO", 7)]
+    assert list(policies.values()).count(("SCHED_FIFO", 7)) == 1
+    assert after == ("SCHED_OTHER", 0)  # close() gave the creating thread its policy back
+
+
+@needs_fifo
+def test_runner_pins_request_threads_to_cpus(bundle) -> None:
+    from kdedge.runtime import Runner
+
+    cpu = min(rt.usable_cpus())
+
+    def body():
+        before = rt.thread_cpus(threading.get_native_id())
+        with Runner(bundle, threads=1, realtime=rt.Realtime(priority=2, cpus=(cpu,), lock_memory=False)) as r:
+            r.run(_x())
+            pinned = [c for *_, c in r.realtime_threads]
+        return before, pinned, rt.thread_cpus(threading.get_native_id())
+
+    before, pinned, after = _in_thread(body)
+    assert pinned and all(c == [cpu] for c in pinned)
+    assert after == before
+
+
+def test_runner_refusal_is_one_line_and_leaves_nothing_behind(bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdedge.runtime import Runner
+
+    def deny(*_a: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", deny)
+    before = set(rt.thread_ids())
+    with pytest.raises(rt.RealtimeError, match="the OS refused SCHED_FIFO at priority 50.*setcap cap_sys_nice"):
+        Runner(bundle, threads=2, realtime=True)
+    assert set(rt.thread_ids()) <= before  # no session (and no intra-op pool) was left open
+
+
+def test_realtime_profiles_are_keyed_apart(bundle, tmp_path) -> None:
+    """A real-time run plans with a profile measured in real time, and says how to make one."""
+    import shutil
+
+    from kdedge.profile.latency import MissingProfileError, _run_flags, resolve_profile
+    from kdedge.runtime.bundle import open_bundle
+    from kdedge.runtime.realtime import realtime_key, split_realtime_key
+
+    assert realtime_key("", rt.Realtime(priority=9)) == "rtfifo9"
+    assert realtime_key("torch-cuda-cudagraphs", rt.Realtime(policy="rr")) == "torch-cuda-cudagraphs-rtrr50"
+    assert split_realtime_key("torch-cuda-rtrr50") == ("torch-cuda", "rtrr50")
+    assert split_realtime_key("torch-cuda-cudagraphs") == ("torch-cuda-cudagraphs", None)
+    assert _run_flags("rtfifo9") == " --realtime --rt-priority 9"
+    assert _run_flags("torch-cuda-rtrr3") == " --device cuda --realtime --rt-priority 3 --rt-policy rr"
+    b = open_bundle(shutil.copytree(bundle, tmp_path / "b.kdedge"))
+    with pytest.raises(MissingProfileError, match=r"run as rtfifo9.*kdedge profile .* --realtime --rt-priority 9"):
+        resolve_profile(b, "auto", target="onnx", threads=1, key="rtfifo9")
+
+
+@needs_fifo
+def test_cli_profile_and_run_in_real_time(bundle, tmp_path) -> None:
+    import json
+    import shutil
+
+    import numpy as np
+
+    b = shutil.copytree(bundle, tmp_path / "b.kdedge")
+    np.save(tmp_path / "x.npy", np.zeros((3, 1, 8, 8), np.float32))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("KDEDGE_DEBUG", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kdedge.cli.main", *args], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    res = cli("profile", str(b), "--threads", "1", "--runs", "5", "--warmup", "1", "--quiet", "--no-plot",
+              "--realtime", "--rt-priority", "3", "--no-mlock")
+    assert res.returncode == 0, res.stderr
+    stored = [p.name for p in (b / "profiles").glob("*.json")]
+    assert len(stored) == 1 and stored[0].endswith("-rtfifo3.json")
+    prof = json.loads((b / "profiles" / stored[0]).read_text())
+    assert prof["realtime"] == {"policy": "SCHED_FIFO", "priority": 3, "cpus": None, "lock_memory": False,
+                                "freeze_gc": True} and prof["run_key"] == "rtfifo3"
+    res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--threads", "1", "--deadline-ms", "1000",
+              "--realtime", "--rt-priority", "3", "--no-mlock", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["realtime"]["priority"] == 3
+    res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--threads", "1", "--deadline-ms", "1000")
+    assert res.returncode == 2 and "no latency profile" in res.stderr  # ordinary runs need an ordinary profile
+    res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--rt-priority", "3")
+    assert res.returncode == 2 and "apply with --realtime" in res.stderr
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv to drop CAP_SYS_NICE")
+def test_cli_refusal_without_the_capability(bundle, tmp_path) -> None:
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("KDEDGE_DEBUG", None)
+    res = subprocess.run(["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", sys.executable, "-m",
+                          "kdedge.cli.main", "run", str(bundle), "--input", str(tmp_path / "x.npy"), "--realtime"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    if "setpriv:" in res.stderr:
+        pytest.skip(f"setpriv cannot drop capabilities here: {res.stderr.strip()}")
+    if res.returncode == 0:
+        pytest.skip("RLIMIT_RTPRIO allows SCHED_FIFO without CAP_SYS_NICE here")
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: the OS refused SCHED_FIFO at priority 50")
+    assert "Traceback" not in res.stderr

@@ -81,3 +81,27 @@ def print_json(obj: Any) -> None:
 
     sys.stdout.write(dumps_strict(obj, default=str) + "\n")
     sys.stdout.flush()
+
+
+def realtime_options(realtime: bool, priority: int, policy: str, cpus: str | None, mlock: bool) -> Any:
+    """The :class:`~kdedge.runtime.realtime.Realtime` that ``--realtime --rt-priority --rt-policy
+    --cpus --mlock/--no-mlock`` ask for, or None without ``--realtime``."""
+    from kdedge.runtime.realtime import Realtime, parse_cpus
+
+    if not realtime:
+        if cpus is not None or priority != 50 or policy != "fifo":
+            raise ValueError("--rt-priority, --rt-policy and --cpus apply with --realtime")
+        return None
+    return Realtime(priority=priority, policy=policy, cpus=parse_cpus(cpus) if cpus is not None else None,
+                    lock_memory=mlock)
+
+
+REALTIME_HELP = {
+    "realtime": "Real-time execution: SCHED_FIFO for the request thread and onnxruntime's threads, memory "
+                "locked, gc kept out of requests (needs root or CAP_SYS_NICE; refused with what to grant "
+                "otherwise). Part of the profile's key.",
+    "rt_priority": "With --realtime: the real-time priority, 1..98.",
+    "rt_policy": "With --realtime: fifo (SCHED_FIFO) or rr (SCHED_RR).",
+    "cpus": "With --realtime: the CPUs the request threads run on, e.g. 0,1 or 1-3.",
+    "mlock": "With --realtime: lock the process's memory (mlockall).",
+}

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from kdedge.cli.common import err, handle_errors, out, print_json
+from kdedge.cli.common import REALTIME_HELP, err, handle_errors, out, print_json, realtime_options
 
 HELP = """Measure the latency of every stage and fused prefix of a bundle on this device, after
 warm-up: min, mean, median, p90, p95, p99 and max at each batch size. The profile is written
@@ -26,6 +26,10 @@ Examples:
   kdedge profile hne.kdedge
 
   kdedge profile hne.kdedge --batch 1,32 --runs 500 --threads 2
+
+  kdedge profile hne.kdedge --threads 1,2          # one profile per setting, for kdedge run --threads auto
+
+  kdedge profile hne.kdedge --realtime --cpus 1    # SCHED_FIFO; kdedge run --realtime plans with it
 
   kdedge profile hne.kdedge --json
 
@@ -97,8 +101,9 @@ def command(
     runs: int = typer.Option(200, help="Timed rounds per batch size (each runs the chain and every prefix "
                              "once); 1 to 100000."),
     warmup: int = typer.Option(20, help="Untimed rounds first; 0 to 100000."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads per session (default: all usable CPUs); at most "
-                                          "4 x the CPUs."),
+    threads: Optional[str] = typer.Option(None, help="CPU threads per session, or several comma-separated (1,2: "
+                                          "one profile each, for kdedge run --threads auto); default: all usable "
+                                          "CPUs; at most 4 x the CPUs."),
     optimization: str = typer.Option("all", help="onnxruntime graph optimisation: disable, basic, extended, layout, all."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the accuracy-vs-latency PNG next to the profile."),
     meter: Optional[str] = typer.Option(None, "--meter", help="Power meter for energy per stage: auto, none, "
@@ -113,10 +118,53 @@ def command(
                                       envvar="KDEDGE_NVPMODEL_CONF"),
     jetson_clocks_exe: str = typer.Option("jetson_clocks", "--jetson-clocks-exe", hidden=True,
                                           envvar="KDEDGE_JETSON_CLOCKS"),
+    realtime: bool = typer.Option(False, "--realtime", help=REALTIME_HELP["realtime"]),
+    rt_priority: int = typer.Option(50, "--rt-priority", help=REALTIME_HELP["rt_priority"]),
+    rt_policy: str = typer.Option("fifo", "--rt-policy", help=REALTIME_HELP["rt_policy"]),
+    cpus: Optional[str] = typer.Option(None, "--cpus", help=REALTIME_HELP["cpus"]),
+    mlock: bool = typer.Option(True, "--mlock/--no-mlock", help=REALTIME_HELP["mlock"]),
     json_out: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    batches = check_arguments(batch, runs, warmup, threads, meter_period_ms)
+    thread_counts = parse_threads(threads)
+    for t in thread_counts:
+        batches = check_arguments(batch, runs, warmup, t, meter_period_ms)
+    rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock)
+    if len(thread_counts) > 1 and power_mode is not None:
+        raise ValueError("measure several --threads settings or several --power-mode modes, not both at once")
+    if len(thread_counts) > 1:
+        results = []
+        for t in thread_counts:  # one profile per setting (the thread count is part of its key)
+            results += _command(bundle, target, device, cuda_graphs, batches, runs, warmup, t, optimization, plot,
+                                meter, meter_period_ms, None, lock_clocks, nvpmodel_exe, nvpmodel_conf,
+                                jetson_clocks_exe, json_out, quiet, rt, report=False)
+        if json_out:
+            print_json([{**prof.data, "path": str(path), "plot": None if png is None else str(png)}
+                        for prof, path, png in results])
+            return
+        for prof, path, png in results:
+            _report(prof, path, png, plot, json_out)
+        return
+    _command(bundle, target, device, cuda_graphs, batches, runs, warmup, thread_counts[0], optimization, plot, meter,
+             meter_period_ms, power_mode, lock_clocks, nvpmodel_exe, nvpmodel_conf, jetson_clocks_exe, json_out,
+             quiet, rt)
+
+
+def parse_threads(text: Optional[str]) -> list[Optional[int]]:
+    """``--threads``: None (the default), one count, or comma-separated counts such as 1,2."""
+    if text is None:
+        return [None]
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"--threads takes a thread count or comma-separated counts such as 1,2; got {text!r}")
+    return sorted({int(p) for p in parts})
+
+
+def _command(bundle: Path, target: str, device: Optional[str], cuda_graphs: bool, batches: list[int], runs: int,
+             warmup: int, threads: Optional[int], optimization: str, plot: bool, meter: Optional[str],
+             meter_period_ms: Optional[float], power_mode: Optional[str], lock_clocks: bool, nvpmodel_exe: str,
+             nvpmodel_conf: str, jetson_clocks_exe: str, json_out: bool, quiet: bool, rt: Any,
+             report: bool = True) -> list[Any]:
     power_meter = None
     if meter is not None:
         import inspect
@@ -135,29 +183,32 @@ def command(
     try:
         if modes is None:
             results = [_measure(bundle, target, batches, runs, warmup, threads, optimization, plot,
-                                json_out or quiet, power_meter, device=device, cuda_graphs=cuda_graphs)]
+                                json_out or quiet, power_meter, device=device, cuda_graphs=cuda_graphs, realtime=rt)]
         else:
             from kdedge.profile.modes import Nvpmodel
 
             nv = Nvpmodel(conf=nvpmodel_conf, nvpmodel=nvpmodel_exe, jetson_clocks=jetson_clocks_exe or None)
             results = _measure(bundle, target, batches, runs, warmup, threads, optimization, plot,
                                json_out or quiet, power_meter, modes=modes, nvpmodel=nv, lock_clocks=lock_clocks,
-                               device=device, cuda_graphs=cuda_graphs)
+                               device=device, cuda_graphs=cuda_graphs, realtime=rt)
     finally:
         if power_meter is not None:
             power_meter.close()
+    if not report:
+        return results
     if json_out and modes is not None:
         print_json([{**prof.data, "path": str(path), "plot": None if png is None else str(png)}
                     for prof, path, png in results])
-        return
+        return results
     for prof, path, png in results:
         _report(prof, path, png, plot, json_out)
+    return results
 
 
 def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: int, threads: Optional[int],
              optimization: str, plot: bool, silent: bool, meter: object, modes: Optional[list[str]] = None,
              nvpmodel: object = None, lock_clocks: bool = False, device: Optional[str] = None,
-             cuda_graphs: bool = False) -> Any:
+             cuda_graphs: bool = False, realtime: Any = None) -> Any:
     """One (profile, path, png) without ``modes``; a list of them, one per mode, with."""
     from kdedge.profile.latency import open_target_bundle, profile_bundle, profile_power_modes
     from kdedge.targets import RunSpec, get_target
@@ -168,7 +219,7 @@ def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: i
     bundle = opened
     kw: dict[str, Any] = dict(target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
                               optimization=optimization, plot=plot, meter=meter, device=device,
-                              cuda_graphs=cuda_graphs, report=_note)
+                              cuda_graphs=cuda_graphs, report=_note, realtime=realtime)
 
     def go(progress: Any) -> Any:
         if modes is None:

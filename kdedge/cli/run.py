@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from kdedge.cli.common import err, handle_errors, out, print_json
+from kdedge.cli.common import REALTIME_HELP, err, handle_errors, out, print_json, realtime_options
 
 HELP = """Run a bundle's stages one by one on this device and stop when the budget says so:
 a deadline per request (--deadline-ms, needs a latency profile from kdedge profile), a
@@ -35,6 +35,8 @@ Examples:
   kdedge run hne.kdedge --input images/ --energy-mj 3      # needs kdedge profile --meter
 
   kdedge run hne.kdedge --target torch --device cuda --cuda-graphs --input batch.npy --deadline-ms 1
+
+  kdedge run hne.kdedge --data mnist5k --deadline-ms 2 --realtime --cpus 1   # needs kdedge profile --realtime
 """
 
 
@@ -155,6 +157,11 @@ def command(
     follow_power_mode: bool = typer.Option(False, "--follow-power-mode", help="On a Jetson: read the nvpmodel mode (at most once a second) and use that mode's profile; a mode change applies from the next request."),
     nvpmodel_exe: str = typer.Option("nvpmodel", "--nvpmodel-exe", hidden=True, envvar="KDEDGE_NVPMODEL"),
     nvpmodel_conf: str = typer.Option("/etc/nvpmodel.conf", "--nvpmodel-conf", hidden=True, envvar="KDEDGE_NVPMODEL_CONF"),
+    realtime: bool = typer.Option(False, "--realtime", help=REALTIME_HELP["realtime"]),
+    rt_priority: int = typer.Option(50, "--rt-priority", help=REALTIME_HELP["rt_priority"]),
+    rt_policy: str = typer.Option("fifo", "--rt-policy", help=REALTIME_HELP["rt_policy"]),
+    cpus: Optional[str] = typer.Option(None, "--cpus", help=REALTIME_HELP["cpus"]),
+    mlock: bool = typer.Option(True, "--mlock/--no-mlock", help=REALTIME_HELP["mlock"]),
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     from kdedge.runtime import Runner
@@ -169,9 +176,10 @@ def command(
         raise ValueError(f"--limit must be at least 1, got {limit}")
     policy = _policy(deadline_ms, confidence, stages, fused, margin_ms, stat, measure, energy_mj)
     mode = _mode_follower(nvpmodel_exe, nvpmodel_conf) if follow_power_mode else None
+    rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock)
     with Runner(bundle, target=target, threads=threads, combine=combine,
                 profile=str(profile) if profile is not None else "auto", mode=mode, device=device,
-                cuda_graphs=cuda_graphs) as runner:
+                cuda_graphs=cuda_graphs, realtime=rt) as runner:
         if getattr(policy, "needs_profile", False):
             runner.profile  # noqa: B018 - a missing/stale/foreign profile fails before any work
             if energy_mj is not None:  # a profile without energy fails here too, not mid-run
@@ -180,7 +188,8 @@ def command(
             x, y, name = _dataset(data, data_root, split, seed, limit, runner.bundle)
             runner.warmup(sorted({min(batch, len(x)), len(x) % batch or batch}))
             result = runner.evaluate(x, y, policy, batch=batch)
-            result = {"bundle": str(bundle), "data": name, "split": split, "threads": runner.threads, **result}
+            result = {"bundle": str(bundle), "data": name, "split": split, "threads": runner.threads,
+                      "realtime": rt.to_dict() if rt is not None else None, **result}
             result.pop("labels")
             result.pop("stages")
             if json_out:
@@ -215,7 +224,7 @@ def command(
         summary = _summary(rows, budget)
         if json_out:
             print_json({"bundle": str(bundle), "policy": getattr(policy, "name", str(policy)), "threads": runner.threads,
-                        "results": rows, "summary": summary})
+                        "realtime": rt.to_dict() if rt is not None else None, "results": rows, "summary": summary})
             return
         _print_results(rows, budget)
         lat = summary["latency_ms"]

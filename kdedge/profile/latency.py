@@ -362,8 +362,19 @@ def check_profile(profile: LatencyProfile, bundle: Any, target: str, device: str
 def _run_flags(key: str) -> str:
     """The ``kdedge profile`` flags that reproduce a run key (``torch-cuda-cudagraphs`` ->
     `` --device cuda --cuda-graphs``)."""
+    from kdedge.runtime.realtime import split_realtime_key
+
+    key, rt = split_realtime_key(key)
+    flags = ""
+    if rt is not None:  # rtfifo50 / rtrr10
+        policy = "rr" if rt.startswith("rtrr") else "fifo"
+        flags = f" --realtime --rt-priority {rt[len('rt') + len(policy):]}" + (" --rt-policy rr" if policy == "rr" else "")
     if not key:
-        return ""
+        return flags
+    return _device_flags(key) + flags
+
+
+def _device_flags(key: str) -> str:
     parts = key.split("-")[1:]
     graphs = parts[-1:] == ["cudagraphs"]
     device = "-".join(parts[:-1] if graphs else parts)
@@ -430,7 +441,7 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
                     providers: Sequence[str] | None = None, progress: Progress | None = None,
                     seed: int = 0, meter: Any | None = None, nvpmodel: Any | None = None,
                     device: str | None = None, cuda_graphs: bool = False,
-                    clock: Callable[[], float] | None = None) -> LatencyProfile:
+                    clock: Callable[[], float] | None = None, realtime: Any = None) -> LatencyProfile:
     """Measure every stage (inside the runner's stage loop), every fused prefix and the full chain.
 
     Args:
@@ -453,6 +464,8 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
             part of the profile's key.
         clock: the runner's clock in seconds (default ``time.perf_counter``; tests pass a coarse
             one). Times below :func:`timer_resolution_ms` are recorded as that resolution.
+        realtime: measure in real time (:class:`kdedge.runtime.realtime.Realtime`); part of the
+            profile's key, so that a real-time run plans with a real-time profile.
 
     Returns:
         the :class:`LatencyProfile` (not yet written; see :func:`store_profile`).
@@ -468,7 +481,7 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
     rng = np.random.default_rng(seed)
     floor = timer_resolution_ms()
     with Runner(bundle, target=target, threads=threads, optimization=optimization, providers=providers,
-                profile=None, watchdog=False, device=device, cuda_graphs=cuda_graphs,
+                profile=None, watchdog=False, device=device, cuda_graphs=cuda_graphs, realtime=realtime,
                 **({} if clock is None else {"clock": clock})) as runner:
         b = runner.bundle
         _check_input_bytes(batches[-1], runner.input_shape)
@@ -494,6 +507,8 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
                         ms = _at_least(res.stage_ms[0], floor)
                         samples.setdefault(res.graphs[0], {}).setdefault(n, []).append(ms)
                 done += 1
+                if r == warmup - 1:
+                    runner.settle()
                 if progress is not None:
                     progress(done, total, f"batch {n}")
         graphs = {g: {str(n): {"latency_ms": summarize(v)} for n, v in per.items()} for g, per in samples.items()}
@@ -520,6 +535,7 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
             "target": target,
             "run_key": runner.run_key,
             "threads": runner.threads,
+            "realtime": runner.realtime.to_dict() if runner.realtime is not None else None,
             "options": _options_record(opts),
             "bundle": {"fingerprint": bundle_fingerprint(b, target), "family": b.family, "path": str(b.path)},
             "created": created,
@@ -793,7 +809,7 @@ def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: S
                    providers: Sequence[str] | None = None, plot: bool = True,
                    progress: Progress | None = None, meter: Any | None = None, nvpmodel: Any | None = None,
                    device: str | None = None, cuda_graphs: bool = False,
-                   report: Callable[[str], None] | None = None,
+                   report: Callable[[str], None] | None = None, realtime: Any = None,
                    ) -> tuple[LatencyProfile, Path, Path | None]:
     """Measure a bundle on this device and store the profile in the bundle, with its CSV and PNGs
     (:func:`write_reports`: ``<profile>.csv``, ``<profile>.png``, ``<profile>-energy.png``).
@@ -811,7 +827,7 @@ def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: S
     b, target = open_target_bundle(bundle, target)
     prof = measure_profile(b, target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
                            optimization=optimization, providers=providers, progress=progress, meter=meter,
-                           nvpmodel=nvpmodel, device=device, cuda_graphs=cuda_graphs)
+                           nvpmodel=nvpmodel, device=device, cuda_graphs=cuda_graphs, realtime=realtime)
     prof = store_profile(b, prof, report=report)
     path = prof.path
     assert path is not None

@@ -95,6 +95,23 @@ class Realtime:
                 "lock_memory": self.lock_memory, "freeze_gc": self.freeze_gc}
 
 
+def realtime_key(base: str, cfg: Realtime | None) -> str:
+    """A runner's profile key: the target's run key (``""`` for onnxruntime on the CPU,
+    ``torch-cuda-cudagraphs``, …) plus the real-time part (``rtfifo50``) when there is one."""
+    if cfg is None:
+        return base
+    return f"{base}-{cfg.key()}" if base else cfg.key()
+
+
+def split_realtime_key(key: str) -> tuple[str, str | None]:
+    """(the target's run key, the real-time part or None): the inverse of :func:`realtime_key`."""
+    head, _, last = key.rpartition("-")
+    part = last if last.startswith("rt") else None
+    if part is None:
+        return key, None
+    return head, part
+
+
 def parse_cpus(text: str) -> tuple[int, ...]:
     """``"0,1"`` or ``"0-3,6"`` -> (0, 1) / (0, 1, 2, 3, 6); one-line error on anything else."""
     out: list[int] = []

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -38,6 +39,9 @@ from kdedge.runtime.bundle import INPUT, Bundle, StageEntry, open_bundle
 from kdedge.runtime.combine import Running, check_rule
 from kdedge.runtime.inputs import check_batch
 from kdedge.runtime.policies import Context, Full, Policy
+from kdedge.runtime.realtime import (MAX_PRIORITY, GcGuard, Realtime, RealtimeError, ThreadAdopter, describe_threads,
+                                     lock_memory, realtime_key, set_thread, unlock_memory)
+from kdedge.runtime.realtime import supported as rt_supported
 from kdedge.runtime.sessions import (AbortHandle, OrtOptions, Session, StageAborted, Watchdog, check_threads,
                                      get_session_factory, numpy_dtype)
 
@@ -267,6 +271,14 @@ class Runner:
             compute units); default: the device the files were compiled for. Part of the
             profile's key (:attr:`run_key`).
         cuda_graphs: capture and replay CUDA graphs (torch, TensorRT; needs a CUDA device).
+        realtime: run requests in real time (:class:`~kdedge.runtime.realtime.Realtime`, or True
+            for its defaults: ``SCHED_FIFO`` 50, memory locked, gc kept out of requests). The
+            thread that creates the runner, every thread that calls :meth:`run`, and the
+            sessions' intra-op threads get the policy (read back from /proc; the watchdog's
+            thread one priority above, so that it can preempt an overrunning stage). Part of
+            the profile's key. Refused with :class:`~kdedge.runtime.realtime.RealtimeError`
+            (one line saying what to grant) where the OS does not allow it; never a silent
+            fallback. :meth:`close` gives the creating thread its old policy back.
 
     Raises:
         BundleError: the bundle is missing, malformed, tampered with or too new.
@@ -280,8 +292,11 @@ class Runner:
                  session_options: Any = None, clock: Callable[[], float] = time.perf_counter,
                  watchdog: bool = True, check_inputs: bool = True, bind: bool = True,
                  mode: Callable[[], str] | None = None, device: str | None = None,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, realtime: Realtime | bool | None = None) -> None:
         threads = check_threads(threads)  # before anything is opened: --threads 100000 fails at once
+        self.realtime: Realtime | None = Realtime() if realtime is True else (realtime or None)
+        if self.realtime is not None and not isinstance(self.realtime, Realtime):
+            raise ValueError(f"realtime= takes a Realtime, True or None, got {type(realtime).__name__}")
         if target == "auto":  # the first of the bundle's targets that runs on this device
             from kdedge.runtime.bundle import read_manifest
             from kdedge.targets import pick_target
@@ -299,8 +314,9 @@ class Runner:
         if self.combine not in self.bundle.combine_supported:
             raise ValueError(f"bundle {self.bundle.path.name} does not support combine rule {self.combine!r}; it "
                              f"supports {', '.join(self.bundle.combine_supported)}")
-        session_options, self.run_key = _session_options(self.bundle, target, session_options, device, cuda_graphs,
-                                                         threads, optimization, providers)
+        session_options, base_key = _session_options(self.bundle, target, session_options, device, cuda_graphs,
+                                                     threads, optimization, providers)
+        self.run_key = realtime_key(base_key, self.realtime)
         self.options = session_options
         self.threads = int(getattr(session_options, "resolved_threads", None)
                            or (session_options.get("threads") if isinstance(session_options, dict) else None)
@@ -314,9 +330,17 @@ class Runner:
         self.input_shape = tuple(int(v) for v in self.bundle.input_shape[1:])  # (C, H, W)
         self.classes = tuple(self.bundle.classes)
         self.sessions: list[Session] = []
+        self._gc = GcGuard()
+        self._rt_restore: tuple[int, int, Any, Any] | None = None
+        self._rt_locked = False
+        self._rt_threads: list[int] = []
+        self._local = threading.local()
         try:
-            for e in self.entries:
-                self.sessions.append(self._factory(self.bundle, e, session_options))
+            if self.realtime is not None:
+                self._enter_realtime()
+            with self._adopting():
+                for e in self.entries:
+                    self.sessions.append(self._factory(self.bundle, e, session_options))
         except BaseException:
             self.close()
             raise
@@ -334,7 +358,6 @@ class Runner:
             exist = {INPUT} | {o.tensor for e in self.entries[:k] for o in e.outputs}
             self._live_before.append(exist & {i.tensor for e in self.entries[k:] for i in e.inputs})
         self._stages_bindable = bind and _bindable(self.sessions, self.entries)
-        self._local = threading.local()
         self._lock = threading.Lock()
         self._profile_arg = profile
         self._profile: Any = None
@@ -370,6 +393,70 @@ class Runner:
         if getattr(self, "_watchdog", None) is not None:
             self._watchdog.close()  # type: ignore[union-attr]
             self._watchdog = None
+        self._leave_realtime()
+
+    # -- real time -------------------------------------------------------------------------------
+    def _enter_realtime(self) -> None:
+        """The creating thread takes the real-time policy before any session exists (their
+        intra-op threads then inherit it); memory is locked."""
+        import os
+
+        cfg = self.realtime
+        assert cfg is not None
+        why = rt_supported()
+        if why:
+            raise RealtimeError(f"--realtime: {why}")
+        tid = threading.get_native_id()
+        self._rt_restore = (tid, os.sched_getscheduler(0), os.sched_getparam(0), os.sched_getaffinity(0))
+        set_thread(0, cfg)
+        self._local.realtime = True
+        self._rt_threads.append(tid)
+        if cfg.lock_memory:
+            lock_memory()
+            self._rt_locked = True
+
+    def _leave_realtime(self) -> None:
+        import os
+
+        restore = getattr(self, "_rt_restore", None)
+        if restore is not None:
+            tid, policy, param, cpus = restore
+            try:
+                os.sched_setscheduler(tid, policy, param)
+                os.sched_setaffinity(tid, cpus)
+            except OSError:  # the thread has ended, or lowering was refused: nothing to restore
+                pass
+            self._rt_restore = None
+        if getattr(self, "_rt_locked", False):
+            unlock_memory()
+            self._rt_locked = False
+
+    @contextlib.contextmanager
+    def _adopting(self) -> Iterator[None]:
+        """Every thread that appears inside (onnxruntime's intra-op pools) gets the policy."""
+        if self.realtime is None:
+            yield
+            return
+        adopter = ThreadAdopter(self.realtime)
+        yield
+        adopter.adopt()
+        adopter.check(adopter.adopted)
+        self._rt_threads.extend(adopter.adopted)
+
+    def _realtime_caller(self) -> None:
+        """A thread calling :meth:`run` for the first time takes the policy."""
+        if not getattr(self._local, "realtime", False):
+            assert self.realtime is not None
+            set_thread(0, self.realtime)
+            self._local.realtime = True
+            with self._lock:
+                self._rt_threads.append(threading.get_native_id())
+
+    @property
+    def realtime_threads(self) -> list[tuple[int, str, int, list[int]]]:
+        """(thread id, policy, priority, CPUs) of the threads given real-time scheduling, read
+        from /proc now (empty without ``realtime``)."""
+        return list(describe_threads(self._rt_threads))
 
     # -- profile ---------------------------------------------------------------------------------
     @property
@@ -440,7 +527,8 @@ class Runner:
             with self._lock:
                 s = self._prefix_sessions.get(j)
                 if s is None:
-                    s = self._factory(self.bundle, self.bundle.prefixes[j], self.options)
+                    with self._adopting():
+                        s = self._factory(self.bundle, self.bundle.prefixes[j], self.options)
                     self._prefix_sessions[j] = s
         return s
 
@@ -467,9 +555,27 @@ class Runner:
             if self._watchdog is None:
                 with self._lock:
                     if self._watchdog is None:
-                        self._watchdog = Watchdog(self._clock)
+                        self._watchdog = Watchdog(self._clock, thread_setup=self._watchdog_setup())
             token = self._watchdog.arm(handle.deadline, handle)  # type: ignore[union-attr]
         return handle, token
+
+    def _watchdog_setup(self) -> Callable[[], None] | None:
+        """With ``realtime``, the watchdog's thread runs one priority above the request threads:
+        at the same priority, a FIFO request thread overrunning on the only free CPU would keep
+        the watchdog from ever running."""
+        cfg = self.realtime
+        if cfg is None:
+            return None
+        from dataclasses import replace
+
+        above = replace(cfg, priority=min(cfg.priority + 1, MAX_PRIORITY))
+
+        def setup() -> None:
+            set_thread(0, above)
+            with self._lock:
+                self._rt_threads.append(threading.get_native_id())
+
+        return setup
 
     # -- running ---------------------------------------------------------------------------------
     def warmup(self, batches: Sequence[int] = (1,), runs: int = 3, prefixes: bool = True) -> None:
@@ -483,6 +589,13 @@ class Runner:
                 self.run(x, Full())
                 for j in range(self.num_prefixes if prefixes else 0):
                     self.run(x, Fixed(j + 1, fused=True))
+        self.settle()
+
+    def settle(self) -> None:
+        """Call once after warm-up: with ``realtime``, every object alive now moves to the
+        permanent generation (``gc.freeze``), so later collections stay short."""
+        if self.realtime is not None and self.realtime.freeze_gc:
+            self._gc.freeze()
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray | None = None, policy: Policy | None = None,
                  batch: int = 1, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -551,6 +664,18 @@ class Runner:
                 range the model was trained on); no answer with NaN probabilities is returned.
             ProfileError: the policy needs a latency profile and there is no usable one.
         """
+        if self.realtime is None:
+            return self._run(x, policy, start)
+        self._realtime_caller()
+        if not self.realtime.freeze_gc:
+            return self._run(x, policy, start)
+        self._gc.enter()
+        try:
+            return self._run(x, policy, start)
+        finally:
+            self._gc.leave()
+
+    def _run(self, x: np.ndarray, policy: Policy | None, start: float | None) -> Results:
         clock = self._clock
         t0 = clock() if start is None else start
         policy = self.policy if policy is None else policy

@@ -445,10 +445,14 @@ class Watchdog:
 
     Args:
         clock: the time source of ``when`` (``time.perf_counter``).
+        thread_setup: called first in the watchdog's thread (the runner gives it real-time
+            scheduling there).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter,
+                 thread_setup: Callable[[], None] | None = None) -> None:
         self._clock = clock
+        self._setup = thread_setup
         self._heap: list[list[Any]] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
@@ -474,6 +478,11 @@ class Watchdog:
         token[3] = False  # removed lazily by the thread
 
     def _loop(self) -> None:
+        if self._setup is not None:  # e.g. real-time scheduling for this thread
+            try:
+                self._setup()
+            except OSError:
+                pass  # the runner's own threads got the policy; the watchdog still works without
         with self._cond:
             while not self._closed:
                 while self._heap and not self._heap[0][3]:
