@@ -41,13 +41,13 @@ Examples:
 
 
 def _policy(deadline_ms: Optional[float], confidence: Optional[float], stages: Optional[int], fused: Optional[bool],
-            margin_ms: float, stat: str, measure: str, energy_mj: Optional[float] = None) -> Any:
+            margin_ms: float, stat: str, measure: str, energy_mj: Optional[float] = None, online: bool = False) -> Any:
     from kdedge.runtime.policies import make_policy
 
     if confidence is not None and not 0.0 <= confidence <= 1.0:
         raise ValueError(f"--confidence is a probability threshold in [0, 1], got {confidence}")
     return make_policy(deadline_ms=deadline_ms, confidence=confidence, stages=stages, fused=fused,
-                       margin_ms=margin_ms, stat=stat, measure=measure, energy_mj=energy_mj)
+                       margin_ms=margin_ms, stat=stat, measure=measure, energy_mj=energy_mj, online=online)
 
 
 def _mode_follower(exe: str, conf: str, period_s: float = 1.0) -> Any:
@@ -139,6 +139,9 @@ def command(
     deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms", help="Latency budget per request in ms (uses the latency profile of this device)."),
     energy_mj: Optional[float] = typer.Option(None, "--energy-mj", help="Energy budget per request in mJ (uses the profile's mean energy per stage, from kdedge profile --meter)."),
     margin_ms: float = typer.Option(0.1, "--margin-ms", help="Deadline safety margin in ms."),
+    online: bool = typer.Option(False, "--online/--no-online", help="Deadline: plan with the profile scaled by how "
+                                "much slower than profiled the last stages ran (a device that gets busy shortens "
+                                "the depth before it misses; docs/runtime.md)."),
     stat: str = typer.Option("p99", help="Profile statistic that predicts a stage's latency (p99, p95, median, max...)."),
     confidence: Optional[float] = typer.Option(None, help="Stop a sample once the combined max probability reaches this."),
     measure: str = typer.Option("max", help="Confidence measure: max (max probability) or margin (top-1 minus top-2)."),
@@ -174,7 +177,9 @@ def command(
         raise ValueError(f"--batch must be at least 1, got {batch}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
-    policy = _policy(deadline_ms, confidence, stages, fused, margin_ms, stat, measure, energy_mj)
+    if online and deadline_ms is None:
+        raise ValueError("--online applies to --deadline-ms")
+    policy = _policy(deadline_ms, confidence, stages, fused, margin_ms, stat, measure, energy_mj, online)
     mode = _mode_follower(nvpmodel_exe, nvpmodel_conf) if follow_power_mode else None
     rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock)
     with Runner(bundle, target=target, threads=threads, combine=combine,

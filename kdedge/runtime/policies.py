@@ -256,7 +256,7 @@ class Deadline:
     def __init__(self, deadline_ms: float, margin_ms: float = 0.1, stat: str = "p99",
                  latencies_ms: Sequence[float] | None = None, watchdog: bool = True,
                  watchdog_min_ms: float = 1.0, fused: bool = False,
-                 prefix_latencies_ms: Sequence[float] | None = None) -> None:
+                 prefix_latencies_ms: Sequence[float] | None = None, online: bool | int = False) -> None:
         if not (_number(deadline_ms) and deadline_ms > 0):
             raise ValueError(f"the deadline must be a positive number of milliseconds, got {deadline_ms!r}")
         if not (_number(margin_ms) and margin_ms >= 0):
@@ -277,21 +277,39 @@ class Deadline:
         self.fused = fused
         self.budget_ms: float | None = self.deadline_ms
         self.needs_profile = self.latencies_ms is None or (fused and self.prefix_latencies_ms is None)
-        self.name = f"deadline-{self.deadline_ms:g}ms" + ("-fused" if fused else "")
+        from kdedge.runtime.online import DEFAULT_WINDOW, LoadEstimate
+
+        if online is True:
+            online = DEFAULT_WINDOW
+        self.load: LoadEstimate | None = LoadEstimate(int(online)) if online else None
+        self.name = f"deadline-{self.deadline_ms:g}ms" + ("-fused" if fused else "") + ("-online" if online else "")
+
+    def _planned(self, graph: str, k: int, num: int, cost: Callable[[str], float]) -> float:
+        """What ``graph`` (``stage{k}`` / ``prefix{k}``) is planned to take, before the load factor."""
+        given = self.latencies_ms if graph.startswith("stage") else self.prefix_latencies_ms
+        if given is not None:
+            if len(given) != num:
+                what = "latencies" if graph.startswith("stage") else "prefix latencies"
+                raise ValueError(f"{len(given)} {what} given for {num} {'stages' if what == 'latencies' else 'prefixes'}")
+            return given[k]
+        return cost(graph)
 
     def latency(self, ctx: Context, k: int) -> float:
-        if self.latencies_ms is not None:
-            if len(self.latencies_ms) != ctx.num_stages:
-                raise ValueError(f"{len(self.latencies_ms)} latencies given for {ctx.num_stages} stages")
-            return self.latencies_ms[k]
-        return ctx.cost(f"stage{k}", self.stat)
+        base = self._planned(f"stage{k}", k, ctx.num_stages, lambda g: ctx.cost(g, self.stat))
+        return base * self.load.factor() if self.load is not None else base
 
     def prefix_latency(self, ctx: Context, j: int) -> float:
-        if self.prefix_latencies_ms is not None:
-            if len(self.prefix_latencies_ms) != ctx.prefixes:
-                raise ValueError(f"{len(self.prefix_latencies_ms)} prefix latencies given for {ctx.prefixes} prefixes")
-            return self.prefix_latencies_ms[j]
-        return ctx.cost(f"prefix{j}", self.stat)
+        base = self._planned(f"prefix{j}", j, ctx.prefixes, lambda g: ctx.cost(g, self.stat))
+        return base * self.load.factor() if self.load is not None else base
+
+    def observe(self, graph: str, ms: float, batch: int, num: int, cost: Callable[[str, int, str, str], float]) -> None:
+        """The runner reports each graph run (``num``: stages or prefixes of its kind): with
+        ``online``, its ratio to the planned time feeds the load estimate
+        (:mod:`kdedge.runtime.online`)."""
+        if self.load is None:
+            return
+        k = int(graph[6:]) if graph.startswith("prefix") else int(graph[5:])
+        self.load.observe(ms, self._planned(graph, k, num, lambda g: cost(g, batch, self.stat, "latency_ms")))
 
     def decide(self, ctx: Context) -> Decision:
         left = self.deadline_ms - ctx.elapsed_ms
@@ -310,7 +328,7 @@ class Deadline:
 
     def __repr__(self) -> str:
         return (f"Deadline({self.deadline_ms:g}, margin_ms={self.margin_ms:g}, stat={self.stat!r}"
-                + (", fused=True)" if self.fused else ")"))
+                + (", fused=True" if self.fused else "") + (f", online={self.load.window}" if self.load else "") + ")")
 
 
 MEASURES = ("max", "margin")
@@ -472,6 +490,13 @@ class AllOf:
         self.budget_ms: float | None = min(budgets) if budgets else None
         self.needs_profile = any(getattr(p, "needs_profile", False) for p in policies)
         self.name = "+".join(p.name for p in policies)
+        self._observers = [p.observe for p in policies if hasattr(p, "observe")]
+        if self._observers:
+            self.observe = self._observe
+
+    def _observe(self, graph: str, ms: float, batch: int, num: int, cost: Callable[[str, int, str, str], float]) -> None:
+        for fn in self._observers:
+            fn(graph, ms, batch, num, cost)
 
     def decide(self, ctx: Context) -> Decision:
         go: bool | np.ndarray = True
@@ -496,7 +521,7 @@ class AllOf:
 
 def make_policy(*, deadline_ms: float | None = None, confidence: float | Sequence[float] | None = None,
                 stages: int | None = None, fused: bool | None = None, margin_ms: float = 0.1, stat: str = "p99",
-                measure: str = "max", energy_mj: float | None = None) -> Any:
+                measure: str = "max", energy_mj: float | None = None, online: bool | int = False) -> Any:
     """The policy for a set of command-line style options.
 
     ``stages`` alone gives :class:`Fixed`; ``deadline_ms``, ``energy_mj`` and/or ``confidence``
@@ -521,7 +546,7 @@ def make_policy(*, deadline_ms: float | None = None, confidence: float | Sequenc
         if fused and energy_mj is not None:
             raise ValueError("--fused runs one fused graph chosen by latency; it cannot be combined with "
                              "--energy-mj, which budgets the stages one by one (drop one)")
-        chosen.append(Deadline(deadline_ms, margin_ms=margin_ms, stat=stat, fused=bool(fused)))
+        chosen.append(Deadline(deadline_ms, margin_ms=margin_ms, stat=stat, fused=bool(fused), online=online))
     if energy_mj is not None:
         chosen.append(Energy(energy_mj))
     if confidence is not None:

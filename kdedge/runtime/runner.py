@@ -693,6 +693,7 @@ class Runner:
         if d.fused is not None:
             return self._run_fused(x, int(d.fused), policy, t0)
 
+        observe = getattr(policy, "observe", None)
         running = Running(self.combine)
         plan = self._plan(("stages", n), self.sessions, self.entries, n) if self._stages_bindable else None
         feeds: dict[str, np.ndarray] = {}
@@ -757,14 +758,20 @@ class Runner:
                     logits = outs[self._logits[k]]
             except StageAborted:
                 graphs.append(self._names[k])
-                stage_ms.append((clock() - ts) * 1e3)
+                ms = (clock() - ts) * 1e3
+                stage_ms.append(ms)
+                if observe is not None:  # at least this long: an overrun says the device is busy
+                    observe(self._names[k], ms, len(x), S, self._cost)
                 aborted = self._names[k]
                 break
             finally:
                 if token is not None:
                     Watchdog.disarm(token)
-            stage_ms.append((clock() - ts) * 1e3)
+            ms = (clock() - ts) * 1e3
+            stage_ms.append(ms)
             graphs.append(self._names[k])
+            if observe is not None:
+                observe(self._names[k], ms, len(x), S, self._cost)
             if logits.shape != (len(x), self._K) or not _finite(logits):
                 raise _logits_error(self._names[k], self._logits[k], logits, x, self._K, idx)
             running.add(logits, self._members[k])
@@ -803,6 +810,9 @@ class Runner:
         else:
             logits = session.run({INPUT: x})[entry.logits_tensor]
         te = clock()
+        observe = getattr(policy, "observe", None)
+        if observe is not None:
+            observe(entry.name, (te - ts) * 1e3, n, self.num_prefixes, self._cost)
         if logits.shape != (n, self._K) or not _finite(logits):
             raise _logits_error(entry.name, entry.logits_tensor, logits, x, self._K)
         running = Running(self.combine)
