@@ -102,8 +102,8 @@ def command(
                              "once); 1 to 100000."),
     warmup: int = typer.Option(20, help="Untimed rounds first; 0 to 100000."),
     threads: Optional[str] = typer.Option(None, help="CPU threads per session, or several comma-separated (1,2: "
-                                          "one profile each, for kdedge run --threads auto); default: all usable "
-                                          "CPUs; at most 4 x the CPUs."),
+                                          "one profile each, for kdedge run --threads auto); default 1 (docs/"
+                                          "runtime.md, Threads); at most 4 x the CPUs."),
     optimization: str = typer.Option("all", help="onnxruntime graph optimisation: disable, basic, extended, layout, all."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the accuracy-vs-latency PNG next to the profile."),
     meter: Optional[str] = typer.Option(None, "--meter", help="Power meter for energy per stage: auto, none, "

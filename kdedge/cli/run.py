@@ -148,7 +148,9 @@ def command(
     stages: Optional[int] = typer.Option(None, help="Run exactly the first N stages (budget mode)."),
     fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Budget mode: run one fused prefix graph chosen in advance when the bundle has them (default: on with --stages, off with --deadline-ms)."),
     batch: int = typer.Option(1, help="Inputs per request (per runner call)."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads per session (default: all usable CPUs); part of the profile's key."),
+    threads: Optional[str] = typer.Option(None, help="CPU threads per session, or auto: per stage, the count whose "
+                                          "profile (kdedge profile --threads 1,2) has the lowest p99; part of the "
+                                          "profile's key (default: see docs/runtime.md)."),
     target: str = typer.Option("onnx", help="Which of the bundle's targets to run (auto: the fastest that runs here)."),
     device: Optional[str] = typer.Option(None, help="Where the target's sessions run: cpu, cuda, cuda:N (torch), "
                                          "CoreML compute units (default: the device its files were compiled for); "
@@ -171,6 +173,11 @@ def command(
     from kdedge.runtime.inputs import load_inputs
     from kdedge.runtime.runner import OutputError
 
+    if threads is not None and threads != "auto":
+        try:
+            threads = int(threads)  # type: ignore[assignment]  # bounds: sessions.check_threads
+        except ValueError:
+            raise ValueError(f"--threads takes a thread count or auto, got {threads!r}") from None
     if (input_path is None) == (data is None):
         raise ValueError("give exactly one of --input PATH (images or a .npy batch) or --data NAME (a dataset split)")
     if batch < 1:
@@ -193,7 +200,9 @@ def command(
             x, y, name = _dataset(data, data_root, split, seed, limit, runner.bundle)
             runner.warmup(sorted({min(batch, len(x)), len(x) % batch or batch}))
             result = runner.evaluate(x, y, policy, batch=batch)
-            result = {"bundle": str(bundle), "data": name, "split": split, "threads": runner.threads,
+            result = {"bundle": str(bundle), "data": name, "split": split,
+                      "threads": "auto" if runner.threads_per_graph else runner.threads,
+                      "threads_per_graph": runner.threads_per_graph,
                       "realtime": rt.to_dict() if rt is not None else None, **result}
             result.pop("labels")
             result.pop("stages")
@@ -228,7 +237,9 @@ def command(
                 rows.append({"input": name, **r.to_dict()})
         summary = _summary(rows, budget)
         if json_out:
-            print_json({"bundle": str(bundle), "policy": getattr(policy, "name", str(policy)), "threads": runner.threads,
+            print_json({"bundle": str(bundle), "policy": getattr(policy, "name", str(policy)),
+                        "threads": "auto" if runner.threads_per_graph else runner.threads,
+                        "threads_per_graph": runner.threads_per_graph,
                         "realtime": rt.to_dict() if rt is not None else None, "results": rows, "summary": summary})
             return
         _print_results(rows, budget)

@@ -421,6 +421,56 @@ def resolve_profile(bundle: Any, arg: Any, target: str, threads: int, setting: s
     return prof
 
 
+def thread_choice(bundle: Any, target: str, key: str = "", batch: int = 1,
+                  stat: str = "p99") -> tuple[dict[str, int], LatencyProfile]:
+    """Per graph, the thread count whose profile has the lowest ``stat`` at ``batch`` (``kdedge
+    run --threads auto``), and a profile that holds, for each graph, the statistics of its
+    chosen count (what the deadline policy plans with).
+
+    The candidates are the bundle's profiles of this device, target, run key and bundle files
+    whose setting is this machine's setting for their own thread count (``kdedge profile
+    --threads 1,2`` writes them).
+
+    Raises:
+        MissingProfileError: fewer than one usable profile, with the command that makes them.
+    """
+    from kdedge.profile.modes import current_setting
+
+    device = _device_id()
+    how = (f"--threads auto picks each stage's thread count from the bundle's profiles of several thread counts; "
+           f"run `kdedge profile {bundle.path} --target {target}{_run_flags(key)} --threads 1,2` first")
+    candidates: dict[int, LatencyProfile] = {}
+    for path in sorted((Path(bundle.path) / "profiles").glob("*.json")):
+        try:
+            prof = LatencyProfile.load(path)
+        except ProfileError:
+            continue  # a damaged file is refused when named; here it is just not a candidate
+        if (prof.device != device or prof.target != target or prof.run_key != key
+                or prof.fingerprint != bundle_fingerprint(bundle, target) or batch not in prof.batches):
+            continue
+        if prof.setting != current_setting(threads=prof.threads).name:
+            continue
+        candidates.setdefault(prof.threads, prof)
+    if not candidates:
+        raise MissingProfileError(f"bundle {bundle.path} has no usable latency profile at batch {batch} for this "
+                                  f"device ({device}); {how}")
+    graphs = sorted({g for p in candidates.values() for g in p.graphs})
+    choice: dict[str, int] = {}
+    for g in graphs:
+        have = {t: p.stat(g, batch, stat) for t, p in candidates.items() if g in p.graphs}
+        choice[g] = min(have, key=lambda t: (have[t], t))  # ties: fewer threads
+    counts = [t for g, t in choice.items() if g != CHAIN]
+    base = candidates[max(set(counts), key=lambda t: (counts.count(t), -t))]
+    data = dict(base.data)
+    data["graphs"] = {g: candidates[t].data["graphs"][g] for g, t in choice.items()}
+    data["threads_per_graph"] = {g: t for g, t in choice.items() if g != CHAIN}
+    data["batches"] = [batch]
+    data["graphs"] = {g: {str(batch): v[str(batch)]} for g, v in data["graphs"].items()}
+    data.pop("measured", None)
+    data.pop("energy", None)
+    return {g: t for g, t in choice.items() if g != CHAIN}, LatencyProfile(data)
+
+
 def _versions() -> dict[str, Any]:
     from importlib import metadata
 
@@ -450,7 +500,7 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
         batches: batch sizes.
         runs: timed rounds per batch size (each round runs the chain once and every prefix once).
         warmup: untimed rounds first.
-        threads: CPU threads per session (default: the CPUs this process may use).
+        threads: CPU threads per session (default: :func:`kdedge.runtime.sessions.default_threads`, one).
         optimization, providers: onnxruntime session settings.
         progress: called as ``progress(done, total, message)`` after each round.
         seed: seed of the random input batch (the latency of these graphs does not depend on

@@ -481,12 +481,16 @@ def current_setting(
     """The setting this device runs under now.
 
     Args:
-        threads: CPU threads the runtime will use (default: the CPUs this process may use).
+        threads: CPU threads the runtime will use (default: the runtime's default, one).
         nvpmodel: where to read the Jetson mode; default :class:`Nvpmodel` if
             ``/etc/nvpmodel.conf`` exists. Without a mode the CPU setting is returned.
         cpu_root: the sysfs CPU directory (tests pass a fake tree).
     """
-    n = threads if threads is not None else _usable_cpus()
+    if threads is None:
+        from kdedge.runtime.sessions import default_threads
+
+        threads = default_threads()
+    n = threads
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
     governors = tuple(sorted(set(cpu_governors(cpu_root).values())))

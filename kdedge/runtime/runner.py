@@ -242,9 +242,10 @@ class Runner:
         bundle: a bundle directory or an opened :class:`~kdedge.runtime.bundle.Bundle`.
         target: which of the bundle's targets to run (``onnx``, ``torch``, ``coreml``, ``tensorrt``), or
             ``auto``: the first of them that runs here (:data:`kdedge.targets.PREFERENCE`).
-        threads: CPU threads per session (default: the CPUs this process may use; at most
-            :func:`~kdedge.runtime.sessions.max_threads`, 4 x the CPUs); part of the latency
-            profile's key.
+        threads: CPU threads per session (default: :func:`~kdedge.runtime.sessions.default_threads`;
+            at most :func:`~kdedge.runtime.sessions.max_threads`, 4 x the CPUs); part of the
+            latency profile's key. ``"auto"``: per graph, the count whose profile (of several
+            measured with ``kdedge profile --threads 1,2``) has the lowest p99 at batch 1.
         optimization: onnxruntime graph optimisation level (``all``, ``extended``, …).
         providers: onnxruntime execution providers (default CPU).
         combine: combine rule (default: the bundle's default; must be one it supports).
@@ -293,7 +294,8 @@ class Runner:
                  watchdog: bool = True, check_inputs: bool = True, bind: bool = True,
                  mode: Callable[[], str] | None = None, device: str | None = None,
                  cuda_graphs: bool = False, realtime: Realtime | bool | None = None) -> None:
-        threads = check_threads(threads)  # before anything is opened: --threads 100000 fails at once
+        auto_threads = threads == "auto"
+        threads = None if auto_threads else check_threads(threads)  # --threads 100000 fails before anything opens
         self.realtime: Realtime | None = Realtime() if realtime is True else (realtime or None)
         if self.realtime is not None and not isinstance(self.realtime, Realtime):
             raise ValueError(f"realtime= takes a Realtime, True or None, got {type(realtime).__name__}")
@@ -321,6 +323,10 @@ class Runner:
         self.threads = int(getattr(session_options, "resolved_threads", None)
                            or (session_options.get("threads") if isinstance(session_options, dict) else None)
                            or threads or 1)
+        self.threads_per_graph: dict[str, int] | None = None
+        self._profile: Any = None
+        if auto_threads:
+            self._auto_threads(target, profile, mode)
         self.policy: Policy = policy if policy is not None else Full()
         self._factory = session_factory or get_session_factory(target)
         self._clock = clock
@@ -340,7 +346,7 @@ class Runner:
                 self._enter_realtime()
             with self._adopting():
                 for e in self.entries:
-                    self.sessions.append(self._factory(self.bundle, e, session_options))
+                    self.sessions.append(self._factory(self.bundle, e, self._options_for(e.name)))
         except BaseException:
             self.close()
             raise
@@ -360,7 +366,6 @@ class Runner:
         self._stages_bindable = bind and _bindable(self.sessions, self.entries)
         self._lock = threading.Lock()
         self._profile_arg = profile
-        self._profile: Any = None
         self._cost_cache: dict[tuple[str, int, str, str], float] = {}
         self._mode_fn = mode
         self._mode_name: str | None = None
@@ -394,6 +399,30 @@ class Runner:
             self._watchdog.close()  # type: ignore[union-attr]
             self._watchdog = None
         self._leave_realtime()
+
+    # -- threads per graph ---------------------------------------------------------------------
+    def _auto_threads(self, target: str, profile: Any, mode: Any) -> None:
+        """``threads="auto"``: each graph gets the thread count whose profile has the lowest p99
+        at batch 1 (:func:`kdedge.profile.latency.thread_choice`); the deadline policy plans
+        with those statistics."""
+        from kdedge.profile.latency import thread_choice
+
+        if target != "onnx" or not isinstance(self.options, OrtOptions):
+            raise ValueError("--threads auto chooses onnxruntime thread counts; it applies to the onnx target only")
+        if mode is not None or profile != "auto":
+            raise ValueError("--threads auto plans with the profiles it chose from; it cannot be combined with "
+                             "--profile or --follow-power-mode")
+        choice, prof = thread_choice(self.bundle, target, self.run_key)
+        self.threads_per_graph = choice
+        self.threads = max(choice.values())
+        self._profile = prof
+
+    def _options_for(self, graph: str) -> Any:
+        if self.threads_per_graph is None:
+            return self.options
+        from dataclasses import replace
+
+        return replace(self.options, threads=self.threads_per_graph.get(graph, self.threads))
 
     # -- real time -------------------------------------------------------------------------------
     def _enter_realtime(self) -> None:
@@ -502,7 +531,11 @@ class Runner:
             self._mode_name = name
 
     def reload_profile(self) -> None:
-        """Forget the loaded profile (e.g. after the power mode changed); the next use reloads it."""
+        """Forget the loaded profile (e.g. after the power mode changed); the next use reloads it.
+        With ``threads="auto"`` the profile chosen at construction stays (its graphs' sessions
+        were opened with the thread counts it holds)."""
+        if self.threads_per_graph is not None:
+            return
         with self._lock:
             self._profile = None
             self._cost_cache = {}
@@ -528,7 +561,7 @@ class Runner:
                 s = self._prefix_sessions.get(j)
                 if s is None:
                     with self._adopting():
-                        s = self._factory(self.bundle, self.bundle.prefixes[j], self.options)
+                        s = self._factory(self.bundle, self.bundle.prefixes[j], self._options_for(f"prefix{j}"))
                     self._prefix_sessions[j] = s
         return s
 
