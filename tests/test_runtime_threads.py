@@ -87,3 +87,18 @@ def test_default_thread_count_is_one() -> None:
     from kdedge.runtime.sessions import default_threads
 
     assert default_threads() == 1 and OrtOptions().resolved_threads == 1
+
+
+@pytest.mark.parametrize("s0, chain, tight, loose", [
+    (0.1, 0.6, 0.35, 1.2),       # between stage 0 and the chain
+    (0.3, 0.32, 0.4, 0.82),      # chain barely above stage 0: never shorter than stage 0 + margin
+    (5.0, 20.0, 12.5, 40.0),
+])
+def test_demo_deadlines_come_from_the_profile(bundle, s0, chain, tight, loose) -> None:
+    from kdedge.profile.latency import demo_deadlines
+
+    p99 = {"stage0": s0, "stage1": 1.0, "stage2": 1.0, "prefix0": 1.0, "prefix1": 1.0, "prefix2": 1.0, CHAIN: chain}
+    prof = LatencyProfile(_profile(bundle, 1, p99))
+    t, lo = demo_deadlines(prof)
+    assert (t, lo) == (pytest.approx(tight), pytest.approx(loose))
+    assert s0 + 0.1 <= t and lo >= chain and lo >= t

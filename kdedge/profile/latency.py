@@ -421,6 +421,18 @@ def resolve_profile(bundle: Any, arg: Any, target: str, threads: int, setting: s
     return prof
 
 
+def demo_deadlines(profile: LatencyProfile, batch: int = 1, margin_ms: float = 0.1) -> tuple[float, float]:
+    """Two deadlines that show what the runner is for, from a profile just measured: ``tight``,
+    between stage 0's p99 and the chain's p99 (the runner must stop part-way; never shorter than
+    stage 0 plus the policy's margin, which would only measure misses), and ``loose``, which
+    the whole chain fits (twice its p99, at least its p99 + 0.5 ms)."""
+    s0 = profile.stat("stage0", batch, "p99")
+    chain = profile.stat(CHAIN, batch, "p99")
+    tight = max(s0 + margin_ms, (s0 + chain) / 2)
+    loose = max(2 * chain, chain + 0.5, tight)
+    return round(tight, 3), round(loose, 3)
+
+
 def thread_choice(bundle: Any, target: str, key: str = "", batch: int = 1,
                   stat: str = "p99") -> tuple[dict[str, int], LatencyProfile]:
     """Per graph, the thread count whose profile has the lowest ``stat`` at ``batch`` (``kdedge
