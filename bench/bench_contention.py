@@ -385,6 +385,32 @@ def format_table(model: str, cond: str, rows: dict[str, Any], n: int, rng: tuple
     return "\n".join(lines)
 
 
+def alone(bundle: Path, x: np.ndarray, requests: int, gap_s: float, priority: int, runs: int) -> dict[str, Any]:
+    """The real-time row by itself (1 thread): ``requests`` in blocks of 100 with ``gap_s``
+    idle seconds between blocks; misses in all and at each block's first request."""
+    from kdedge.runtime import Deadline, Runner
+
+    row = Row("alone", 1, realtime=True)
+    prof = profile_row(bundle, row, runs, priority)
+    lo, hi = prof.stat("stage0", 1, "p99"), prof.stat("chain", 1, "p99")
+    deadlines = np.random.default_rng(0).uniform(lo, hi, requests)
+    pol = Deadline(1.0)
+    miss = np.zeros(requests, bool)
+    longest = np.zeros(requests)
+    with Runner(bundle, threads=1, profile=prof, realtime=_rt(priority)) as r:
+        r.warmup()
+        for i, d in enumerate(deadlines):
+            if i % 100 == 0 and gap_s:
+                time.sleep(gap_s)
+            pol.deadline_ms = pol.budget_ms = float(d)
+            res = r.run(x[i % len(x): i % len(x) + 1], pol)
+            miss[i] = res.total_ms[0] > d
+            longest[i] = max(res.stage_ms)
+    first = np.arange(requests) % 100 == 0
+    return {"gap_s": gap_s, "requests": requests, "misses": int(miss.sum()), "at_block_start": int((miss & first).sum()),
+            "longest_stage_of_misses_ms": sorted(longest[miss].round(2).tolist())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="demo,cifar")
@@ -402,7 +428,16 @@ def main() -> None:
     ap.add_argument("--hog-max-s", type=float, default=3600.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--alone-gaps", default=None, help="instead: the real-time row alone on the CIFAR HNE, one run "
+                                                      "per idle gap between blocks, e.g. 0.05,0")
     args = ap.parse_args()
+    if args.alone_gaps is not None:
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        bundle, x, _ = cifar_bundle(work)
+        for g in args.alone_gaps.split(","):
+            print(json.dumps(alone(bundle, x, args.cifar_requests, float(g), args.priority, 300)), flush=True)
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     import onnxruntime

@@ -11,8 +11,10 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 t0=$SECONDS
 step() { echo "== [$((SECONDS - t0)) s] $*"; }
-step "train: HNE, 8 members in a tree of 3 splits, hierarchical distillation, on mnist5k"
-$KD train --config configs/hne_mnist_demo.yaml --out "$OUT/run"
+# 8 epochs instead of the recipe's 15: within a point of its accuracy, in half the time, so
+# that the whole demo, install included, stays within five minutes on 2 cores.
+step "train: HNE, 8 members in a tree of 3 splits, hierarchical distillation, on mnist5k (8 epochs)"
+$KD train --config configs/hne_mnist_demo.yaml --out "$OUT/run" --epochs 8
 step "eval (torch): accuracy per ensemble size on the test split"
 $KD eval "$OUT/run"
 step "export: one ONNX graph per tree level (+ fused prefixes), each verified against torch"
