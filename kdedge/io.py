@@ -102,26 +102,16 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _depth(text: str) -> int:
-    """The deepest nesting of ``[``/``{`` outside strings, without recursion."""
-    depth = deepest = 0
-    in_str = escape = False
-    for ch in text:
-        if in_str:
-            if escape:
-                escape = False
-            elif ch == "\\":
-                escape = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
+def _too_deep(obj: Any, limit: int) -> bool:
+    """Whether ``obj`` nests lists/dicts deeper than ``limit``, without recursion."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 def loads_strict(text: str, *, what: str = "JSON", max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -130,17 +120,19 @@ def loads_strict(text: str, *, what: str = "JSON", max_depth: int = MAX_JSON_DEP
     Raises:
         JSONError: one line naming ``what`` and the problem.
     """
-    if text.count("[") + text.count("{") > max_depth and _depth(text) > max_depth:
-        raise JSONError(f"{what} is nested deeper than {max_depth} levels; it is not a file kdedge wrote")
+    deep = JSONError(f"{what} is nested deeper than {max_depth} levels; it is not a file kdedge wrote")
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
-                          object_pairs_hook=_no_duplicates)
+        obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                         object_pairs_hook=_no_duplicates)
     except JSONError as e:
         raise JSONError(f"{what} is not strict JSON: {e}") from None
     except json.JSONDecodeError as e:
         raise JSONError(f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except RecursionError:
-        raise JSONError(f"{what} is nested too deeply") from None
+    except RecursionError:  # json's own limit, far above max_depth
+        raise deep from None
+    if _too_deep(obj, max_depth):  # later readers (the schema check) recurse per level
+        raise deep
+    return obj
 
 
 def read_json_strict(path: str | Path, *, what: str | None = None, max_bytes: int = MAX_JSON_BYTES,

@@ -68,7 +68,7 @@ def check_arguments(batch: str, runs: int, warmup: int, threads: Optional[int],
     import math
 
     from kdedge.profile.latency import MAX_RUNS
-    from kdedge.runtime.sessions import max_threads
+    from kdedge.runtime.sessions import check_threads
     from kdedge.profile.meters.base import MAX_PERIOD_S
 
     batches = parse_batches(batch)
@@ -76,8 +76,10 @@ def check_arguments(batch: str, runs: int, warmup: int, threads: Optional[int],
         raise ValueError(f"--runs must be from 1 to {MAX_RUNS}, got {runs}")
     if not 0 <= warmup <= MAX_RUNS:
         raise ValueError(f"--warmup must be from 0 to {MAX_RUNS}, got {warmup}")
-    if threads is not None and not 1 <= threads <= max_threads():
-        raise ValueError(f"--threads must be from 1 to {max_threads()} (4 x this machine's CPUs), got {threads}")
+    try:
+        check_threads(threads)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     if meter_period_ms is not None and not (math.isfinite(meter_period_ms)
                                             and 0 < meter_period_ms <= MAX_PERIOD_S * 1e3):
         raise ValueError(f"--meter-period-ms must be a number of ms in (0, {MAX_PERIOD_S * 1e3:g}], "
@@ -132,39 +134,6 @@ def command(
     rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock)
     if len(thread_counts) > 1 and power_mode is not None:
         raise ValueError("measure several --threads settings or several --power-mode modes, not both at once")
-    if len(thread_counts) > 1:
-        results = []
-        for t in thread_counts:  # one profile per setting (the thread count is part of its key)
-            results += _command(bundle, target, device, cuda_graphs, batches, runs, warmup, t, optimization, plot,
-                                meter, meter_period_ms, None, lock_clocks, nvpmodel_exe, nvpmodel_conf,
-                                jetson_clocks_exe, json_out, quiet, rt, report=False)
-        if json_out:
-            print_json([{**prof.data, "path": str(path), "plot": None if png is None else str(png)}
-                        for prof, path, png in results])
-            return
-        for prof, path, png in results:
-            _report(prof, path, png, plot, json_out)
-        return
-    _command(bundle, target, device, cuda_graphs, batches, runs, warmup, thread_counts[0], optimization, plot, meter,
-             meter_period_ms, power_mode, lock_clocks, nvpmodel_exe, nvpmodel_conf, jetson_clocks_exe, json_out,
-             quiet, rt)
-
-
-def parse_threads(text: Optional[str]) -> list[Optional[int]]:
-    """``--threads``: None (the default), one count, or comma-separated counts such as 1,2."""
-    if text is None:
-        return [None]
-    parts = [p.strip() for p in text.split(",")]
-    if not all(p.isdigit() for p in parts):
-        raise ValueError(f"--threads takes a thread count or comma-separated counts such as 1,2; got {text!r}")
-    return sorted({int(p) for p in parts})
-
-
-def _command(bundle: Path, target: str, device: Optional[str], cuda_graphs: bool, batches: list[int], runs: int,
-             warmup: int, threads: Optional[int], optimization: str, plot: bool, meter: Optional[str],
-             meter_period_ms: Optional[float], power_mode: Optional[str], lock_clocks: bool, nvpmodel_exe: str,
-             nvpmodel_conf: str, jetson_clocks_exe: str, json_out: bool, quiet: bool, rt: Any,
-             report: bool = True) -> list[Any]:
     power_meter = None
     if meter is not None:
         import inspect
@@ -181,28 +150,36 @@ def _command(bundle: Path, target: str, device: Optional[str], cuda_graphs: bool
         if not modes:
             raise ValueError(f"--power-mode takes comma-separated nvpmodel mode names such as 15W,25W; got {power_mode!r}")
     try:
-        if modes is None:
-            results = [_measure(bundle, target, batches, runs, warmup, threads, optimization, plot,
-                                json_out or quiet, power_meter, device=device, cuda_graphs=cuda_graphs, realtime=rt)]
+        if modes is None:  # one profile per thread count (the count is part of its key)
+            results = [_measure(bundle, target, batches, runs, warmup, t, optimization, plot, json_out or quiet,
+                                power_meter, device=device, cuda_graphs=cuda_graphs, realtime=rt)
+                       for t in thread_counts]
         else:
             from kdedge.profile.modes import Nvpmodel
 
             nv = Nvpmodel(conf=nvpmodel_conf, nvpmodel=nvpmodel_exe, jetson_clocks=jetson_clocks_exe or None)
-            results = _measure(bundle, target, batches, runs, warmup, threads, optimization, plot,
+            results = _measure(bundle, target, batches, runs, warmup, thread_counts[0], optimization, plot,
                                json_out or quiet, power_meter, modes=modes, nvpmodel=nv, lock_clocks=lock_clocks,
                                device=device, cuda_graphs=cuda_graphs, realtime=rt)
     finally:
         if power_meter is not None:
             power_meter.close()
-    if not report:
-        return results
-    if json_out and modes is not None:
+    if json_out and (modes is not None or len(thread_counts) > 1):
         print_json([{**prof.data, "path": str(path), "plot": None if png is None else str(png)}
                     for prof, path, png in results])
-        return results
+        return
     for prof, path, png in results:
         _report(prof, path, png, plot, json_out)
-    return results
+
+
+def parse_threads(text: Optional[str]) -> list[Optional[int]]:
+    """``--threads``: None (the default), one count, or comma-separated counts such as 1,2."""
+    if text is None:
+        return [None]
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"--threads takes a thread count or comma-separated counts such as 1,2; got {text!r}")
+    return sorted({int(p) for p in parts})
 
 
 def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: int, threads: Optional[int],

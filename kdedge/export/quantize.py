@@ -14,9 +14,9 @@ multiply uint8 activations by int8 weights with ``VPMADDUBSW``, which adds two p
 *saturating* int16. With 8-bit weights a pair can reach 2 * 255 * 127 = 64770 and is clipped at
 32767; with 7-bit weights it stays within 2 * 255 * 64 = 32640, so the kernel is exact on every
 CPU. ``s8s8`` is no better: those kernels shift int8 activations to uint8 and take the same
-path. Measured on the toy digits model, the same INT8 files run on an emulated AVX2 CPU (qemu
-``-cpu EPYC-Rome``) lose 22 points with ``u8s8`` and 55 with ``s8s8``, and none with ``u8s7``
-or ``s8s7`` (docs/export.md). A bundle is exported on one machine and run on others, so the
+path. Measured on the demo models (``bench/bench_int8_schemes.py``, docs/export.md), the same
+INT8 files run on an emulated AVX2 CPU (qemu ``-cpu EPYC-Rome``) lose up to 2 points with
+``u8s8`` and up to 32 with ``s8s8``, and compute the same as here with ``u8s7`` and ``s8s7``. A bundle is exported on one machine and run on others, so the
 scheme must be safe on all of them; 8-bit weights are for bundles that only ever run on VNNI,
 ARM or GPU targets. The manifest records the scheme, the weight bits and why.
 

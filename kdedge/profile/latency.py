@@ -444,11 +444,12 @@ def thread_choice(bundle: Any, target: str, key: str = "", batch: int = 1,
     --threads 1,2`` writes them).
 
     Raises:
-        MissingProfileError: fewer than one usable profile, with the command that makes them.
+        MissingProfileError: no usable profile, with the command that makes them.
     """
     from kdedge.profile.modes import current_setting
 
     device = _device_id()
+    fingerprint = bundle_fingerprint(bundle, target)
     how = (f"--threads auto picks each stage's thread count from the bundle's profiles of several thread counts; "
            f"run `kdedge profile {bundle.path} --target {target}{_run_flags(key)} --threads 1,2` first")
     candidates: dict[int, LatencyProfile] = {}
@@ -457,30 +458,25 @@ def thread_choice(bundle: Any, target: str, key: str = "", batch: int = 1,
             prof = LatencyProfile.load(path)
         except ProfileError:
             continue  # a damaged file is refused when named; here it is just not a candidate
-        if (prof.device != device or prof.target != target or prof.run_key != key
-                or prof.fingerprint != bundle_fingerprint(bundle, target) or batch not in prof.batches):
-            continue
-        if prof.setting != current_setting(threads=prof.threads).name:
+        if (prof.device != device or prof.target != target or prof.run_key != key or prof.fingerprint != fingerprint
+                or batch not in prof.batches or prof.setting != current_setting(threads=prof.threads).name):
             continue
         candidates.setdefault(prof.threads, prof)
     if not candidates:
         raise MissingProfileError(f"bundle {bundle.path} has no usable latency profile at batch {batch} for this "
                                   f"device ({device}); {how}")
-    graphs = sorted({g for p in candidates.values() for g in p.graphs})
     choice: dict[str, int] = {}
-    for g in graphs:
+    for g in sorted({g for p in candidates.values() for g in p.graphs}):
         have = {t: p.stat(g, batch, stat) for t, p in candidates.items() if g in p.graphs}
         choice[g] = min(have, key=lambda t: (have[t], t))  # ties: fewer threads
-    counts = [t for g, t in choice.items() if g != CHAIN]
-    base = candidates[max(set(counts), key=lambda t: (counts.count(t), -t))]
-    data = dict(base.data)
-    data["graphs"] = {g: candidates[t].data["graphs"][g] for g, t in choice.items()}
-    data["threads_per_graph"] = {g: t for g, t in choice.items() if g != CHAIN}
-    data["batches"] = [batch]
-    data["graphs"] = {g: {str(batch): v[str(batch)]} for g, v in data["graphs"].items()}
+    per_graph = {g: t for g, t in choice.items() if g != CHAIN}
+    counts = list(per_graph.values())
+    data = dict(candidates[max(set(counts), key=lambda t: (counts.count(t), -t))].data)
+    data.update(graphs={g: {str(batch): candidates[t].data["graphs"][g][str(batch)]} for g, t in choice.items()},
+                threads_per_graph=per_graph, batches=[batch])
     data.pop("measured", None)
     data.pop("energy", None)
-    return {g: t for g, t in choice.items() if g != CHAIN}, LatencyProfile(data)
+    return per_graph, LatencyProfile(data)
 
 
 def _versions() -> dict[str, Any]:

@@ -25,7 +25,9 @@ policy is built, profiled ones by :meth:`Context.cost` at each lookup (a ``Profi
 otherwise). A NaN would not fail loudly by itself; it would make ``latency + margin > left``
 False and silently switch the deadline off.
 
-Policies hold no per-call state, so one policy object may serve several threads at once.
+Policies hold no per-call state, so one policy object may serve several threads at once; the
+one state a policy keeps across requests is the online load estimate of
+``Deadline(online=N)``, which threads sharing the policy share (a race loses an observation).
 
 Example:
     >>> class FirstTwo:                          # a user policy: stages 0 and 1 only

@@ -28,6 +28,7 @@ import gc
 import os
 import resource
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -168,13 +169,7 @@ def thread_ids() -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir("/proc/self/task"))
     except OSError:
-        return [threading_native_id()]
-
-
-def threading_native_id() -> int:
-    import threading
-
-    return threading.get_native_id()
+        return [threading.get_native_id()]
 
 
 def thread_policy(tid: int) -> tuple[str, int]:

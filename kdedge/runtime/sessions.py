@@ -143,10 +143,10 @@ def default_threads() -> int:
     Why not every CPU: each stage is its own onnxruntime session with its own intra-op pool, and
     a pool's threads spin for a while after its run, so while stage k+1 runs, stage k's threads
     still hold the cores. Measured on 2 cores (docs/runtime.md, "Threads"): the demo HNE's
-    chain at 2 threads has a p99 of 9-13 ms against 0.5 ms at 1 thread, the paper-size CIFAR
-    HNE's chain takes 26 ms against 7.8 ms. One thread is never the worst choice on a shared
-    machine; ``threads="auto"`` picks more per graph where the profiles show it pays (a fused
-    prefix at 2 threads: 4.0 ms against 7.7 ms)."""
+    chain at 2 threads has a p99 of 10.5 ms against 0.84 ms at 1 thread, the paper-size CIFAR
+    HNE's chain takes 31.8 ms against 8.8 ms (medians). One thread is never the worst choice on
+    a shared machine; ``threads="auto"`` picks more per graph where the profiles show it pays
+    (the CIFAR fused graph at 2 threads: 4.2 ms against 8.6 ms)."""
     return 1
 
 
