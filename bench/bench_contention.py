@@ -87,7 +87,7 @@ def demo_bundle(work: Path, epochs: int) -> tuple[Path, np.ndarray, np.ndarray |
     from bench_export import _train
 
     from kdedge.export import export_run
-    from kdedge.runtime.bundle import open_bundle
+    from kdedge.targets import open_bundle
 
     run = work / "runs" / "hne_mnist_demo"
     _train(str(ROOT / "configs" / "hne_mnist_demo.yaml"), run, epochs)
@@ -277,7 +277,7 @@ def plain_medians(bundle: Path, x: np.ndarray, threads: int, runs: int = 300) ->
     what a user of the plain alternative would measure to choose a depth."""
     import onnxruntime as ort
 
-    from kdedge.runtime.bundle import open_bundle
+    from kdedge.targets import open_bundle
 
     b = open_bundle(bundle)
     so = ort.SessionOptions()
@@ -322,10 +322,8 @@ def online_cost_us(n: int = 100_000) -> dict[str, float]:
 
 def bench_model(name: str, bundle: Path, x: np.ndarray, y: np.ndarray | None, requests: int, args: Any,
                 margin: float) -> dict[str, Any]:
-    from kdedge.runtime.bundle import open_bundle
-    from kdedge.runtime.sessions import default_threads
-
-    from kdedge.runtime.sessions import usable_cpus
+    from kdedge.targets import open_bundle
+    from kdedge.targets.threads import default_threads, usable_cpus
 
     nd, ncpu = default_threads(), usable_cpus()
     rows = [Row(f"--threads {ncpu} (all CPUs, the old default)", ncpu), Row(f"default ({nd} thread)", nd),
@@ -442,7 +440,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     import onnxruntime
 
-    from kdedge.profile.modes import device_id
+    from kdedge.device import device_id
 
     info = {"device": device_id(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "onnxruntime": onnxruntime.__version__, "loadavg": os.getloadavg(), "args": vars(args),

@@ -45,7 +45,7 @@ def _latency(bundles: dict[str, Path], x: np.ndarray, runs: int, threads: int) -
     """Per-graph latency (ms) of several bundles of one model, median and p90 over ``runs`` calls
     after warm-up. Calls to the bundles alternate, so that a busy machine slows them alike."""
     from kdedge.export.ortrun import OrtChain, RunGraph
-    from kdedge.runtime.bundle import open_bundle
+    from kdedge.targets import open_bundle
 
     opened = {k: open_bundle(p) for k, p in bundles.items()}
     out: dict[str, list[dict[str, float]]] = {k: [] for k in bundles}
@@ -84,7 +84,7 @@ def _bundle_bytes(path: Path) -> int:
 
 def bench_recipe(recipe: str, work: Path, epochs: int | None, runs: int, threads: int, calib: int) -> dict[str, Any]:
     from kdedge.export import ExportError, export_run
-    from kdedge.runtime.bundle import open_bundle
+    from kdedge.targets import open_bundle
     from kdedge.train.run import load_trained
 
     name = Path(recipe).stem

@@ -55,7 +55,7 @@ def _scheme_bundles(fp32: Path, work: Path, calib: np.ndarray) -> dict[str, Path
     (prefixes dropped; the probe reads only the stages)."""
     from kdedge.export.ortrun import OrtChain, RunGraph
     from kdedge.export.quantize import quantize_file, stage_feeds
-    from kdedge.runtime.bundle import open_bundle
+    from kdedge.targets import open_bundle
 
     b = open_bundle(fp32)
     chain = OrtChain([RunGraph.from_entry(b, s) for s in b.stages])
@@ -90,7 +90,7 @@ def _probe(bundle: Path, data: Path, emulate: bool) -> list[float] | None:
 def _latency(bundles: dict[str, Path], x: np.ndarray, runs: int, threads: int) -> dict[str, list[float]]:
     """Median ms per stage for each bundle, calls interleaved across bundles."""
     from kdedge.export.ortrun import OrtChain, RunGraph
-    from kdedge.runtime.bundle import open_bundle
+    from kdedge.targets import open_bundle
 
     chains = {}
     for k, p in bundles.items():
@@ -121,7 +121,7 @@ def _latency(bundles: dict[str, Path], x: np.ndarray, runs: int, threads: int) -
 
 def bench_recipe(recipe: str, work: Path, epochs: int | None, runs: int, threads: int, calib_n: int) -> dict[str, Any]:
     from kdedge.export import export_run
-    from kdedge.runtime.bundle import open_bundle
+    from kdedge.targets import open_bundle
     from kdedge.train.run import load_trained
 
     name = Path(recipe).stem

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def machine() -> dict[str, Any]:
     import onnxruntime
 
-    from kdedge.profile.modes import device_id
-    from kdedge.runtime.sessions import default_threads
+    from kdedge.device import device_id
+    from kdedge.targets.threads import default_threads
 
     try:
         load = [round(v, 2) for v in __import__("os").getloadavg()]
@@ -78,7 +78,7 @@ def make_bundle(out: Path, toy: bool, epochs: int | None) -> Path:
 
 def test_data(bundle: Any, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The bundle's dataset's test split, raw images preprocessed by the bundle's own rule."""
-    from kdedge.runtime.inputs import preprocess
+    from kdedge.bundle.input_files import preprocess
     from kdedge.train.data import DataConfig, load_data
 
     name = bundle.preprocessing["dataset"]

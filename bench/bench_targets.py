@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdedge.bundle.files import path_bytes
 from kdedge.export.graphs import graph_example_inputs, plan_model
 from kdedge.models import create_model
-from kdedge.runtime.bundle import path_bytes
 from kdedge.targets import CompileSpec, get_target
-from kdedge.targets.build import graph_sources
+from kdedge.export.graphs import graph_sources
 
 FAMILIES = {
     "hne": dict(config="tiny", B=2),

@@ -35,7 +35,7 @@ def measure(bundle: str, setting: str, requests: int) -> dict[str, Any]:
     import numpy as np
 
     from kdedge.runtime import Fixed, Full, Runner
-    from kdedge.runtime.sessions import OrtOptions
+    from kdedge.targets.ort_session import OrtOptions
 
     threads = int(setting[0])
     opts = OrtOptions(threads=threads, spinning=setting != "2-nospin")

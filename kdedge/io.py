@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 MAX_JSON_BYTES = 64 << 20   # no manifest, profile or report comes near this
 MAX_JSON_DEPTH = 64         # nor this: a manifest is ~6 levels deep
@@ -25,12 +25,15 @@ class JSONError(ValueError):
     """A JSON document that is not strict JSON or exceeds the bounds; the message names the file."""
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None], *, keep_suffix: bool = False) -> Path:
     """Write a file atomically: ``write(tmp_path)`` fills a temp file in the same directory,
-    which is fsynced and renamed over ``path``. A crash leaves the old file or none, never half."""
+    which is fsynced and renamed over ``path``. A crash leaves the old file or none, never half.
+    Temp names are unique, so writers in several processes never share one. ``keep_suffix``:
+    the temp file ends with ``path``'s suffix too (for writers that check it, e.g. ``.pt2``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + (path.suffix if keep_suffix else ""),
+                               dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -44,6 +47,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda p: p.write_bytes(data))
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
@@ -52,12 +59,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, dumps_strict(obj) + "\n")
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def sha256_stream(fh: BinaryIO, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of what is left to read in the binary stream ``fh``."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    while block := fh.read(chunk):
+        h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of the file ``path`` (package directories: ``kdedge.bundle.files.sha256_path``)."""
+    with open(path, "rb") as f:
+        return sha256_stream(f, chunk)
 
 
 def finite_or_none(obj: Any) -> Any:

@@ -767,7 +767,7 @@ def install(monkeypatch: Any, home: Path | None = None, version: str = HERE["ten
     Returns:
         ``SimpleNamespace(trt=, cudart=)``.
     """
-    import kdedge.targets.tensorrt as trtmod
+    import kdedge.targets.tensorrt.cuda as trtmod
 
     if home is not None:
         monkeypatch.setenv("HOME", str(home))

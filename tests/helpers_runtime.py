@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from kdedge.runtime.sessions import AbortHandle, StageAborted
+from kdedge.targets.session import AbortHandle, StageAborted
 
 _CACHE: dict[str, Any] = {}
 

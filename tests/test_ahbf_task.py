@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdedge.config import ConfigError, load_config
 from kdedge.models import create_model
-from kdedge.train.losses.ahbf import rampup
+from kdedge.train.config import load_config
+from kdedge.train.fields import ConfigError
+from kdedge.train.losses.ahbf import ahbf_loss, rampup
 from kdedge.train.task import get_task_class
 from kdedge.train.tasks.ahbf import AHBFConfig, AHBFTask
 
@@ -53,6 +54,8 @@ def test_registered_under_ahbf() -> None:
     ({"rampup_epochs": -5}, "rampup_epochs"),
     ({"variant": "one", "lambda1": 1.0}, "does not use them"),
     ({"variant": "ahbf", "kd_weight": 2.0}, "kd_weight"),
+    ({"objective": "author"}, "loss.objective must be paper or authors, got 'author'"),
+    ({"variant": "one", "objective": "authors"}, "loss.objective picks AHBF's distillation terms"),
 ])
 def test_bad_config_is_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -107,6 +110,22 @@ def test_ahbf_step_returns_named_parts_and_trains_the_fusion() -> None:
     for name, p in m.named_parameters():
         assert p.grad is not None, name
     assert float(m.fusions[1].fc.weight.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("objective,lambda3,scale", [("paper", 0.0, 1.0), ("authors", 4.0, 0.75)])
+def test_objective_picks_the_distillation_terms(objective: str, lambda3: float, scale: float) -> None:
+    assert AHBFConfig().objective == "paper"  # the default is the paper's Eq. 11
+    m, t = tiny(), task(epochs=10, objective=objective)
+    x, y = batch()
+    out = t.training_step(m, x, y, epoch=4.0)
+    with torch.no_grad():  # the same forward (train mode: batch statistics), the loss by its formula
+        fwd = m(x)
+        expected = ahbf_loss(fwd.branches, fwd.tas, y, lambda1=4.0, lambda2=2.0, lambda3=lambda3, tau=3.0,
+                             omega=rampup(4.0, 10), kd_scale=scale)
+    assert torch.equal(out["loss"].detach(), expected["loss"])
+    assert ("tbkl" in out) == (objective == "authors")
+    out["loss"].backward()
+    assert all(p.grad is not None for p in m.parameters())
 
 
 def test_rampup_epochs_override_and_zero_disables_it() -> None:
@@ -234,6 +253,13 @@ def test_recipe_validates_and_builds_its_model(recipe: str, tmp_path: Path) -> N
 def test_unknown_loss_key_is_rejected_with_a_suggestion() -> None:
     with pytest.raises(ConfigError, match="lambda1"):
         load_config(ROOT / "configs" / "ahbf_mnist_demo.yaml", ["loss.lamda1=2"])
+
+
+def test_the_authors_objective_is_a_recipe_option() -> None:
+    cfg = load_config(ROOT / "configs" / "ahbf_mnist_demo.yaml", ["loss.objective=authors"])
+    assert cfg.loss.objective == "authors"
+    with pytest.raises(ConfigError, match="loss.objective must be paper or authors"):
+        load_config(ROOT / "configs" / "ahbf_mnist_demo.yaml", ["loss.objective=author"])
 
 
 def test_fit_trains_and_evaluates_every_branch(tmp_path: Path) -> None:

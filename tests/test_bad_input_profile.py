@@ -32,7 +32,7 @@ from kdedge.profile.latency import (MAX_BATCH, MAX_RUNS, STATS, ForeignProfileEr
                                     LatencyProfile, NewerProfileError, ProfileError, StaleProfileError,
                                     check_measure_args, max_threads, measure_profile, profile_bundle, store_profile,
                                     summarize, timer_resolution_ms)
-from kdedge.profile.merge import merge_profiles
+from kdedge.bundle.profile.merge import merge_profiles
 from kdedge.profile.meters import EnergyReading, Meter
 from kdedge.runtime import Deadline, Runner
 from kdedge.runtime.policies import Context, Energy
@@ -451,7 +451,7 @@ def test_a_failed_write_keeps_the_stored_profile(base, tmp_path: Path, monkeypat
 def test_concurrent_stores_keep_both_batches(base, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runs storing at once: read-merge-write is serialised by a lock on profiles/, so
     neither drops the other's batch (the slow merge widens the race window to certainty)."""
-    import kdedge.profile.latency as latency
+    import kdedge.bundle.profile.store as latency
 
     bundle = _fresh(base, tmp_path)
     b = open_bundle_of(bundle)

@@ -23,16 +23,29 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+from helpers_runtime import FakeClock, fake_factory, toy_bundle
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers_runtime import FakeClock, fake_factory, toy_bundle
+from kdedge.bundle import inputs as bundle_inputs
+from kdedge.bundle.errors import BundleError, ChecksumError
+from kdedge.bundle.files import NotRegularFile, describe_path, open_regular
+from kdedge.bundle.manifest import read_manifest
+from kdedge.bundle.validate import validate_manifest
 from kdedge.cli.main import app
-from kdedge.runtime import (Confidence, Fixed, Full, InputError, OrtOptions, OutputError, Runner, combine,
-                            load_inputs, open_bundle)
-from kdedge.runtime import inputs as inputs_mod
-from kdedge.runtime.bundle import BundleError, ChecksumError, read_manifest, validate_manifest
-from kdedge.runtime.files import NotRegularFile, describe_path, open_regular
+from kdedge.runtime import (
+    Confidence,
+    Fixed,
+    Full,
+    InputError,
+    OrtOptions,
+    OutputError,
+    Runner,
+    combine,
+    load_inputs,
+    open_bundle,
+)
+from kdedge.bundle import input_files as inputs_mod
 
 cli = CliRunner()
 GREY = {"input": {"name": "input", "shape": [None, 1, 8, 8], "dtype": "float32", "layout": "NCHW"},
@@ -258,8 +271,8 @@ def test_validate_manifest_refuses_non_finite_numbers_built_in_python(env) -> No
 
 
 def test_export_commit_refuses_a_manifest_with_nan(env, tmp_path: Path) -> None:
+    from kdedge.bundle.writer import BundleDir
     from kdedge.export.errors import ExportError
-    from kdedge.export.manifest import BundleDir
 
     m = json.loads((env["bundle"] / "manifest.json").read_text())
     m["verification"]["max_abs_error"] = float("nan")
@@ -269,7 +282,7 @@ def test_export_commit_refuses_a_manifest_with_nan(env, tmp_path: Path) -> None:
 
 
 def test_is_bundle_dir_survives_hostile_manifests(tmp_path: Path) -> None:
-    from kdedge.export.manifest import is_bundle_dir
+    from kdedge.bundle.writer import is_bundle_dir
 
     deep = tmp_path / "deep"
     deep.mkdir()
@@ -361,7 +374,7 @@ def test_prefix_graphs_are_checked_when_first_used(env, tmp_path: Path) -> None:
 
 
 def test_graph_mismatch_rules() -> None:
-    from kdedge.runtime.sessions import _graph_mismatch
+    from kdedge.targets.ort_session import _graph_mismatch
 
     assert _graph_mismatch(["batch", 1, 8, 8], "tensor(float)", (None, 1, 8, 8), "float32") == (None, False)
     problem, _ = _graph_mismatch([1, 1, 8, 8], "tensor(float)", (None, 1, 8, 8), "float32")
@@ -431,9 +444,9 @@ def test_big_endian_fortran_and_memory_mapped_npy_give_the_same_batch(env, tmp_p
 
 
 def test_training_side_preprocess_refuses_empty_images() -> None:
-    from kdedge.preprocess import InputError as PrepError
-    from kdedge.preprocess import preprocess as train_preprocess
-    from kdedge.runtime.bundle import InputInfo
+    from kdedge.bundle.inputs import InputSpec as InputInfo
+    from kdedge.bundle.inputs import InputError as PrepError
+    from kdedge.bundle.inputs import preprocess as train_preprocess
 
     info = InputInfo(name="imagefolder", num_classes=2, in_channels=3, input_size=(12, 12), mean=(0.5,) * 3,
                      std=(0.5,) * 3, scale=1 / 255, channel_order="RGB", class_names=("a", "b"), resize=14)
@@ -567,8 +580,8 @@ def test_the_sample_named_in_the_error_is_the_requests_index(env) -> None:
 
 
 def test_softmax_of_huge_finite_logits_is_finite_and_combine_refuses_non_finite() -> None:
-    from kdedge.runtime import bundle as bundle_mod
-    from kdedge.runtime.combine import Running, softmax
+    import kdedge.bundle.combine as bundle_mod
+    from kdedge.bundle.combine import Running, softmax
 
     big = np.array([[3e38, -3e38, 1.0]], np.float32)
     for rule in ("mean_logits", "mean_probs", "last"):
@@ -705,7 +718,7 @@ def test_thread_counts_are_bounded_in_one_place(env, threads: str) -> None:
 
 
 def test_the_thread_bound_applies_before_any_session_opens(env) -> None:
-    from kdedge.runtime.sessions import check_threads, max_threads
+    from kdedge.targets.threads import check_threads, max_threads
 
     opened: list[str] = []
 
@@ -775,7 +788,7 @@ def test_a_fifo_inside_a_bundle_neither_hangs_run_nor_inspect(env, tmp_path: Pat
 @POSIX
 def test_a_fifo_in_a_package_directory_is_refused(env, tmp_path: Path) -> None:
     """Directory digests (CoreML packages) walk regular files only."""
-    from kdedge.runtime.bundle import sha256_path
+    from kdedge.bundle.files import sha256_path
 
     pkg = tmp_path / "pkg"
     pkg.mkdir()
@@ -794,6 +807,7 @@ def test_directories_of_inputs_are_bounded(tmp_path: Path, monkeypatch: pytest.M
         load_inputs(tmp_path, GREY)
     monkeypatch.setattr(inputs_mod, "MAX_INPUT_FILES", 100)
     monkeypatch.setattr(inputs_mod, "MAX_INPUT_BYTES", 4 * 64 * 4)  # four 1x8x8 float32 images
+    monkeypatch.setattr(bundle_inputs, "MAX_INPUT_BYTES", 4 * 64 * 4)
     with pytest.raises(InputError, match="holds 5 images, .* more than the"):
         load_inputs(tmp_path, GREY)
     np.save(tmp_path / "raw.npy", np.zeros((5, 8, 8), np.uint8))
@@ -805,6 +819,7 @@ def test_an_image_above_a_lowered_pixel_bound_is_refused(tmp_path: Path, monkeyp
     Image.fromarray(np.zeros((30, 20, 3), np.uint8), "RGB").save(tmp_path / "a.png")
     assert load_inputs(tmp_path / "a.png", RGB).x.shape == (1, 3, 12, 12)
     monkeypatch.setattr(inputs_mod, "MAX_IMAGE_PIXELS", 500)
+    monkeypatch.setattr(bundle_inputs, "MAX_IMAGE_PIXELS", 500)
     with pytest.raises(InputError, match=r"is 20x30 pixels"):
         load_inputs(tmp_path / "a.png", RGB)
     with pytest.raises(InputError, match=r"images of 20x30 pixels \(600 pixels\), more than the 500"):  # raw arrays too
@@ -838,6 +853,7 @@ def test_the_user_sees_exactly_one_line_on_stderr(env, tmp_path: Path) -> None:
 def test_a_dataset_split_too_large_to_load_says_to_limit_it(env, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("torch")
     monkeypatch.setattr(inputs_mod, "MAX_INPUT_BYTES", 10 * 64 * 4)  # ten 1x8x8 float32 images
+    monkeypatch.setattr(bundle_inputs, "MAX_INPUT_BYTES", 10 * 64 * 4)
     assert_one_line_error(invoke("run", env["bundle"], "--data", "digits", "--threads", "1"), "pass --limit 10 or less")
     res = invoke("run", env["bundle"], "--data", "digits", "--threads", "1", "--limit", "10", "--json")
     assert res.exit_code == 0, res.output

@@ -31,11 +31,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from kdedge.cli.main import app
-from kdedge.config import (RANGE, ConfigError, OptimConfig, RunConfig, TrainConfig, build_dataclass, load_config,
-                           read_yaml)
 from kdedge.train.checkpoint import CheckpointError
+from kdedge.train.config import OptimConfig, RunConfig, TrainConfig, load_config, read_yaml
 from kdedge.train.data import DataConfig, DataError, DatasetInfo
 from kdedge.train.engine import RunDirError, fit
+from kdedge.train.fields import RANGE, ConfigError, build_dataclass
 from kdedge.train.run import RunError, load_trained
 from kdedge.train.rundir import LOCK, RunDirLock, inspect_run_dir
 from kdedge.train.task import METHODS, get_task_class

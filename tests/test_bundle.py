@@ -1,4 +1,4 @@
-"""The bundle reader (kdedge.runtime.bundle): schema, versions, wiring, checksums, combine rules.
+"""The bundle reader (kdedge.bundle.manifest): schema, versions, wiring, checksums, combine rules.
 
 The bundles here are written by hand, as a program in another language would write them
 from docs/bundle.md, so the reader is tested independently of the exporter.
@@ -18,21 +18,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-import kdedge.runtime.bundle as bundle_mod
-from kdedge.runtime.bundle import (
-    SCHEMA_VERSION,
-    Bundle,
-    BundleError,
-    BundleVersionError,
-    ChecksumError,
-    combine,
-    open_bundle,
-    output_tensor_name,
-    path_bytes,
-    sha256_path,
-    tensor_name,
-    validate_manifest,
-)
+import kdedge.bundle.validate as bundle_mod
+from kdedge.bundle.combine import combine
+from kdedge.bundle.errors import BundleError, BundleVersionError, ChecksumError
+from kdedge.bundle.files import path_bytes, sha256_path
+from kdedge.bundle.manifest import Bundle
+from kdedge.bundle.names import SCHEMA_VERSION, output_tensor_name, tensor_name
+from kdedge.bundle.validate import validate_manifest
+from kdedge.targets import open_bundle
 
 
 def _file(root: Path, rel: str, data: bytes, **extra: Any) -> dict[str, Any]:
@@ -360,7 +353,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 def test_reader_imports_without_torch(tmp_path: Path) -> None:
     write_bundle(tmp_path / "b")
     code = ("import sys; sys.modules['torch'] = None\n"  # any torch import now raises ImportError
-            "from kdedge.runtime.bundle import open_bundle\n"
+            "from kdedge.bundle import open_bundle\n"
             f"b = open_bundle({str(tmp_path / 'b')!r}); print(len(b.stages))\n"
             "assert 'onnx' not in sys.modules\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -370,7 +363,7 @@ def test_reader_imports_without_torch(tmp_path: Path) -> None:
 
 
 def test_input_info_drives_the_shared_preprocess(tmp_path: Path) -> None:
-    from kdedge.preprocess import preprocess
+    from kdedge.bundle.inputs import preprocess
 
     write_bundle(tmp_path / "b")
     info = open_bundle(tmp_path / "b").input_info

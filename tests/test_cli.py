@@ -22,7 +22,7 @@ def invoke(*args: str):
 def test_help_lists_every_command() -> None:
     res = invoke("--help")
     assert res.exit_code == 0
-    for name in ("train", "eval", "export", "run", "profile", "inspect", "doctor"):
+    for name in ("train", "eval", "export", "run", "profile", "inspect", "build", "doctor", "serve"):
         assert name in res.output
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdedge.config import ConfigError, apply_override, dump_yaml, load_config, read_yaml, resolve
+from kdedge.train.config import apply_override, dump_yaml, load_config, read_yaml, resolve
+from kdedge.train.fields import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -127,3 +128,59 @@ def test_bad_labelled_per_batch_exits_the_cli_with_one_line(tmp_path: Path) -> N
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "labelled_per_batch needs data.unlabelled" in lines[0], res.output
     assert not (tmp_path / "r").exists()  # refused before the run directory is made
+
+
+# --- where the configuration lives --------------------------------------------------------------
+
+
+def test_the_old_import_path_re_exports_the_same_objects() -> None:
+    import kdedge.config as old
+    from kdedge.train import config as home
+    from kdedge.train import fields
+
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(home, name, None) or getattr(old, name) is getattr(fields, name), name
+    assert {"load_config", "resolve", "RunConfig", "ConfigError", "number", "check_ranges"} <= set(old.__all__)
+
+
+def test_reading_a_config_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; import kdedge.config, kdedge.train.config, kdedge.train.fields, kdedge.train.labels; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _import_graph():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "import_graph.py"
+    spec = importlib.util.spec_from_file_location("import_graph", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_training_side_has_no_import_circle() -> None:
+    graph = _import_graph()
+    edges = graph.graph()
+    ours = [c for c in graph.cycles(edges) if any(m == "kdedge.config" or m.startswith("kdedge.train") for m in c)]
+    assert ours == []
+    # the field helpers and the label sit below everything else in training: they import no training module
+    for module in ("kdedge.train.fields", "kdedge.train.labels", "kdedge.train.distributed"):
+        assert not [m for m in edges[module] if m.startswith("kdedge.train") or m == "kdedge.config"], module
+
+
+def test_ignore_index_is_defined_once() -> None:
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "kdedge"
+    homes = []
+    for path in [root / "config.py", *sorted((root / "train").rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            if any(isinstance(t, ast.Name) and t.id == "IGNORE_INDEX" for t in targets):
+                homes.append(path.relative_to(root).as_posix())
+    assert homes == ["train/labels.py"]

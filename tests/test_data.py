@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdedge.preprocess import InputError
+from kdedge.bundle.inputs import InputError
 import torch
 from torchvision.transforms import v2
 
@@ -27,7 +27,7 @@ from kdedge.train.data import (
     preprocess,
     set_loader_epoch,
 )
-from kdedge.train.task import IGNORE_INDEX
+from kdedge.train.labels import IGNORE_INDEX
 
 # ---------------------------------------------------------------- fixtures
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdedge.config import load_config
+from kdedge.train.config import load_config
 from kdedge.train.engine import RunDirError, fit, lr_at
 from kdedge.train.run import RunError, load_trained
 

@@ -12,14 +12,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers_anytime import digits
 from onnx import numpy_helper
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers_anytime import digits
 from kdedge.export import evaluate_bundle, export
 from kdedge.export.graphs import deployed
 from kdedge.models import create_model
-from kdedge.runtime.bundle import open_bundle
+from kdedge.targets import open_bundle
 
 FAMILIES: dict[str, dict[str, Any]] = {
     "hne": dict(config="tiny", B=2),

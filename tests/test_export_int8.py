@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from helpers_anytime import TOY_INT8_MAX_DROP, digits, toy_bundle, trained_toy
+
 from kdedge.export import ExportError, export
 from kdedge.export.ortrun import OrtChain, RunGraph
 from kdedge.export.quantize import stage_feeds
-from kdedge.runtime.bundle import open_bundle
+from kdedge.targets import open_bundle
 
 
 def _ops(path: Path) -> set[str]:
@@ -133,8 +133,8 @@ def test_gate_names_the_scheme_when_this_cpu_saturates(monkeypatch: pytest.Monke
 def test_symmetric_scheme_has_zero_activation_zero_points(tmp_path: Path) -> None:
     """s8s8: int8 activations with zero point 0 (what TensorRT's explicit quantization reads)."""
     xtr, ytr, xv, yv, info = digits()
-    from helpers_anytime import ToyOnline
     import torch
+    from helpers_anytime import ToyOnline
 
     torch.manual_seed(0)
     path = export(ToyOnline().eval(), tmp_path / "s8.kdedge", info=info, val_data=(xv[:64], yv[:64]),

@@ -11,12 +11,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers_anytime import ToyAnytime, ToyOnline, digits, toy_bundle, trained_toy
 from onnx import numpy_helper
 
-from helpers_anytime import ToyAnytime, ToyOnline, digits, toy_bundle, trained_toy
 from kdedge.export import export
 from kdedge.models.stages import run_stages
-from kdedge.runtime.bundle import open_bundle
+from kdedge.targets import open_bundle
 
 
 def _initializer_elements(path: Path) -> tuple[int, list[tuple[int, ...]]]:

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_anytime import ToyOnline, digits, toy_bundle, trained_toy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers_anytime import ToyOnline, digits, toy_bundle, trained_toy
+from kdedge.bundle.errors import BundleError
 from kdedge.export import ExportError, evaluate_bundle, export, export_run, format_inspect, inspect_bundle
-from kdedge.runtime.bundle import BundleError, open_bundle
+from kdedge.targets import open_bundle
 
 
 def _small_export(out: Path, **kw: object) -> Path:
@@ -48,7 +49,7 @@ def test_force_never_replaces_something_that_is_not_a_bundle(tmp_path: Path) -> 
     assert (out / "thesis.tex").read_text() == "years of work"
 
 
-@pytest.mark.parametrize("where", ["kdedge.export.pipeline.verify", "kdedge.export.manifest._fsync_tree"])
+@pytest.mark.parametrize("where", ["kdedge.export.pipeline.verify", "kdedge.bundle.writer._fsync_tree"])
 def test_interrupted_export_keeps_the_old_bundle_and_leaves_no_half_bundle(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     out = tmp_path / "b.kdedge"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers_anytime import digits, toy_bundle, trained_toy
+
 from kdedge.export import ExportError, export, format_report
 from kdedge.export.verify import Tolerances, _OutputStat
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from kdedge.models import UnknownNameError, create_model
+from kdedge.models import UnknownNameError, create_model, hne_layers
 from kdedge.models.flops import count_cost, stage_costs
 from kdedge.models.hne import HNE
 from kdedge.models.hne_configs import CONFIGS
-from kdedge.models.hne_layers import replicate
+from kdedge.models.hne_layers import GBottleneck, GConv, GHead, GInvertedResidual, replicate
 from kdedge.models.hne_reference import member_path, reference_members
 from kdedge.models.stages import check_stage_list, combine_torch, run_stages
 
@@ -133,6 +133,61 @@ def test_replicate_sends_each_node_to_its_two_children() -> None:
     x = torch.arange(3 * 2 * 1 * 1, dtype=torch.float32).reshape(1, 6, 1, 1)  # 3 nodes of 2 channels
     y = replicate(x, 3).flatten().tolist()
     assert y == [0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5]
+
+
+SPLIT_LAYERS = {
+    # in place: the first convolutions read the parents' features directly
+    "conv": (GConv(4, 6, 8, 3), True),
+    "bottleneck, projection": (GBottleneck(4, 6, 8, project=True), True),
+    "inverted residual, stride 2": (GInvertedResidual(4, 6, 8, stride=2), True),
+    "head": (GHead(4, 6, CLASSES), True),
+    "head, hidden layer": (GHead(4, 6, CLASSES, hidden=12), True),
+    # these need the replicated copy
+    "depth-wise conv": (GConv(4, 6, 6, 3, groups=6), False),
+    "bottleneck, identity shortcut": (GBottleneck(4, 8, 8), False),
+    "bottleneck, grouped 1x1": (GBottleneck(4, 6, 8, project=True, groups=2), False),
+    "inverted residual, residual": (GInvertedResidual(4, 8, 8), False),
+    "inverted residual, no expansion": (GInvertedResidual(4, 6, 8, stride=2, expand=1), False),
+}
+
+
+@pytest.mark.parametrize("kind", list(SPLIT_LAYERS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_layer_after_a_split_equals_it_on_the_replicated_input(kind: str, mode: str, monkeypatch) -> None:
+    torch.manual_seed(6)
+    layer, in_place = SPLIT_LAYERS[kind]
+    layer.train(mode == "train")
+    with torch.no_grad():
+        _randomise_bn(layer)
+        x = torch.randn(3, 2 * layer.kwargs["cin"], 6, 6)  # the 2 parents of the layer's 4 nodes
+        want = layer(replicate(x, 2))
+        calls = []
+        monkeypatch.setattr(hne_layers, "replicate", lambda *a: calls.append(a) or replicate(*a))
+        got = layer.forward_split(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (not calls) == in_place
+
+
+def test_the_papers_cifar_tree_splits_without_copying_features(monkeypatch) -> None:
+    """Every split of the Table 2 tree sits before a projection layer ("ResNet+Branching"), so no
+    graph replicates features (a Reshape/Concat that onnxruntime runs outside its NCHWc layout)."""
+    calls = []
+    monkeypatch.setattr(hne_layers, "replicate", lambda *a: calls.append(a) or replicate(*a))
+    torch.manual_seed(7)
+    model = create_model("hne", num_classes=CLASSES, config="resnet", B=4, width=0.25).eval()
+    x = image(2, 32, 3)
+    with torch.no_grad():
+        members = model(x)
+        outs = run_stages(model.stages(), x)
+        (full,) = model.prefixes()[-1](x)
+    assert calls == []
+    torch.testing.assert_close(sum(o["logits"] for o in outs), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(full, members.sum(0), rtol=1e-4, atol=1e-5)
+    # consecutive splits without layers in between replicate all but the last time
+    independent = tiny(3, sharing="independent").eval()
+    with torch.no_grad():
+        independent(image(2))
+    assert [a[1] for a in calls] == [1, 2]
 
 
 def _block_outputs(model: HNE, size: int) -> list[tuple[int, int, int]]:

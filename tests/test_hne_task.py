@@ -151,7 +151,7 @@ def test_every_paper_recipe_exists() -> None:
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipes_validate_and_build(path: Path) -> None:
-    from kdedge.config import load_config
+    from kdedge.train.config import load_config
 
     cfg = load_config(path)
     assert cfg.method == "hne" and cfg.model.name == "hne"
@@ -164,7 +164,7 @@ def test_recipes_validate_and_build(path: Path) -> None:
 
 
 def test_cifar_recipe_has_the_paper_hyper_parameters() -> None:
-    from kdedge.config import load_config
+    from kdedge.train.config import load_config
 
     cfg = load_config(CONFIGS_DIR / "hne_cifar.yaml")
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.schedule) == (0.1, 0.9, 5e-4, "cosine")

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdedge.config import ConfigError, build_dataclass, load_config
 from kdedge.models import create_model
+from kdedge.train.config import load_config
 from kdedge.train.evaluate import evaluate_model
+from kdedge.train.fields import ConfigError, build_dataclass
 from kdedge.train.losses.multiexit import exitwise_loss, multiexit_loss, teacher_sets
 from kdedge.train.task import get_task_class
 from kdedge.train.tasks.multiexit import MultiExitConfig, MultiExitTask
@@ -202,7 +203,7 @@ def test_fit_trains_and_resumes_with_the_temperature(tmp_path: Path):
 def _rank_mean(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from kdedge.train.task import mean_over_ranks
+    from kdedge.train.distributed import mean_over_ranks
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

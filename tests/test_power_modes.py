@@ -10,17 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kdedge.profile.modes import (
-    DeviceSetting,
-    ModeError,
-    Nvpmodel,
-    PowerMode,
-    cpu_governors,
-    current_setting,
-    device_id,
-    read_nvpmodel_conf,
-    slug,
-)
+from kdedge.device import DeviceSetting, cpu_governors, current_setting, device_id, slug
+from kdedge.profile.modes import ModeError, Nvpmodel, PowerMode, read_nvpmodel_conf
 from kdedge.profile.power import PowerError, PowerPermissionError
 
 FIX = Path(__file__).parent / "fixtures" / "power"
@@ -257,7 +248,7 @@ def cpu_tree(root: Path, governors: list[str | None]) -> str:
 
 
 def test_cpu_setting_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("kdedge.profile.modes.NVPMODEL_CONF", str(tmp_path / "no-nvpmodel.conf"))
+    monkeypatch.setattr("kdedge.device.NVPMODEL_CONF", str(tmp_path / "no-nvpmodel.conf"))
     root = cpu_tree(tmp_path / "a", ["performance"] * 4)
     assert cpu_governors(root) == {0: "performance", 1: "performance", 2: "performance", 3: "performance"}
     s = current_setting(threads=2, cpu_root=root)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_runtime import toy_bundle
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers_runtime import toy_bundle
 from kdedge.cli.main import app
 
 cli = CliRunner()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers_runtime import FakeClock, fake_factory, toy_bundle
+
 from kdedge.runtime import Deadline, Runner, open_bundle
 from kdedge.runtime.online import LoadEstimate
 from kdedge.runtime.policies import AllOf, Confidence, make_policy
@@ -119,3 +119,19 @@ def test_the_profile_path_feeds_the_estimate(bundle, tmp_path) -> None:
     _set(made, 3.0)
     assert r.run(_x(), pol).stage.tolist() == [0]
     assert pol.load is not None and pol.load.factor() == pytest.approx(3.0)
+
+
+def test_the_rank_th_largest_ratio_ignores_a_lone_stall() -> None:
+    from kdedge.runtime.online import LoadEstimate
+
+    est = LoadEstimate(window=8, rank=2)
+    for r in (1.0, 1.0, 50.0, 1.2, 1.0):  # one stage preempted: 50x
+        est.observe(r, 1.0)
+    assert est.factor() == 1.2
+    est.observe(3.0, 1.0)  # a second slow stage: the device is busy
+    assert est.factor() == 3.0
+    for _ in range(8):
+        est.observe(1.0, 1.0)
+    assert est.factor() == 1.0
+    with pytest.raises(ValueError, match="rank must be an integer from 1 to the window"):
+        LoadEstimate(window=4, rank=5)

@@ -8,13 +8,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers_runtime import FakeClock, fake_factory, toy_bundle
+
 from kdedge.profile.latency import LatencyProfile, bundle_fingerprint, current_key
-from kdedge.runtime import (CONTINUE, STOP, AllOf, Confidence, Deadline, Decision, Fixed, Full, Runner, combine,
-                            make_policy, open_bundle)
+from kdedge.runtime import (
+    CONTINUE,
+    STOP,
+    AllOf,
+    Confidence,
+    Deadline,
+    Decision,
+    Fixed,
+    Full,
+    Runner,
+    combine,
+    make_policy,
+    open_bundle,
+)
 from kdedge.runtime.policies import Energy, confidence_of
-from kdedge.runtime.sessions import OrtOptions, OrtSession, StageAborted, Watchdog, open_ort_session
+from kdedge.runtime.watchdog import Watchdog
+from kdedge.targets.ort_session import OrtOptions, OrtSession, open_ort_session
+from kdedge.targets.session import StageAborted
 
 LAT = {"stage0": 1.0, "stage1": 2.0, "stage2": 3.0, "prefix0": 0.5, "prefix1": 1.5, "prefix2": 2.5}
 K = 10
@@ -376,7 +390,7 @@ def test_real_watchdog_aborts_an_overrunning_onnxruntime_stage(bundle, tmp_path:
 def test_watchdog_fires_in_order_and_skips_disarmed() -> None:
     """On a clock the test moves: nothing fires before the clock passes a deadline, however slowly
     the watchdog's thread is scheduled, and then every armed handle fires in deadline order."""
-    from kdedge.runtime.sessions import AbortHandle
+    from kdedge.targets.session import AbortHandle
 
     now = [0.0]
     fired: list[str] = []

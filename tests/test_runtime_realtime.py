@@ -287,9 +287,10 @@ def test_realtime_profiles_are_keyed_apart(bundle, tmp_path) -> None:
     """A real-time run plans with a profile measured in real time, and says how to make one."""
     import shutil
 
-    from kdedge.profile.latency import MissingProfileError, _run_flags, resolve_profile
-    from kdedge.runtime.bundle import open_bundle
+    from kdedge.bundle.profile.store import _run_flags
+    from kdedge.profile.latency import MissingProfileError, resolve_profile
     from kdedge.runtime.realtime import realtime_key, split_realtime_key
+    from kdedge.targets import open_bundle
 
     assert realtime_key("", rt.Realtime(priority=9)) == "rtfifo9"
     assert realtime_key("torch-cuda-cudagraphs", rt.Realtime(policy="rr")) == "torch-cuda-cudagraphs-rtrr50"

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers_runtime import student_bundle, toy_bundle
+
+import kdedge.bundle.combine as bundle_mod
 from kdedge.models.stages import combine_torch, run_stages
-from kdedge.runtime import (COMBINE_RULES, ChecksumError, Fixed, Full, InputError, Runner, Running, combine,
-                            open_bundle)
-from kdedge.runtime import bundle as bundle_mod
+from kdedge.runtime import COMBINE_RULES, ChecksumError, Fixed, Full, InputError, Runner, Running, combine, open_bundle
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +244,7 @@ def test_manifest_of_a_newer_schema_is_refused(toy, tmp_path: Path) -> None:
     (dst / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="schema version 99"):
         Runner(dst)
-    from kdedge.runtime.bundle import SCHEMA_VERSION
+    from kdedge.bundle.names import SCHEMA_VERSION
 
     assert open_bundle(toy[0]).schema_version == SCHEMA_VERSION == 2
 

@@ -4,16 +4,19 @@ auto``) from profiles of several thread counts, and the default thread count."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers_runtime import toy_bundle
+
 from kdedge.profile.latency import CHAIN, LatencyProfile, bundle_fingerprint, current_key, profile_filename
 from kdedge.runtime import Deadline, Runner, open_bundle
-from kdedge.runtime.sessions import OrtOptions, open_ort_session
+from kdedge.targets.ort_session import OrtOptions, open_ort_session
 
 GRAPHS = ["stage0", "stage1", "stage2", "prefix0", "prefix1", "prefix2", CHAIN]
 
@@ -84,7 +87,7 @@ def test_auto_needs_profiles_and_the_onnx_target(bundle, tmp_path: Path) -> None
 def test_default_thread_count_is_one() -> None:
     """The default must not be the worst choice on a shared machine: with every CPU, onnxruntime's
     pools of consecutive stages compete for the cores (docs/runtime.md, "Threads")."""
-    from kdedge.runtime.sessions import default_threads
+    from kdedge.targets.threads import default_threads
 
     assert default_threads() == 1 and OrtOptions().resolved_threads == 1
 
@@ -102,3 +105,64 @@ def test_demo_deadlines_come_from_the_profile(bundle, s0, chain, tight, loose) -
     t, lo = demo_deadlines(prof)
     assert (t, lo) == (pytest.approx(tight), pytest.approx(loose))
     assert s0 + 0.1 <= t and lo >= chain and lo >= t
+
+
+def _in_fresh_process(code: str) -> subprocess.CompletedProcess:
+    """onnxruntime's shared pool is process-wide: each case runs in a process of its own."""
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).resolve().parents[1]}{os.pathsep}{Path(__file__).parent}"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+
+
+def test_a_shared_pool_runs_every_stage_on_one_pool_and_is_keyed_apart(tmp_path: Path) -> None:
+    src = toy_bundle(tmp_path)[0]
+    code = f"""
+import numpy as np, threading
+from kdedge.runtime import Runner
+from kdedge.targets.ort_session import OrtOptions, OrtSession
+before = threading.active_count()
+with Runner({str(src)!r}, threads=2, shared_pool=True) as r:
+    assert r.run_key == "shared", r.run_key
+    assert all(s.options.shared_pool for s in r.sessions)
+    p = r.run(np.zeros((2, 1, 8, 8), np.float32)).probs
+    assert p.shape[0] == 2 and np.allclose(p.sum(1), 1)
+    with Runner({str(src)!r}, threads=2) as plain:  # the same answers as sessions with pools of their own?
+        raise SystemExit("a per-session pool opened beside the shared one")
+"""
+    res = _in_fresh_process(code)
+    assert res.returncode != 0
+    assert "shared pool of 2 thread(s)" in res.stderr and "shared_pool=True" in res.stderr, res.stderr
+    same = f"""
+import numpy as np
+from kdedge.runtime import Runner
+x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+with Runner({str(src)!r}, threads=2, shared_pool=True) as r:
+    a = r.run(x).probs
+    try:
+        Runner({str(src)!r}, threads=1, shared_pool=True)
+    except ValueError as e:
+        print("refused:", e)
+np.save({str(tmp_path / 'shared.npy')!r}, a)
+"""
+    res = _in_fresh_process(same)
+    assert res.returncode == 0, res.stderr
+    assert "refused: this process's shared onnxruntime pool has 2 thread(s), asked for 1" in res.stdout
+    with Runner(src, threads=2) as plain:
+        x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+        np.testing.assert_allclose(np.load(tmp_path / "shared.npy"), plain.run(x).probs, atol=1e-6)
+        assert plain.run_key == ""
+
+
+def test_shared_pool_is_an_onnxruntime_setting_only(tmp_path: Path) -> None:
+    from kdedge.bundle.profile.store import _run_flags
+
+    assert _run_flags("shared") == " --shared-pool"
+    assert _run_flags("onnx-cuda-shared-rtfifo50") == " --device cuda --shared-pool --realtime --rt-priority 50"
+    from kdedge.runtime.runner import _session_options
+    from kdedge.targets.base import CompileSpec
+    from kdedge.targets.build import build_bundle
+
+    out = shutil.copytree(toy_bundle(tmp_path)[0], tmp_path / "fake.kdedge")
+    build_bundle(out, "fake", CompileSpec(max_batch=4))
+    with pytest.raises(ValueError, match="the fake target has none"):
+        Runner(out, target="fake", shared_pool=True)
+    assert _session_options(open_bundle(out), "onnx", None, None, False, 2, "all", None, True)[1] == "shared"

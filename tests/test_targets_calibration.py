@@ -16,9 +16,17 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from kdedge.runtime.bundle import open_bundle
-from kdedge.targets.calibration import (DEFAULT_COUNT, DEFAULT_SPLIT, CalibrationError, calibration_set,
-                                        images_from_dataset, images_from_path, subset)
+from kdedge.export.evaluate import images_from_dataset
+from kdedge.targets import open_bundle
+from kdedge.targets.calibration import (
+    DEFAULT_COUNT,
+    DEFAULT_SPLIT,
+    CalibrationError,
+    calibration_set,
+
+    images_from_path,
+    subset,
+)
 
 cli = CliRunner()
 
@@ -200,8 +208,9 @@ class Block:
         if name == "torch" or name.startswith("torch."):
             raise ModuleNotFoundError("No module named 'torch'", name="torch")
 sys.meta_path.insert(0, Block())
-from kdedge.runtime.bundle import open_bundle
-from kdedge.targets.calibration import images_from_dataset
+from kdedge.export.evaluate import images_from_dataset
+from kdedge.targets import open_bundle
+from kdedge.export.evaluate import images_from_dataset
 try:
     images_from_dataset(open_bundle({str(bundle.path)!r}, targets=["onnx"]), "digits")
 except ValueError as e:

@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from helpers_anytime import digits, toy_bundle, trained_toy
-from kdedge.runtime.bundle import ChecksumError, open_bundle
-from kdedge.runtime.runner import Runner
+
+from kdedge.bundle.errors import ChecksumError
 from kdedge.runtime.policies import make_policy
-from kdedge.runtime.sessions import StageAborted
-from kdedge.targets import get_target
+from kdedge.runtime.runner import Runner
+from kdedge.targets import get_target, open_bundle
 from kdedge.targets.base import CompileSpec, TargetError
+from kdedge.targets.session import StageAborted
 
 CASES = ["onnx", "torch-cpu", "torch-cuda", "coreml", "tensorrt", "tensorrt-emulated", "tensorrt-emulated-graphs"]
 EMULATED = ("tensorrt-emulated", "tensorrt-emulated-graphs")
@@ -50,7 +50,7 @@ def _module_sources(root: Path) -> list[Any]:
     import torch
 
     from kdedge.export.graphs import graph_example_inputs, plan_model
-    from kdedge.targets.build import graph_sources
+    from kdedge.export.graphs import graph_sources
 
     _, _, xv, _, _ = digits()
     plan = plan_model(trained_toy())
@@ -60,7 +60,7 @@ def _module_sources(root: Path) -> list[Any]:
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The toy bundle with torch (CPU) files added beside its ONNX files; other targets where they run."""
-    from kdedge.export.manifest import BundleDir
+    from kdedge.bundle.writer import BundleDir
     from kdedge.targets.build import add_target
 
     src = toy_bundle()
@@ -93,6 +93,7 @@ def emulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The toy bundle with engines built by the emulated TensorRT 10 (tests/fake_tensorrt.py) and
     verified against onnxruntime through the emulated sessions, as ``kdedge build`` does."""
     from fake_tensorrt import install
+
     from kdedge.targets.build import build_bundle
 
     out = tmp_path_factory.mktemp("trt") / "toy.kdedge"
@@ -251,7 +252,7 @@ def test_torch_cuda_graphs_match_eager(multi: Path) -> None:
 
 
 def test_run_key_names_the_target_device_and_cuda_graphs(multi: Path) -> None:
-    from kdedge.runtime.sessions import default_threads
+    from kdedge.targets.threads import default_threads
 
     with Runner(multi, target="onnx") as r:
         assert r.run_key == ""  # onnxruntime on the CPU: the profile file keeps its short name
@@ -287,8 +288,13 @@ def test_cuda_runs_without_a_cuda_runtime_say_what_is_missing(multi: Path) -> No
 def test_profiles_are_kept_per_run_key(multi: Path, tmp_path: Path) -> None:
     import json
 
-    from kdedge.profile.latency import ForeignProfileError, MissingProfileError, current_key, profile_bundle
-    from kdedge.profile.latency import profile_filename
+    from kdedge.profile.latency import (
+        ForeignProfileError,
+        MissingProfileError,
+        current_key,
+        profile_bundle,
+        profile_filename,
+    )
 
     copy = tmp_path / "p.kdedge"
     shutil.copytree(multi, copy)

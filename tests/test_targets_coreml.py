@@ -34,11 +34,11 @@ def student_coreml(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     """A two-stage toy model (no prefixes) converted to one package; the manifest part it needs
     (file entries written as the export writes them)."""
     import torch
-
     from helpers_anytime import ToyAnytime
+
+    from kdedge.bundle.writer import file_entry
     from kdedge.export.graphs import graph_example_inputs, plan_model
-    from kdedge.export.manifest import file_entry
-    from kdedge.targets.build import graph_sources
+    from kdedge.export.graphs import graph_sources
 
     torch.manual_seed(0)
     model = ToyAnytime(with_prefixes=False).eval()
@@ -109,7 +109,7 @@ def test_sessions_take_the_function_the_manifest_names(
         student_coreml: tuple[Path, dict[str, Any], dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     """What a session checks before coremltools loads the model (that part runs on Linux too), and
     ``open_entry`` passing the entry's ``function``."""
-    from kdedge.runtime.bundle import StageEntry
+    from kdedge.bundle.manifest import StageEntry
     from kdedge.targets import coreml
 
     root, manifest, _ = student_coreml
@@ -166,11 +166,11 @@ def test_family_exports_one_package_that_passes_the_linux_checks(family: str, tm
     """``kdedge export --target coreml``: every graph's entry names the package and its own
     function, the bundle reader checks the package once, and there are no descriptor files."""
     import torch
-
     from helpers_anytime import digits
+
     from kdedge.export import export
     from kdedge.models import create_model
-    from kdedge.runtime.bundle import open_bundle
+    from kdedge.targets import open_bundle
 
     _, _, xv, yv, info = digits()
     torch.manual_seed(0)

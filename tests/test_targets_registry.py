@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers_anytime import digits, toy_bundle
-from kdedge.runtime.bundle import open_bundle
+
 from kdedge.runtime.runner import Runner
-from kdedge.runtime.sessions import StageAborted
-from kdedge.targets import TARGETS, format_table, get_target, pick_target, target_table
+from kdedge.targets import TARGETS, format_table, get_target, open_bundle, pick_target, target_table
 from kdedge.targets.base import CompileSpec, TargetError
 from kdedge.targets.build import build_bundle
+from kdedge.targets.session import StageAborted
 
 
 def test_registry_and_table() -> None:
@@ -107,6 +106,7 @@ def test_fake_abort_cuts_a_slow_stage_short(fake_bundle: Path) -> None:
 
 def test_export_pipeline_adds_a_target(tmp_path: Path) -> None:
     from helpers_anytime import trained_toy
+
     from kdedge.export import ExportError, export
 
     _, _, xv, yv, info = digits()

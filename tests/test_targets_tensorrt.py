@@ -12,14 +12,25 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fake_tensorrt import HERE, FakeCudart, fake_tensorrt, install
 
 from kdedge.targets import get_target
 from kdedge.targets.base import CompileSpec, TargetError, TargetUnavailable
-from kdedge.targets.tensorrt import (EngineMismatch, calibration_cache_path, check_calibration, check_engine_meta,
-                                     graph_precisions, jetpack_facts, onnx_is_qdq, precision_plan, profile_shapes,
-                                     read_engine, timing_cache_path, trt_major, write_engine)
-
-from fake_tensorrt import HERE, FakeCudart, fake_tensorrt, install
+from kdedge.targets.tensorrt import (
+    EngineMismatch,
+    calibration_cache_path,
+    check_calibration,
+    check_engine_meta,
+    graph_precisions,
+    jetpack_facts,
+    onnx_is_qdq,
+    precision_plan,
+    profile_shapes,
+    read_engine,
+    timing_cache_path,
+    trt_major,
+    write_engine,
+)
 
 
 def test_version_selection() -> None:
@@ -102,8 +113,9 @@ def test_requests_and_missing_library() -> None:
         pytest.skip("TensorRT is installed here")
     with pytest.raises(TargetUnavailable, match=r"needs tensorrt to compile.*pip install 'kdedge\[tensorrt\]'"):
         t.require("compile")
-    from kdedge.targets.build import build_bundle
     from helpers_anytime import toy_bundle
+
+    from kdedge.targets.build import build_bundle
 
     with pytest.raises(TargetUnavailable, match=r"kdedge\[tensorrt\]"):
         build_bundle(toy_bundle("fp32", False), "tensorrt")
@@ -117,6 +129,7 @@ def test_build_and_run_engines(tmp_path: Path) -> None:
     import shutil
 
     from helpers_anytime import toy_bundle
+
     from kdedge.targets.build import build_bundle
 
     copy = tmp_path / "t.kdedge"
@@ -148,7 +161,8 @@ def calib_bundle():
 
 def _calib_set(path: Path, count: int = 48, batch: int = 16) -> Any:
     from helpers_anytime import digits
-    from kdedge.runtime.bundle import open_bundle
+
+    from kdedge.targets import open_bundle
     from kdedge.targets.calibration import calibration_set
 
     return calibration_set(open_bundle(path, targets=["onnx"]), digits()[2][:100], count=count, batch_size=batch)
@@ -183,8 +197,8 @@ def test_calibration_cache_key(tmp_path: Path) -> None:
 
 
 def test_calibrator_feeds_one_pointer_per_name_in_order(calib_bundle, tmp_path: Path, monkeypatch) -> None:
-    import kdedge.targets.tensorrt as trtmod
-    from kdedge.targets.tensorrt import _calibrator
+    import kdedge.targets.tensorrt.cuda as trtmod
+    from kdedge.targets.tensorrt.calibrator import _calibrator
 
     cudart = FakeCudart()
     monkeypatch.setattr(trtmod, "_cudart", lambda: cudart)
@@ -227,7 +241,7 @@ def test_int8_build_calibrates_every_graph_on_its_own_inputs(calib_bundle, tmp_p
     import json
     import shutil
 
-    from kdedge.runtime.bundle import open_bundle
+    from kdedge.targets import open_bundle
     from kdedge.targets.build import build_bundle
 
     copy = tmp_path / "t.kdedge"
@@ -291,7 +305,7 @@ def test_calibration_requests_refused_before_building(calib_bundle, tmp_path: Pa
     import dataclasses
     import shutil
 
-    from kdedge.runtime.bundle import open_bundle
+    from kdedge.targets import open_bundle
     from kdedge.targets.build import build_bundle, preflight
 
     copy = tmp_path / "t.kdedge"
@@ -306,6 +320,7 @@ def test_calibration_requests_refused_before_building(calib_bundle, tmp_path: Pa
                      verify_n=0)
     # a set made from other ONNX files (here: another stage0) does not calibrate this bundle
     from helpers_anytime import digits
+
     from kdedge.targets.calibration import calibration_set
 
     b = open_bundle(copy, targets=["onnx"])
@@ -405,6 +420,7 @@ def emu_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import shutil
 
     from helpers_anytime import toy_bundle
+
     from kdedge.targets.build import build_bundle
 
     out = tmp_path_factory.mktemp("emu") / "toy.kdedge"
@@ -430,7 +446,7 @@ def _ref(bundle: Path, x: np.ndarray, policy: Any = None) -> Any:
 
 
 def _sessions(bundle: Path, **options: Any) -> tuple[Any, list[Any]]:
-    from kdedge.runtime.bundle import open_bundle
+    from kdedge.targets import open_bundle
 
     b = open_bundle(bundle, targets=["tensorrt"])
     t = get_target("tensorrt")
@@ -779,8 +795,9 @@ def test_fp16_engines_are_verified_at_fp16_tolerance(tmp_path: Path, fakes) -> N
     import shutil
 
     from helpers_anytime import toy_bundle
-    from kdedge.runtime.bundle import open_bundle
+
     from kdedge.runtime.runner import Runner
+    from kdedge.targets import open_bundle
     from kdedge.targets.build import build_bundle
 
     copy = tmp_path / "h.kdedge"
@@ -812,7 +829,8 @@ def test_the_fake_cuda_runtime_has_the_signatures_of_cuda_python() -> None:
 
     import kdedge.targets.tensorrt as trtmod
 
-    used = sorted(set(re.findall(r"cudart\.(cuda[A-Za-z]+)\(", inspect.getsource(trtmod))))
+    source = "".join(p.read_text() for p in sorted(Path(trtmod.__file__).parent.glob("*.py")))  # the whole package
+    used = sorted(set(re.findall(r"cudart\.(cuda[A-Za-z]+)\(", source)))
     assert "cudaStreamDestroy" in used and "cudaGraphExecDestroy" in used
     fake = FakeCudart()
     for name in used:
@@ -861,8 +879,9 @@ def kept_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import shutil
 
     from helpers_anytime import toy_bundle
-    from kdedge.export.manifest import file_entry
-    from kdedge.runtime.bundle import open_bundle
+
+    from kdedge.bundle.writer import file_entry
+    from kdedge.targets import open_bundle
 
     out = tmp_path_factory.mktemp("kept") / "toy-int8.kdedge"
     shutil.copytree(toy_bundle("fp32", True), out)
@@ -886,8 +905,8 @@ def test_graphs_the_export_kept_fp32_are_built_fp32(kept_bundle: Path, tmp_path:
     import json
     import shutil
 
-    from kdedge.runtime.bundle import open_bundle
     from kdedge.runtime.runner import Runner
+    from kdedge.targets import open_bundle
 
     f = install(monkeypatch, tmp_path / "home", version=version)
     copy = tmp_path / "k.kdedge"
@@ -918,10 +937,10 @@ def test_graphs_the_export_kept_fp32_are_built_fp32(kept_bundle: Path, tmp_path:
 
 
 def test_calibration_is_refused_when_every_graph_is_qdq_or_kept_fp32(kept_bundle: Path, tmp_path: Path, fakes) -> None:
-    from kdedge.runtime.bundle import open_bundle
-    from kdedge.targets.build import preflight
-
     import shutil
+
+    from kdedge.targets import open_bundle
+    from kdedge.targets.build import preflight
 
     copy = tmp_path / "k.kdedge"
     shutil.copytree(kept_bundle, copy)

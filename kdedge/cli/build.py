@@ -43,14 +43,20 @@ Targets built from the stage modules (torch, coreml) are added with
 def _calibration(bundle: Any, calib: Optional[Path], calib_data: Optional[str], calib_root: Optional[str],
                  calib_split: Optional[str], calib_count: Optional[int], batch: int) -> Any:
     """The calibration set of the request (images read and preprocessed by the bundle's rule)."""
-    from kdedge.targets.calibration import (DEFAULT_COUNT, DEFAULT_SPLIT, calibration_set, images_from_dataset,
-                                            images_from_path)
+    from kdedge.targets.calibration import (
+        DEFAULT_COUNT,
+        DEFAULT_SPLIT,
+        calibration_set,
+        images_from_path,
+    )
 
     count = DEFAULT_COUNT if calib_count is None else calib_count
     if calib is not None:
         x, source = images_from_path(calib, bundle, count=count, batch_size=batch)
     else:
         assert calib_data is not None
+        from kdedge.export.evaluate import images_from_dataset  # the training data layer: torch
+
         x, source = images_from_dataset(bundle, calib_data, root=calib_root, split=calib_split or DEFAULT_SPLIT,
                                         count=count, batch_size=batch)
     return calibration_set(bundle, x, count=count, batch_size=batch, source=source)
@@ -109,8 +115,7 @@ def command(
 ) -> None:
     from rich.markup import escape
 
-    from kdedge.runtime.bundle import open_bundle
-    from kdedge.targets import CompileSpec
+    from kdedge.targets import CompileSpec, open_bundle
     from kdedge.targets.build import build_bundle, preflight
     from kdedge.targets.calibration import DEFAULT_BATCH
 

@@ -125,9 +125,8 @@ def _eval_bundle(path: Path, data: Optional[str], data_root: Optional[str], spli
 
 
 def _print(result: dict[str, Any]) -> None:
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     head = escape(f"{result.get('method', result.get('family', ''))} on {result.get('data')} [{result.get('split')}]")
     out.print(f"[bold]{head}[/]: accuracy {100 * result['accuracy']:.2f}% (n={result.get('n', '?')})", highlight=False)

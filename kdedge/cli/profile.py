@@ -68,8 +68,8 @@ def check_arguments(batch: str, runs: int, warmup: int, threads: Optional[int],
     import math
 
     from kdedge.profile.latency import MAX_RUNS
-    from kdedge.runtime.sessions import check_threads
     from kdedge.profile.meters.base import MAX_PERIOD_S
+    from kdedge.targets.threads import check_threads
 
     batches = parse_batches(batch)
     if not 1 <= runs <= MAX_RUNS:
@@ -99,6 +99,7 @@ def command(
     device: Optional[str] = typer.Option(None, help="Where the target's sessions run: cpu, cuda, cuda:N (torch), "
                                          "CoreML compute units (default: the device its files were compiled for)."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Capture and replay CUDA graphs (torch, tensorrt)."),
+    shared_pool: bool = typer.Option(False, "--shared-pool", help="onnxruntime: one intra-op pool of --threads threads for every stage session instead of one pool per session (consecutive stages then do not spin against each other; docs/runtime.md, Threads); part of the profile's key."),
     batch: str = typer.Option("1", "--batch", help="Batch sizes, comma-separated (e.g. 1,32)."),
     runs: int = typer.Option(200, help="Timed rounds per batch size (each runs the chain and every prefix "
                              "once); 1 to 100000."),
@@ -149,10 +150,14 @@ def command(
         modes = [m for m in power_mode.replace(" ", "").split(",") if m]
         if not modes:
             raise ValueError(f"--power-mode takes comma-separated nvpmodel mode names such as 15W,25W; got {power_mode!r}")
+    if shared_pool and len(thread_counts) > 1:
+        raise ValueError("--shared-pool keeps one onnxruntime pool per process: measure one --threads count per "
+                         "command (run kdedge profile once per count)")
     try:
         if modes is None:  # one profile per thread count (the count is part of its key)
             results = [_measure(bundle, target, batches, runs, warmup, t, optimization, plot, json_out or quiet,
-                                power_meter, device=device, cuda_graphs=cuda_graphs, realtime=rt)
+                                power_meter, device=device, cuda_graphs=cuda_graphs, realtime=rt,
+                                shared_pool=shared_pool)
                        for t in thread_counts]
         else:
             from kdedge.profile.modes import Nvpmodel
@@ -160,7 +165,7 @@ def command(
             nv = Nvpmodel(conf=nvpmodel_conf, nvpmodel=nvpmodel_exe, jetson_clocks=jetson_clocks_exe or None)
             results = _measure(bundle, target, batches, runs, warmup, thread_counts[0], optimization, plot,
                                json_out or quiet, power_meter, modes=modes, nvpmodel=nv, lock_clocks=lock_clocks,
-                               device=device, cuda_graphs=cuda_graphs, realtime=rt)
+                               device=device, cuda_graphs=cuda_graphs, realtime=rt, shared_pool=shared_pool)
     finally:
         if power_meter is not None:
             power_meter.close()
@@ -185,18 +190,18 @@ def parse_threads(text: Optional[str]) -> list[Optional[int]]:
 def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: int, threads: Optional[int],
              optimization: str, plot: bool, silent: bool, meter: object, modes: Optional[list[str]] = None,
              nvpmodel: object = None, lock_clocks: bool = False, device: Optional[str] = None,
-             cuda_graphs: bool = False, realtime: Any = None) -> Any:
+             cuda_graphs: bool = False, realtime: Any = None, shared_pool: bool = False) -> Any:
     """One (profile, path, png) without ``modes``; a list of them, one per mode, with."""
     from kdedge.profile.latency import open_target_bundle, profile_bundle, profile_power_modes
     from kdedge.targets import RunSpec, get_target
 
     # a bundle without the target's files, or a request the target refuses, fails before the bar
     opened, target = open_target_bundle(bundle, target)
-    get_target(target).session_options(RunSpec(device=device, cuda_graphs=cuda_graphs), opened)
+    get_target(target).session_options(RunSpec(device=device, cuda_graphs=cuda_graphs, shared_pool=shared_pool), opened)
     bundle = opened
     kw: dict[str, Any] = dict(target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
                               optimization=optimization, plot=plot, meter=meter, device=device,
-                              cuda_graphs=cuda_graphs, report=_note, realtime=realtime)
+                              cuda_graphs=cuda_graphs, report=_note, realtime=realtime, shared_pool=shared_pool)
 
     def go(progress: Any) -> Any:
         if modes is None:

@@ -55,7 +55,8 @@ def _mode_follower(exe: str, conf: str, period_s: float = 1.0) -> Any:
     ``period_s`` (``nvpmodel -q`` is a subprocess, too slow to run per request)."""
     import time
 
-    from kdedge.profile.modes import Nvpmodel, slug
+    from kdedge.device import slug
+    from kdedge.profile.modes import Nvpmodel
 
     if not Path(conf).is_file():
         raise ValueError(f"--follow-power-mode needs a Jetson's nvpmodel configuration; {conf} does not exist")
@@ -76,7 +77,7 @@ def _dataset(name: str, data_root: Optional[str], split: str, seed: int, limit: 
     """Raw images of a dataset split, preprocessed by the bundle's rule, and their labels (needs torch)."""
     import numpy as np
 
-    from kdedge.runtime.inputs import preprocess
+    from kdedge.bundle.input_files import preprocess
     from kdedge.train.data import DataConfig, load_data
 
     if split not in ("val", "test"):
@@ -89,7 +90,7 @@ def _dataset(name: str, data_root: Optional[str], split: str, seed: int, limit: 
                          f"{bundle.num_classes}; evaluate it on the dataset it was exported for "
                          f"({bundle.preprocessing.get('dataset')})")
     count = len(ds) if limit is None else min(limit, len(ds))
-    from kdedge.runtime.inputs import MAX_INPUT_BYTES
+    from kdedge.bundle.input_files import MAX_INPUT_BYTES
 
     c, h, w = (int(d) for d in bundle.input_shape[1:])
     most = max(1, MAX_INPUT_BYTES // (c * h * w * 4))
@@ -157,6 +158,7 @@ def command(
                                          "part of the profile's key."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="Capture and replay CUDA graphs (torch, tensorrt "
                                      "on a CUDA device); part of the profile's key."),
+    shared_pool: bool = typer.Option(False, "--shared-pool", help="onnxruntime: one intra-op pool of --threads threads for every stage session instead of one pool per session (consecutive stages then do not spin against each other; docs/runtime.md, Threads); part of the profile's key."),
     combine: Optional[str] = typer.Option(None, help="Combine rule (default: the bundle's): mean_logits, mean_probs, last."),
     profile: Optional[Path] = typer.Option(None, help="A latency profile file to use instead of the bundle's own for this device."),
     follow_power_mode: bool = typer.Option(False, "--follow-power-mode", help="On a Jetson: read the nvpmodel mode (at most once a second) and use that mode's profile; a mode change applies from the next request."),
@@ -170,7 +172,7 @@ def command(
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     from kdedge.runtime import Runner
-    from kdedge.runtime.inputs import load_inputs
+    from kdedge.bundle.input_files import load_inputs
     from kdedge.runtime.runner import OutputError
 
     if threads is not None and threads != "auto":
@@ -191,7 +193,7 @@ def command(
     rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock)
     with Runner(bundle, target=target, threads=threads, combine=combine,
                 profile=str(profile) if profile is not None else "auto", mode=mode, device=device,
-                cuda_graphs=cuda_graphs, realtime=rt) as runner:
+                cuda_graphs=cuda_graphs, realtime=rt, shared_pool=shared_pool) as runner:
         if getattr(policy, "needs_profile", False):
             runner.profile  # noqa: B018 - a missing/stale/foreign profile fails before any work
             if energy_mj is not None:  # a profile without energy fails here too, not mid-run

@@ -6,7 +6,7 @@ Entry points:
 - :func:`inspect_bundle` summarises one; :func:`evaluate_bundle` runs one with onnxruntime.
 
 The bundle format is documented in ``docs/bundle.md``; reading bundles needs no torch
-(:mod:`kdedge.runtime.bundle`).
+(:mod:`kdedge.bundle.manifest`).
 
 Example:
     >>> from kdedge.export import export

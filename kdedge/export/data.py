@@ -14,7 +14,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from kdedge.targets.calibration import spread_indices  # noqa: F401 - numpy only; also used by Spread
+from kdedge.train.labels import IGNORE_INDEX  # noqa: E402 - the one definition
 
 
 def _is_dataset(src: Any) -> bool:
@@ -118,15 +119,6 @@ class Batches:
     def count(self) -> int:
         """Number of samples (reads the source once)."""
         return sum(len(y) for _, y in self)
-
-
-def spread_indices(n: int, k: int) -> np.ndarray:
-    """``min(k, n)`` distinct indices evenly spaced over ``0..n-1`` (deterministic).
-
-    ``floor(i * n / k)`` is strictly increasing for ``k <= n``, so the indices are distinct.
-    """
-    k = min(int(k), int(n))
-    return (np.arange(k, dtype=np.int64) * int(n)) // max(k, 1)
 
 
 class Spread:

@@ -1,22 +1,8 @@
-"""The one error type of the export layer."""
+"""The one error type of the export layer: :class:`kdedge.bundle.errors.ExportError` (its home is
+the bundle layer, whose writer ``kdedge build`` shares on the device)."""
 
 from __future__ import annotations
 
-from typing import Any
+from kdedge.bundle.errors import ExportError
 
-
-class ExportError(ValueError):
-    """An export that cannot be done or did not pass its checks.
-
-    The first line of the message says what is wrong and how to fix it; a failed verification
-    or INT8 gate appends its report as a table. ``report`` holds the report dict when there is one.
-    """
-
-    def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.report = report
-
-    @property
-    def summary(self) -> str:
-        """The first line of the message (for one-line CLI errors)."""
-        return str(self).splitlines()[0] if str(self) else ""
+__all__ = ["ExportError"]

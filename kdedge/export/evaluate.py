@@ -12,10 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
+from kdedge.bundle.errors import BundleError
+from kdedge.bundle.manifest import Bundle
 from kdedge.export.data import Batches
 from kdedge.export.metrics import chain_accuracy
 from kdedge.export.ortrun import OrtChain, RunGraph
-from kdedge.runtime.bundle import Bundle, BundleError, open_bundle
+from kdedge.targets import open_bundle
+from kdedge.targets.calibration import DEFAULT_BATCH, DEFAULT_COUNT, DEFAULT_SPLIT, CalibrationError, subset
 
 
 def _rules(bundle: Bundle, rule: str | None) -> list[str]:
@@ -156,3 +161,56 @@ def evaluate_bundle_on_data(path: str | Path, *, data: str | None = None, data_r
     result = evaluate_bundle(path, getattr(splits, split), rule=rule, batch_size=batch_size, threads=threads,
                              progress=progress)
     return {**result, "data": info.name, "split": split}
+
+
+def images_from_dataset(bundle: Any, name: str, *, root: str | None = None, split: str = DEFAULT_SPLIT,
+                        count: int = DEFAULT_COUNT, batch_size: int = DEFAULT_BATCH
+                        ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Calibration images from a dataset of the training data layer (``kdedge.train.data``), read
+    raw and preprocessed by the bundle's rule (the evaluation rule: no augmentation).
+
+    The split is rebuilt as ``kdedge eval BUNDLE`` rebuilds it: from the training config in the
+    bundle's provenance (its data seed and fractions; ``name`` / ``root`` replace the dataset's),
+    else ``DataConfig(name=name, root=root)`` with seed 0. Only the :func:`subset` images are read.
+
+    Args:
+        bundle: the opened bundle.
+        name: dataset name (``digits``, ``cifar10``, ``imagefolder``, …).
+        root: the dataset directory (cifar, imagefolder).
+        split: ``train`` (what the ONNX INT8 export calibrates on) or ``val``.
+        count, batch_size: as :func:`calibration_set`.
+
+    Returns:
+        (float32 [count, C, H, W], the source record ``{"kind": "dataset", "name", "split", "seed", …}``).
+
+    Raises:
+        CalibrationError: torch is missing, a bad split, or a dataset that does not fit the bundle.
+    """
+    from kdedge.bundle.errors import BundleError
+    from kdedge.bundle.inputs import InputError, preprocess
+
+    if split not in ("train", "val"):
+        raise CalibrationError(f"the calibration split must be 'train' or 'val', got {split!r} (calibrating on the "
+                               "test split would leak it into the model)")
+    try:
+        splits, seed = bundle_splits(bundle, name, root)
+    except ImportError as e:
+        if getattr(e, "name", None) in ("torch", "torchvision"):
+            raise CalibrationError(f"--calib-data reads datasets with kdedge's training data layer, which needs "
+                                   f"{e.name} (pip install 'kdedge[train]'); without it, pass images with --calib PATH "
+                                   "(a directory of images or a .npy)") from None
+        raise
+    except (BundleError, ValueError) as e:  # DataError, a dataset that does not fit: already one line
+        raise CalibrationError(f"calibration data: {e}") from None
+    info = splits.info
+    ds = getattr(splits, split)
+    if ds is None or len(ds) == 0:
+        raise CalibrationError(f"the {split} split of {info.name} is empty; pick the other split with --calib-split")
+    idx = subset(len(ds), count, batch_size)
+    where = f"dataset {info.name} ({split})"
+    try:  # one image at a time: raw images of a directory dataset may differ in size before the resize
+        x = np.concatenate([preprocess(ds.raw(int(i)), bundle, where=where) for i in idx])
+    except InputError as e:
+        raise CalibrationError(str(e)) from None
+    return x, {"kind": "dataset", "name": info.name, "split": split, "seed": seed, "root": root,
+               "available": len(ds)}

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from kdedge.bundle.names import output_tensor_name, tensor_name
 from kdedge.export.errors import ExportError
 from kdedge.models.stages import COMBINE_RULES, INPUT, Stage, StageSpec, check_stage_list, run_stages
-from kdedge.runtime.bundle import output_tensor_name, tensor_name
+from kdedge.targets.base import GraphSource
 
 
 class WholeModelStage(Stage):
@@ -204,3 +206,20 @@ def graph_example_inputs(plan: ModelPlan, x: Tensor) -> dict[str, tuple[Tensor, 
 def shapes_of(tensors: Sequence[Tensor]) -> list[list[int | None]]:
     """Shapes with the batch dimension made dynamic (``None``)."""
     return [[None, *[int(d) for d in t.shape[1:]]] for t in tensors]
+
+
+def graph_sources(plan: Any, examples: dict[str, tuple[Any, ...]], root: Path, folder: str = "onnx",
+                  suffix: str = ".onnx") -> list[GraphSource]:
+    """The graphs of an export plan (:class:`kdedge.export.graphs.ModelPlan`) with their modules,
+    example inputs and the ONNX files written under ``root/folder``."""
+    from kdedge.export.onnx import dtype_name
+
+
+    out = []
+    for g in plan.graphs:
+        ex = tuple(examples[g.name])
+        out.append(GraphSource(name=g.name, inputs=tuple(g.inputs), outputs=tuple(g.outputs),
+                               input_shapes=tuple(tuple(int(d) for d in t.shape[1:]) for t in ex),
+                               input_dtypes=tuple(dtype_name(t) for t in ex), module=g.module, example=ex,
+                               onnx=root / folder / f"{g.name}{suffix}"))
+    return out

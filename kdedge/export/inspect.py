@@ -1,7 +1,7 @@
 """What a bundle holds, for ``kdedge inspect BUNDLE`` (table) and ``--json``.
 
 Reads only the bundle (numpy + jsonschema, no torch, no onnxruntime). The manifest must be
-valid (else :class:`~kdedge.runtime.bundle.BundleError`); file checks are *reported*: each
+valid (else :class:`~kdedge.bundle.manifest.BundleError`); file checks are *reported*: each
 file's size and whether its sha256 matches, and ``intact`` for the whole bundle, so that a
 damaged bundle can still be looked at. ``status`` sums it up for programs: ``ok``,
 ``damaged`` (a file is missing, modified or not a regular file) or ``unverified`` (the manifest
@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdedge.runtime.bundle import check_entry, read_manifest
+from kdedge.bundle.manifest import read_manifest
+from kdedge.bundle.validate import check_entry
 
 STATUSES = ("ok", "damaged", "unverified")
 
@@ -26,7 +27,7 @@ def _file_row(root: Path, graph: str, target: str, f: dict[str, Any]) -> dict[st
     import os
     import stat
 
-    from kdedge.runtime.bundle import path_bytes
+    from kdedge.bundle.files import path_bytes
 
     full = root / f["path"]
     problem = check_entry(root, f, f"{graph} ({target})" if target != "-" else graph)

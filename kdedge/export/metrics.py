@@ -1,6 +1,6 @@
 """Accuracy of the combined prediction after each stage, accumulated over batches (numpy).
 
-The combined prediction after stage k under a rule is :func:`kdedge.runtime.bundle.combine`
+The combined prediction after stage k under a rule is :func:`kdedge.bundle.manifest.combine`
 of stages 0..k, exactly as :func:`kdedge.train.evaluate.anytime_accuracies` computes it in
 torch; a fused prefix's prediction is the argmax of its logits.
 """
@@ -11,8 +11,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from kdedge.bundle.combine import combine
 from kdedge.export.ortrun import OrtChain
-from kdedge.runtime.bundle import combine
 
 
 class AccuracyMeter:

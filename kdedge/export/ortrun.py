@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from kdedge.runtime.bundle import INPUT, Bundle, StageEntry
+from kdedge.bundle.chain import chain
+from kdedge.bundle.manifest import Bundle, StageEntry
+from kdedge.bundle.names import INPUT
 
 
 @dataclass(frozen=True)
@@ -62,24 +64,16 @@ class OrtChain:
         self.graphs = list(graphs)
         self.sessions = [make_session(g.path, threads) for g in self.graphs]
 
-    def run_one(self, k: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run graph k on the tensors it reads from ``feeds`` (name -> array)."""
+    def run_one(self, k: int, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run graph k on its inputs (``feeds``: tensor name -> array, exactly what it reads)."""
         g = self.graphs[k]
-        missing = [t for t in g.inputs if t not in feeds]
-        if missing:
-            raise ValueError(f"{g.name} reads {missing}, which no earlier stage produced")
         values = self.sessions[k].run(list(g.outputs), {t: feeds[t] for t in g.inputs})
         return dict(zip(g.outputs, values))
 
     def run(self, x: np.ndarray, upto: int | None = None) -> list[dict[str, np.ndarray]]:
         """Run graphs 0..upto-1 (all by default) as a stage chain on the input batch ``x``."""
-        feeds: dict[str, np.ndarray] = {INPUT: np.ascontiguousarray(x, dtype=np.float32)}
-        outs = []
-        for k in range(len(self.graphs) if upto is None else upto):
-            out = self.run_one(k, feeds)
-            feeds.update(out)
-            outs.append(out)
-        return outs
+        return chain([g.inputs for g in self.graphs], self.run_one, np.ascontiguousarray(x, dtype=np.float32),
+                     upto=upto, names=[g.name for g in self.graphs])
 
     def run_each(self, x: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Run every graph on ``x`` alone (fused prefixes read only the input)."""

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from kdedge.export import manifest as mf
+from kdedge.bundle import writer as mf
 from kdedge.export.data import Batches
 from kdedge.export.errors import ExportError
 from kdedge.export.graphs import Graph, ModelPlan, graph_example_inputs, plan_model, run_torch, shapes_of
@@ -156,13 +157,34 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
             m.training = was
 
 
-def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data: Any, target: str, precision: str,
-            opset: int, simplify: bool, int8_max_drop: float, int8_keep_fp32: bool,
-            provenance: dict[str, Any] | None, force: bool, progress: Progress | None,
-            tol: tuple[float, float, float], exporter: str, batch_size: int, calib_size: int | None,
-            int8_scheme: str = "u8s7", tspec: tuple[str | None, int, dict[str, Any]] = (None, 64, {})) -> Path:
-    say: Progress = progress or (lambda _m: None)
-    compile_spec = None
+@dataclass
+class _Request:
+    """A checked export request: what :func:`_export`'s steps share."""
+
+    out: Path
+    force: bool
+    target: str
+    compile_spec: Any          # CompileSpec of a further target, None for the ONNX reference alone
+    precision: str             # of the ONNX reference
+    opset: int
+    exporter: str
+    simplify: bool
+    tolerances: Tolerances
+    int8_max_drop: float
+    int8_keep_fp32: bool
+    int8_scheme: str
+    info: dict[str, Any]
+    provenance: dict[str, Any]
+    say: Progress
+
+
+def _check_request(out: Path, *, info: Any, target: str, precision: str, opset: int, simplify: bool,
+                   int8_max_drop: float, int8_keep_fp32: bool, provenance: dict[str, Any] | None, force: bool,
+                   progress: Progress | None, tol: tuple[float, float, float], exporter: str, int8_scheme: str,
+                   tspec: tuple[str | None, int, dict[str, Any]]) -> _Request:
+    """Step 1: refuse what cannot be exported before anything is computed or written."""
+    from kdedge.export.quantize import check_scheme
+    from kdedge.registry import suggest
     from kdedge.targets import TARGETS, TEST_TARGETS, CompileSpec, Target, TargetError, get_target
 
     missing = Target._missing(EXPORT_REQUIRES)
@@ -170,9 +192,8 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
         raise ExportError(f"export needs {', '.join(missing)}, which is not installed; install it with: "
                           "pip install 'kdedge[train]'")
     if target not in TARGETS and target not in TEST_TARGETS:
-        from kdedge.models import suggest
-
         raise ExportError(f"unknown export target {target!r}; {suggest(target, TARGETS)}")
+    compile_spec = None
     try:
         tgt = get_target(target)
         if target == "onnx":
@@ -185,21 +206,26 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
         raise ExportError(str(e)) from None
     if compile_spec is not None:
         precision = "int8" if precision == "int8" else "fp32"  # the ONNX reference's precision
-    spec = get_target("onnx")  # the reference: folder, suffix, name
     check_opset(opset)
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
     if not (isinstance(int8_max_drop, (int, float)) and math.isfinite(int8_max_drop) and int8_max_drop >= 0):
         raise ExportError(f"int8_max_drop must be a number of points >= 0, got {int8_max_drop!r}")
-    from kdedge.export.quantize import check_scheme, describe, weight_bits, why
-
     check_scheme(int8_scheme)
     tolerances = Tolerances(*tol)
-    prov = dict(provenance or {})
     if out.absolute().parent.is_dir():
         mf.recover(out.absolute())
     mf.check_destination(out.absolute(), force)
-    inf = normalise_info(info)
+    return _Request(out=out, force=force, target=target, compile_spec=compile_spec, precision=precision, opset=opset,
+                    exporter=exporter, simplify=simplify, tolerances=tolerances, int8_max_drop=float(int8_max_drop),
+                    int8_keep_fp32=int8_keep_fp32, int8_scheme=int8_scheme, info=normalise_info(info),
+                    provenance=dict(provenance or {}), say=progress or (lambda _m: None))
+
+
+def _read_data(req: _Request, val_data: Any, calib_data: Any, batch_size: int,
+               calib_size: int | None) -> tuple[Batches, np.ndarray, Batches | None]:
+    """Step 2: the validation batches (and their first two images, the example input) and, for
+    INT8, the calibration batches."""
     try:
         val = Batches(val_data, batch_size)
         ex = val.first(2)
@@ -208,7 +234,7 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
     except ValueError as e:
         raise ExportError(f"validation data: {e}") from None
     calib = None
-    if precision == "int8":
+    if req.precision == "int8":
         if calib_data is None:
             raise ExportError("precision int8 needs calibration images: pass calib_data (a few hundred training images)")
         try:
@@ -216,9 +242,24 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
             calib.first(1)
         except ValueError as e:
             raise ExportError(f"calibration data: {e}") from None
+    return val, ex, calib
 
+
+@dataclass
+class _Traced:
+    """Step 3's result: the model's graphs, their example inputs and torch outputs, their costs."""
+
+    plan: ModelPlan
+    shape: tuple[int, int, int]
+    examples: dict[str, tuple[Tensor, ...]]
+    outputs: list[dict[str, Tensor]]   # per graph of plan.graphs, torch's outputs on the example
+    costs: dict[str, tuple[int, int]]
+
+
+def _trace(model: nn.Module, req: _Request, ex: np.ndarray) -> _Traced:
+    """Step 3: slice the model into its graphs and run them in torch on the example input."""
     plan = plan_model(model)
-    shape = (inf["in_channels"], *inf["input_size"])
+    shape = (req.info["in_channels"], *req.info["input_size"])
     if tuple(ex.shape[1:]) != tuple(shape):
         raise ExportError(f"validation images are {tuple(ex.shape[1:])}, the dataset info says {shape} (C, H, W)")
     if len(ex) == 1:
@@ -228,116 +269,180 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
     t_stage, t_prefix = run_torch(plan, x_ex)
     for g, o in zip(plan.graphs, [*t_stage, *t_prefix]):
         lg = o[g.logits_tensor]
-        if lg.dim() != 2 or lg.shape[1] != inf["num_classes"]:
-            raise ExportError(f"{g.name} logits have shape {tuple(lg.shape)}, expected [N, {inf['num_classes']}]")
-    costs = _costs(plan, shape)
+        if lg.dim() != 2 or lg.shape[1] != req.info["num_classes"]:
+            raise ExportError(f"{g.name} logits have shape {tuple(lg.shape)}, expected [N, {req.info['num_classes']}]")
+    return _Traced(plan, shape, examples, [*t_stage, *t_prefix], _costs(plan, shape))
 
+
+def _write_onnx(req: _Request, tr: _Traced, work: Path) -> tuple[dict[str, dict[str, Any]], dict[str, RunGraph]]:
+    """Step 4: every graph to ONNX under ``work`` (progress per graph); their export records and run views."""
+    from kdedge.export.fold import fold_batchnorm
+
+    meta: dict[str, dict[str, Any]] = {}
+    for i, g in enumerate(tr.plan.graphs):
+        req.say(f"export {g.name} ({i + 1}/{len(tr.plan.graphs)})")
+        module, folded = fold_batchnorm(g.module)  # half the operators to trace (kdedge/export/fold.py)
+        meta[g.name] = export_graph(module, tr.examples[g.name], work / f"{g.name}.onnx", inputs=g.inputs,
+                                    outputs=g.outputs, opset=req.opset, exporter=req.exporter, simplify=req.simplify)
+        meta[g.name]["folded_batchnorm"] = folded
+        del module  # one folded copy at a time
+    fp32 = {g.name: RunGraph(g.name, work / f"{g.name}.onnx", tuple(g.inputs), tuple(g.outputs), g.logits_tensor,
+                             g.spec.members) for g in tr.plan.graphs}
+    return meta, fp32
+
+
+@dataclass
+class _Verified:
+    """Steps 5-6: the graphs kept (FP32 or INT8), their precision and accuracy, the reports."""
+
+    chosen: dict[str, RunGraph]
+    precisions: dict[str, str]
+    stage_acc: list[dict[str, float]]
+    prefix_acc: list[float]
+    report: dict[str, Any]
+    quantization: dict[str, Any] | None
+
+
+def _verify(req: _Request, plan: ModelPlan, fp32: dict[str, RunGraph], val: Batches) -> _Verified:
+    """Step 5: the ONNX graphs against torch, chained as the runner chains them."""
+    stage_chain = OrtChain([fp32[g.name] for g in plan.stages])
+    prefix_chain = OrtChain([fp32[g.name] for g in plan.prefixes]) if plan.prefixes else None
+    req.say("verify against torch")
+    report = verify(plan, stage_chain, prefix_chain, val, req.tolerances, target=req.target)
+    check(report)
+    stage_acc = [{r: c["accuracy"] for c in report["combined"] if c["graph"] == g.name for r in [c["rule"]]}
+                 for g in plan.stages]
+    prefix_acc = [next(c["accuracy"] for c in report["combined"] if c["graph"] == g.name) for g in plan.prefixes]
+    return _Verified(fp32, {g.name: "fp32" for g in plan.graphs}, stage_acc, prefix_acc, report, None)
+
+
+def _quantize(req: _Request, plan: ModelPlan, v: _Verified, work: Path, calib: Batches, val: Batches) -> _Verified:
+    """Step 6 (INT8): quantize behind the accuracy gate; the graphs and accuracies kept."""
+    from kdedge.cpu import int8_dot
+    from kdedge.export.quantize import describe, quantize_graphs, weight_bits, why
+    from kdedge.export.verify import format_report
+
+    rules = list(plan.rules)
+    try:
+        chosen, q = quantize_graphs(
+            [v.chosen[g.name] for g in plan.stages], [v.chosen[g.name] for g in plan.prefixes], work, calib=calib,
+            val=val, rules=rules, fp32_stage_acc=v.stage_acc, fp32_prefix_acc=v.prefix_acc,
+            max_drop=req.int8_max_drop, keep_fp32=req.int8_keep_fp32, scheme=req.int8_scheme, progress=req.say)
+    except ExportError as e:
+        if e.report is not None:
+            v.report["int8"] = e.report
+            raise ExportError(f"{e}\n{format_report(v.report)}", report=v.report) from None
+        raise
+    v.report["int8"] = q
+    precisions = dict(q["precision"])
+    int8_rows = {(r["graph"], r["rule"]): r["int8"] for r in q["rows"]}
+    quant = {"precision": "int8", "format": "QDQ", "scheme": req.int8_scheme, "weight_bits": weight_bits(req.int8_scheme),
+             "why": why(req.int8_scheme), "exported_on": {"int8_dot": int8_dot()},
+             "calibration": describe(req.int8_scheme), "n_calibration": calib.count(), "max_drop": req.int8_max_drop,
+             "keep_fp32": req.int8_keep_fp32, "fp32_graphs": [n for n, p in precisions.items() if p == "fp32"]}
+    return _Verified(chosen, precisions, [{r: int8_rows[(g.name, r)] for r in rules} for g in plan.stages],
+                     [int8_rows[(g.name, "fused")] for g in plan.prefixes], v.report, quant)
+
+
+def _place_graphs(bd: Any, tr: _Traced, v: _Verified, meta: dict[str, dict[str, Any]],
+                  folder: str, suffix: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Step 7: move the kept graph files into the bundle; their manifest entries (stages, prefixes)."""
+    rules = list(tr.plan.rules)
+    (bd.tmp / folder).mkdir()
+    (bd.tmp / "profiles").mkdir()
+    stage_entries, prefix_entries = [], []
+    for g, t_out in zip(tr.plan.graphs, tr.outputs):
+        rel = f"{folder}/{g.name}{suffix}"
+        shutil.move(str(v.chosen[g.name].path), bd.tmp / rel)
+        ins = tr.examples[g.name]
+        outs = [t_out[t] for t in g.outputs]
+        acc = v.stage_acc[g.index] if g.kind == "stage" else {r: v.prefix_acc[g.index] for r in rules}
+        entry = _graph_entry(g, bd.tmp, rel, v.precisions[g.name],
+                             {k: val for k, val in meta[g.name].items() if k != "fallback_reason"},
+                             shapes_of(ins), [dtype_name(t) for t in ins], shapes_of(outs),
+                             [dtype_name(t) for t in outs], *tr.costs[g.name], acc)
+        (stage_entries if g.kind == "stage" else prefix_entries).append(entry)
+    return stage_entries, prefix_entries
+
+
+def _manifest(req: _Request, bd: Any, tr: _Traced, v: _Verified, meta: dict[str, dict[str, Any]],
+              entries: tuple[list[dict[str, Any]], list[dict[str, Any]]], reference: str) -> dict[str, Any]:
+    """Step 8: the manifest of the ONNX reference bundle (docs/bundle.md)."""
+    rules = list(tr.plan.rules)
+    inf, prov = req.info, dict(req.provenance)
+    used = sorted({m["exporter"] for m in meta.values()})
+    return {
+        **mf.base_manifest(),
+        "family": tr.plan.family,
+        "model": {"class": tr.plan.model_class, "meta": tr.plan.meta},
+        "classes": inf["class_names"],
+        "input": {"name": "input", "shape": [None, *tr.shape], "dtype": "float32", "layout": "NCHW"},
+        "preprocessing": {k: inf[k] for k in ("dataset", "input_size", "resize", "scale", "mean", "std",
+                                              "channel_order")},
+        "combine": {"default": rules[0], "supported": rules},
+        "targets": [reference],
+        "stages": entries[0],
+        "prefixes": entries[1],
+        "evaluation": {"split": str(prov.pop("split", "val")), "n": v.report["n"]},
+        "verification": summary(v.report),
+        "quantization": v.quantization,
+        "reports": {"verify": mf.file_entry(bd.tmp, "reports/verify.json")},
+        "provenance": mf.provenance(
+            opset=req.opset, exporter="+".join(used),
+            run_dir=None if prov.get("run_dir") is None else str(prov.pop("run_dir")),
+            config=prov.pop("config", None),
+            extra={**prov, **({"onnxsim": mf.package_version("onnxsim")} if req.simplify else {}),
+                   "fallbacks": {n: m["fallback_reason"] for n, m in meta.items() if m.get("fallback_reason")}}),
+    }
+
+
+def _add_target(req: _Request, bd: Any, manifest: dict[str, Any], tr: _Traced, val: Batches,
+                folder: str, suffix: str) -> None:
+    """Step 9: compile and verify the further target's files beside the ONNX reference."""
+    from kdedge.export.graphs import graph_sources
+    from kdedge.targets import TargetError
+    from kdedge.targets.build import add_target
+
+    try:
+        target_report = add_target(bd.tmp, manifest, req.target, req.compile_spec,
+                                   graph_sources(tr.plan, tr.examples, bd.tmp, folder, suffix),
+                                   verify_x=val.first(64), progress=req.say)
+    except TargetError as e:
+        raise ExportError(str(e)) from None
+    manifest["provenance"]["targets"] = {req.target: target_report}
+
+
+def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data: Any, target: str, precision: str,
+            opset: int, simplify: bool, int8_max_drop: float, int8_keep_fp32: bool,
+            provenance: dict[str, Any] | None, force: bool, progress: Progress | None,
+            tol: tuple[float, float, float], exporter: str, batch_size: int, calib_size: int | None,
+            int8_scheme: str = "u8s7", tspec: tuple[str | None, int, dict[str, Any]] = (None, 64, {})) -> Path:
+    """The export, as named steps: check the request, read the data, trace in torch, write ONNX,
+    verify, quantize (INT8), place the files, write the manifest, add a further target, commit."""
+    from kdedge.targets import get_target
+
+    req = _check_request(out, info=info, target=target, precision=precision, opset=opset, simplify=simplify,
+                         int8_max_drop=int8_max_drop, int8_keep_fp32=int8_keep_fp32, provenance=provenance,
+                         force=force, progress=progress, tol=tol, exporter=exporter, int8_scheme=int8_scheme,
+                         tspec=tspec)
+    val, ex, calib = _read_data(req, val_data, calib_data, batch_size, calib_size)
+    tr = _trace(model, req, ex)
+    ref = get_target("onnx")  # the reference: folder, suffix, name
     with mf.BundleDir(out, force) as bd:
         work = bd.tmp / "_work"
         work.mkdir()
-        meta: dict[str, dict[str, Any]] = {}
-        for i, g in enumerate(plan.graphs):
-            say(f"export {g.name} ({i + 1}/{len(plan.graphs)})")
-            meta[g.name] = export_graph(g.module, examples[g.name], work / f"{g.name}.onnx", inputs=g.inputs,
-                                        outputs=g.outputs, opset=opset, exporter=exporter, simplify=simplify)
-
-        def run_graph(g: Graph, path: Path) -> RunGraph:
-            return RunGraph(g.name, path, tuple(g.inputs), tuple(g.outputs), g.logits_tensor, g.spec.members)
-
-        fp32 = {g.name: run_graph(g, work / f"{g.name}.onnx") for g in plan.graphs}
-        stage_chain = OrtChain([fp32[g.name] for g in plan.stages])
-        prefix_chain = OrtChain([fp32[g.name] for g in plan.prefixes]) if plan.prefixes else None
-        say("verify against torch")
-        report = verify(plan, stage_chain, prefix_chain, val, tolerances, target=target)
-        check(report)
-
-        rules = list(plan.rules)
-        stage_acc = [{r: c["accuracy"] for c in report["combined"] if c["graph"] == g.name for r in [c["rule"]]}
-                     for g in plan.stages]
-        prefix_acc = [next(c["accuracy"] for c in report["combined"] if c["graph"] == g.name) for g in plan.prefixes]
-        chosen = fp32
-        precisions = {g.name: "fp32" for g in plan.graphs}
-        quant = None
-        if precision == "int8":
-            from kdedge.export.quantize import quantize_graphs
-
+        meta, fp32 = _write_onnx(req, tr, work)
+        v = _verify(req, tr.plan, fp32, val)
+        if req.precision == "int8":
             assert calib is not None
-            try:
-                chosen, q = quantize_graphs(
-                    [fp32[g.name] for g in plan.stages], [fp32[g.name] for g in plan.prefixes], work, calib=calib,
-                    val=val, rules=rules, fp32_stage_acc=stage_acc, fp32_prefix_acc=prefix_acc,
-                    max_drop=float(int8_max_drop), keep_fp32=int8_keep_fp32, scheme=int8_scheme, progress=say)
-            except ExportError as e:
-                if e.report is not None:
-                    report["int8"] = e.report
-                    from kdedge.export.verify import format_report
-
-                    raise ExportError(f"{e}\n{format_report(report)}", report=report) from None
-                raise
-            report["int8"] = q
-            precisions = dict(q["precision"])
-            int8_rows = {(r["graph"], r["rule"]): r["int8"] for r in q["rows"]}
-            stage_acc = [{r: int8_rows[(g.name, r)] for r in rules} for g in plan.stages]
-            prefix_acc = [int8_rows[(g.name, "fused")] for g in plan.prefixes]
-            from kdedge.cpu import int8_dot
-
-            quant = {"precision": "int8", "format": "QDQ", "scheme": int8_scheme, "weight_bits": weight_bits(int8_scheme),
-                     "why": why(int8_scheme), "exported_on": {"int8_dot": int8_dot()},
-                     "calibration": describe(int8_scheme),
-                     "n_calibration": calib.count(), "max_drop": float(int8_max_drop), "keep_fp32": int8_keep_fp32,
-                     "fp32_graphs": [n for n, p in precisions.items() if p == "fp32"]}
-
-        say("write bundle")
-        (bd.tmp / spec.folder).mkdir()
-        (bd.tmp / "profiles").mkdir()
-        stage_entries, prefix_entries = [], []
-        for g, t_out in zip(plan.graphs, [*t_stage, *t_prefix]):
-            rel = f"{spec.folder}/{g.name}{spec.suffix}"
-            shutil.move(str(chosen[g.name].path), bd.tmp / rel)
-            ins = examples[g.name]
-            outs = [t_out[t] for t in g.outputs]
-            acc = stage_acc[g.index] if g.kind == "stage" else {r: prefix_acc[g.index] for r in rules}
-            entry = _graph_entry(g, bd.tmp, rel, precisions[g.name], {k: v for k, v in meta[g.name].items()
-                                                                       if k != "fallback_reason"},
-                                 shapes_of(ins), [dtype_name(t) for t in ins], shapes_of(outs),
-                                 [dtype_name(t) for t in outs], *costs[g.name], acc)
-            (stage_entries if g.kind == "stage" else prefix_entries).append(entry)
+            v = _quantize(req, tr.plan, v, work, calib, val)
+        req.say("write bundle")
+        entries = _place_graphs(bd, tr, v, meta, ref.folder, ref.suffix)
         shutil.rmtree(work)
-        bd.write_json("reports/verify.json", report)
-        used = sorted({m["exporter"] for m in meta.values()})
-        manifest = {
-            **mf.base_manifest(),
-            "family": plan.family,
-            "model": {"class": plan.model_class, "meta": plan.meta},
-            "classes": inf["class_names"],
-            "input": {"name": "input", "shape": [None, *shape], "dtype": "float32", "layout": "NCHW"},
-            "preprocessing": {k: inf[k] for k in ("dataset", "input_size", "resize", "scale", "mean", "std",
-                                                  "channel_order")},
-            "combine": {"default": rules[0], "supported": rules},
-            "targets": [spec.name],
-            "stages": stage_entries,
-            "prefixes": prefix_entries,
-            "evaluation": {"split": str(prov.pop("split", "val")), "n": report["n"]},
-            "verification": summary(report),
-            "quantization": quant,
-            "reports": {"verify": mf.file_entry(bd.tmp, "reports/verify.json")},
-            "provenance": mf.provenance(
-                opset=opset, exporter="+".join(used), run_dir=None if prov.get("run_dir") is None else str(prov.pop("run_dir")),
-                config=prov.pop("config", None), extra={**prov, **({"onnxsim": mf.package_version("onnxsim")} if simplify else {}),
-                                                         "fallbacks": {n: m["fallback_reason"] for n, m in meta.items()
-                                                                       if m.get("fallback_reason")}}),
-        }
-        if compile_spec is not None:
-            from kdedge.targets import TargetError
-            from kdedge.targets.build import add_target, graph_sources
-
-            try:
-                target_report = add_target(bd.tmp, manifest, target, compile_spec,
-                                           graph_sources(plan, examples, bd.tmp, spec.folder, spec.suffix),
-                                           verify_x=val.first(64), progress=say)
-            except TargetError as e:
-                raise ExportError(str(e)) from None
-            manifest["provenance"]["targets"] = {target: target_report}
+        bd.write_json("reports/verify.json", v.report)
+        manifest = _manifest(req, bd, tr, v, meta, entries, ref.name)
+        if req.compile_spec is not None:
+            _add_target(req, bd, manifest, tr, val, ref.folder, ref.suffix)
         return bd.commit(manifest)
 
 

@@ -47,7 +47,6 @@ from kdedge.export.errors import ExportError
 from kdedge.export.metrics import chain_accuracy
 from kdedge.export.ortrun import OrtChain, RunGraph
 
-
 _EPS = 1e-9  # accuracy differences are ratios of counts: 0.60 - 0.59 must not exceed 1.0 point
 
 

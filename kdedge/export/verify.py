@@ -22,11 +22,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from kdedge.bundle.combine import combine
 from kdedge.export.errors import ExportError
 from kdedge.export.graphs import ModelPlan, run_torch
 from kdedge.export.metrics import AccuracyMeter
 from kdedge.export.ortrun import OrtChain
-from kdedge.runtime.bundle import combine
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,24 @@
 """Architectures. ``create_model(name, **kwargs)`` is the one entry point.
 
-The registry is a plain dict from name to ``"module:function"``; the module is imported only
-when that name is asked for, so an import error in one family never hides the others.
+The registry is a plain dict from name to ``"module:function"``, resolved with
+:func:`kdedge.registry.resolve`: the module is imported only when that name is asked for, so an
+import error in one family never hides the others, and an unknown name fails with a close-match
+suggestion (:class:`UnknownNameError`, the registry's own class).
+
 Builders take keyword arguments; ``num_classes`` and ``in_channels`` and ``input_size``
 (an ``(H, W)`` pair) are passed by the training engine from the dataset.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import inspect
 from typing import Any, Callable
 
 from torch import nn
+
+# one error type and one suggestion text for every registry (kdedge.registry); re-exported here
+# because callers catch kdedge.models.UnknownNameError and format with kdedge.models.suggest
+from kdedge.registry import UnknownNameError, resolve, suggest
 
 # name -> "module:builder". Families own their module; adding a model is one line here.
 MODELS: dict[str, str] = {
@@ -38,25 +43,17 @@ MODELS: dict[str, str] = {
 }
 
 
-class UnknownNameError(ValueError):
-    """A name that is not in a registry; the message suggests the closest names."""
-
-
-def suggest(name: str, known: list[str] | tuple[str, ...] | Any) -> str:
-    """``"did you mean 'x'?"`` text for an unknown name, or the list of known names."""
-    known = sorted(known)
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    if close:
-        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
-    return "known: " + ", ".join(known)
-
-
 def get_builder(name: str) -> Callable[..., nn.Module]:
-    if name not in MODELS:
-        raise UnknownNameError(f"unknown model {name!r}; {suggest(name, MODELS)}")
-    module_name, _, fn_name = MODELS[name].partition(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, fn_name)
+    """The builder function registered as ``name`` (its module is imported now).
+
+    Raises:
+        UnknownNameError: ``name`` is not in :data:`MODELS` (the message suggests close names).
+
+    Example:
+        >>> get_builder("resnet32").__name__
+        'resnet32'
+    """
+    return resolve(MODELS, name, what="model")
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

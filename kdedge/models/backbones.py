@@ -34,6 +34,7 @@ class BasicBlock(nn.Module):
     """The CIFAR ResNet basic block (He et al. 2016, option B shortcut: 1x1 conv + BN)."""
 
     expansion = 1
+    fold_batchnorm = (("conv1", "bn1"), ("conv2", "bn2"))  # forward: bnK(convK(x)); export folds them
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -122,6 +123,8 @@ class CifarResNet(nn.Module):
 
 class _Stem(nn.Module):
     """conv1-bn1-relu of a CIFAR ResNet as a block (shares the parent's parameters)."""
+
+    fold_batchnorm = (("conv1", "bn1"),)  # forward: bn1(conv1(x)); export folds them
 
     def __init__(self, parent: CifarResNet) -> None:
         super().__init__()

@@ -2,11 +2,13 @@
 first blocks along a binary tree, computed with grouped convolutions (paper §3, Fig. 2).
 
 The tree has B+1 blocks; block d holds 2^d nodes, computed in one grouped pass (see
-``hne_layers.py`` for the channel layout). At each split every node's features are replicated
-to its two children, nodes ``2i`` and ``2i+1``. Member ``n`` (leaf ``n``) therefore runs node
-``n >> (B - d)`` at block ``d``: the members are numbered in the paper's depth-first order,
-member 0 is always the first path, and the first 2^b members are exactly the leaves under the
-first path's node at depth B−b, the sub-ensemble the paper evaluates with 2^b members (Eq. 1).
+``hne_layers.py`` for the channel layout). At each split every node's features go to its two
+children, nodes ``2i`` and ``2i+1`` (the first convolutions after a split read the parents'
+features directly, so the copy is made only where a layer needs it: ``hne_layers.enter``).
+Member ``n`` (leaf ``n``) therefore runs node ``n >> (B - d)`` at block ``d``: the members are
+numbered in the paper's depth-first order, member 0 is always the first path, and the first
+2^b members are exactly the leaves under the first path's node at depth B−b, the sub-ensemble
+the paper evaluates with 2^b members (Eq. 1).
 
 Stages (the contract of ``kdedge.models.stages``), combined with ``mean_logits``:
 
@@ -32,12 +34,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from kdedge.models.hne_configs import CONFIGS, LayerSpec, TreeSpec, resolve
-from kdedge.models.hne_layers import (GBottleneck, GConv, GHead, GInvertedResidual, NodeModule, node_slice,
-                                      replicate)
+from kdedge.models.hne_layers import (GBottleneck, GConv, GHead, GInvertedResidual, NodeModule, enter,
+                                      node_slice)
 from kdedge.models.stages import INPUT, Stage, StageSpec
 
 __all__ = ["HNE", "HNEStage", "hne", "build_layer", "CONFIGS"]
@@ -91,12 +92,12 @@ class HNE(nn.Module):
         self.head = GHead(self.num_members, cin, num_classes, tree.head_hidden)
 
     def forward(self, x: Tensor) -> Tensor:
+        splits = 0  # splits since the last layer: the next layer reads its parents' features
         for d, block in enumerate(self.blocks):
-            if d > 0:
-                x = replicate(x, 2 ** (d - 1))
+            splits += d > 0
             for layer in block:
-                x = layer(x)
-        return self.head(x).unflatten(1, (self.num_members, -1)).transpose(0, 1)
+                x, splits = enter(layer, x, splits), 0
+        return enter(self.head, x, splits).unflatten(1, (self.num_members, -1)).transpose(0, 1)
 
     # --- stages -----------------------------------------------------------------------------
 
@@ -175,16 +176,15 @@ class HNEStage(Stage):
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         feats: list[Tensor] = []
-        prev = self.widths[0]
+        prev, splits = self.widths[0], 0
         for j, block in enumerate(self.blocks):
-            if self.widths[j] != prev:
-                x = replicate(x, prev)
+            splits += self.widths[j] != prev
             prev = self.widths[j]
             for layer in block:
-                x = layer(x)
-            if self.first_block + j in self.carry:
+                x, splits = enter(layer, x, splits), 0
+            if self.first_block + j in self.carry:  # only stage 0 carries, and it never splits
                 feats.append(x)
-        logits = self.head(x)
+        logits = enter(self.head, x, splits)
         if self.members > 1:
             logits = logits.unflatten(1, (self.members, -1)).sum(1)
         return (logits, *feats)

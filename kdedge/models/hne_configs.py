@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from kdedge.models.backbones import make_divisible
+from kdedge.registry import unknown
 
 MAX_B = 5
 SHARING = ("tree", "independent", "multibranch")
@@ -223,10 +224,8 @@ def resolve(config: str, B: int, width: float = 1.0, sharing: str = "tree", spli
             groups: int = 1, input_size: Sequence[int] | None = None, in_channels: int = 3) -> TreeSpec:
     """Check a request and return the tree it describes. Every impossible request raises a
     ``ValueError`` naming the fix."""
-    from kdedge.models import UnknownNameError, suggest
-
     if config not in CONFIGS:
-        raise UnknownNameError(f"unknown hne config {config!r}; {suggest(config, CONFIGS)}")
+        raise unknown(config, CONFIGS, what="hne config")
     cfg = CONFIGS[config]
     if isinstance(B, bool) or not isinstance(B, int) or not 0 <= B <= MAX_B:
         raise ValueError(f"hne B must be an integer from 0 to {MAX_B} (N = 2^B members), got {B!r}; "
@@ -236,7 +235,7 @@ def resolve(config: str, B: int, width: float = 1.0, sharing: str = "tree", spli
     if in_channels < 1:
         raise ValueError(f"hne needs at least one input channel, got {in_channels}")
     if sharing not in SHARING:
-        raise UnknownNameError(f"unknown hne sharing {sharing!r}; {suggest(sharing, SHARING)}")
+        raise unknown(sharing, SHARING, what="hne sharing")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"hne groups must be a positive integer, got {groups!r}")
     if input_size is not None:

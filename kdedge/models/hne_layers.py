@@ -14,6 +14,17 @@ the same way along its first dimension (a grouped convolution with ``n·g`` grou
 
 At a split the features are replicated (:func:`replicate`): node ``i`` feeds its children
 ``2i`` and ``2i+1``, which keeps the depth-first member order contiguous (see ``hne.py``).
+
+The replicated tensor need not exist: children ``2i`` and ``2i+1`` of a convolution read the
+same input, node ``i``'s channels, and their filters sit next to each other (rows
+``[2i·C_out, (2i+2)·C_out)``), so the layer's ``2n``-node convolution applied with ``n`` groups
+to the ``n``-node parent computes both children at once, in node order, with the same weight
+tensor. :meth:`NodeModule.forward_split` (and :func:`enter`) does that for the convolutions
+that read a layer's input (a bottleneck's reduction and projection shortcut, an inverted
+residual's expansion, a plain convolution, the head), and replicates only where a layer needs
+the copy itself (an identity shortcut, a depth-wise or inner-grouped first convolution). A
+split then costs no copy, and no conversion between onnxruntime's blocked NCHWc layout and
+NCHW around it (the ``Reshape``/``Concat`` of :func:`replicate` are not NCHWc operators).
 """
 
 from __future__ import annotations
@@ -49,6 +60,17 @@ def replicate(x: Tensor, nodes: int) -> Tensor:
     return torch.cat([u, u], dim=2).flatten(1, 3).unflatten(2, (h, w))
 
 
+def enter(layer: NodeModule, x: Tensor, splits: int) -> Tensor:
+    """``layer`` on ``x``, which holds ``layer.nodes / 2**splits`` nodes: the tree splits ``splits``
+    times between them (blocks without layers in between). All but the last split replicate;
+    the last is :meth:`NodeModule.forward_split`."""
+    if splits == 0:
+        return layer(x)
+    for k in range(splits - 1, 0, -1):
+        x = replicate(x, layer.nodes >> (k + 1))
+    return layer.forward_split(x)
+
+
 class NodeModule(nn.Module):
     """A layer of ``nodes`` tree nodes. Subclasses store their constructor arguments (all but
     ``nodes``) in ``self.kwargs`` so that :meth:`with_nodes` can rebuild them."""
@@ -65,6 +87,11 @@ class NodeModule(nn.Module):
     def with_nodes(self, nodes: int) -> NodeModule:
         """A freshly initialised layer of the same kind for ``nodes`` nodes."""
         return type(self)(nodes, **self.kwargs)
+
+    def forward_split(self, x: Tensor) -> Tensor:
+        """The layer on the children of ``x``'s ``nodes / 2`` nodes: ``self(replicate(x, nodes / 2))``,
+        computed without the replicated copy where the layer allows (module docstring)."""
+        return self(replicate(x, self.nodes // 2))
 
     def reset_parameters(self) -> None:
         for m in self.children():
@@ -83,6 +110,9 @@ class GConv(NodeModule):
         act: ``"relu"``, ``"relu6"`` or None.
         bn: BatchNorm after the convolution (otherwise the convolution has a bias).
     """
+
+    # forward computes bn(conv(x)): export folds the pair into one convolution (kdedge/export/fold.py)
+    fold_batchnorm = (("conv", "bn"),)
 
     def __init__(self, nodes: int, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1,
                  act: str | None = "relu", bn: bool = True) -> None:
@@ -112,6 +142,19 @@ class GConv(NodeModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return activation(self.bn(self.conv(x)), self.act)
+
+    @property
+    def splits_in_place(self) -> bool:
+        """Whether :meth:`forward_split` needs no replicated input: one group per node (a
+        depth-wise or inner-grouped convolution would interleave the children's channels)."""
+        return self.groups == 1 and self.nodes % 2 == 0
+
+    def forward_split(self, x: Tensor) -> Tensor:
+        if not self.splits_in_place:
+            return super().forward_split(x)
+        c = self.conv
+        y = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups // 2)
+        return activation(self.bn(y), self.act)
 
 
 class GBottleneck(NodeModule):
@@ -145,6 +188,13 @@ class GBottleneck(NodeModule):
         out = self.expand(self.pw(self.dw(self.reduce(x))))
         return F.relu(out + (x if self.shortcut is None else self.shortcut(x)), inplace=True)
 
+    def forward_split(self, x: Tensor) -> Tensor:
+        # an identity shortcut adds the children's (replicated) input itself
+        if self.shortcut is None or not (self.reduce.splits_in_place and self.shortcut.splits_in_place):
+            return super().forward_split(x)
+        out = self.expand(self.pw(self.dw(self.reduce.forward_split(x))))
+        return F.relu(out + self.shortcut.forward_split(x), inplace=True)
+
 
 class GInvertedResidual(NodeModule):
     """MobileNetV2 inverted residual (paper App. A, Fig. 8: "MBNet").
@@ -168,6 +218,12 @@ class GInvertedResidual(NodeModule):
     def forward(self, x: Tensor) -> Tensor:
         out = self.project(self.dw(x if self.expand is None else self.expand(x)))
         return x + out if self.residual else out
+
+    def forward_split(self, x: Tensor) -> Tensor:
+        # without an expansion the first convolution is depth-wise; a residual adds the input
+        if self.expand is None or self.residual or not self.expand.splits_in_place:
+            return super().forward_split(x)
+        return self.project(self.dw(self.expand.forward_split(x)))
 
 
 class GHead(NodeModule):
@@ -206,6 +262,16 @@ class GHead(NodeModule):
         if self.hidden is not None:
             x = F.relu6(self.hidden(x), inplace=True)
         return self.fc(x).flatten(1)
+
+    def forward_split(self, x: Tensor) -> Tensor:
+        if self.nodes % 2:
+            return super().forward_split(x)
+        x = x.mean(dim=(2, 3), keepdim=True)  # pooling commutes with the replication
+        first = self.fc if self.hidden is None else self.hidden
+        x = F.conv2d(x, first.weight, first.bias, groups=first.groups // 2)
+        if self.hidden is not None:
+            x = self.fc(F.relu6(x, inplace=True))
+        return x.flatten(1)
 
 
 def node_slice(layer: NodeModule, lo: int, hi: int) -> NodeModule:

@@ -22,9 +22,20 @@ Channel counts follow the authors' configuration: at column c scale s holds
   transition;
 - ``None``: keep every scale; transitions as for ``"min"``.
 
-The network is cut into blocks, one per exit: block m holds the layers after exit m-1 up to exit
-m (and a transition that follows its last layer), so stage m of the anytime model is block m plus
-exit m's head, carrying the scales that block m+1 reads.
+The parameters are grouped into blocks, one per exit: block m holds the layers after exit m-1 up
+to exit m (and a transition that follows its last layer); ``forward`` runs them block by block.
+
+**Stages defer scales** (:func:`plan_stages`). Exit m reads the coarsest scale at its column e_m,
+which reads scales S-1 and S-2 one layer earlier, and so on: the grid nodes (scale, column) that
+exit m depends on form a cone that reaches scale s only up to about S-1-s layers before e_m.
+Stage m computes exactly the nodes of exit m's cone that no earlier stage computed, in column
+order, then exit m's head; a node that only later exits read is left to the first stage whose
+exit needs it. Stage m carries the last node of each scale it computed that a later stage reads
+(output ``s{scale}``), and a stage binds each scale it reads to the stage that computed it
+(usually the previous one). Every node is computed once, by the same modules on the same inputs
+as in ``forward``, so each exit is bit-identical to the full forward's, the stages' MACs still
+add up to one forward of the whole network, and stopping after exit m costs exactly exit m's
+cone plus heads 0..m (CIFAR: exit 1 costs 10.5 M MACs instead of 15.3 M).
 """
 
 from __future__ import annotations
@@ -33,10 +44,12 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from kdedge.models.exit_heads import ExitHead, init_multiexit_weights
+from kdedge.models.msdnet_layers import DenseLayer, FirstLayer, GridColumn, Transition
+from kdedge.models.stages import INPUT, Stage, StageSpec
+from kdedge.registry import suggest
 
 PRUNE_MODES = ("min", "max", None)
 STEMS = ("cifar", "imagenet")
@@ -175,107 +188,108 @@ def plan_columns(cfg: MSDNetConfig) -> tuple[list[Column], list[int]]:
     return columns, exit_columns
 
 
-def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False),
-                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+Node = tuple[int, int]  # (scale, column) of the grid
+IMAGE: Node = (0, -1)  # the input image, read by layer 0's scale 0
 
 
-def _bottleneck(c_in: int, c_out: int, stride: int, width: int) -> nn.Sequential:
-    if width <= 0:
-        return _conv_bn_relu(c_in, c_out, 3, stride)
-    mid = min(c_in, width * c_out)
-    return nn.Sequential(_conv_bn_relu(c_in, mid, 1), _conv_bn_relu(mid, c_out, 3, stride))
+def node_reads(columns: Sequence[Column], node: Node) -> tuple[Node | None, Node | None]:
+    """The nodes grid node ``(s, c)`` reads: ``(same, finer)`` as passed to
+    :meth:`~kdedge.models.msdnet_layers.GridColumn.forward_scale` (None: not read).
+
+    Layer 0: scale 0 reads the image (:data:`IMAGE`), scale s > 0 layer 0's scale s-1. A layer:
+    scale s of the previous column and, when the previous column has it, scale s-1 (the strided
+    ``conv_down``). A transition: scale s of the previous column.
+    """
+    s, c = node
+    col = columns[c]
+    if not col.channels[s]:
+        raise ValueError(f"msdnet: column {c} does not compute scale {s}")
+    if col.kind == "first":
+        return None, (IMAGE if s == 0 else (s - 1, 0))
+    if col.kind == "transition":
+        return (s, c - 1), None
+    return (s, c - 1), ((s - 1, c - 1) if s > 0 and columns[c - 1].channels[s - 1] else None)
 
 
-class FirstLayer(nn.Module):
-    """Layer 0: the image to every scale (stride 2 between scales)."""
+@dataclass(frozen=True)
+class StagePlan:
+    """What one stage computes (:func:`plan_stages`).
 
-    def __init__(self, in_channels: int, channels: Sequence[int], stem: str) -> None:
-        super().__init__()
-        first: nn.Module = _conv_bn_relu(in_channels, channels[0], 3)
-        if stem == "imagenet":
-            first = nn.Sequential(_conv_bn_relu(in_channels, channels[0], 7, 2), nn.MaxPool2d(3, 2, 1))
-        self.convs = nn.ModuleList([first] + [_conv_bn_relu(channels[s - 1], channels[s], 3, 2)
-                                              for s in range(1, len(channels))])
+    Attributes:
+        nodes: grid nodes ``(scale, column)`` it computes, in an order that respects their reads
+            (column by column, finer scales first).
+        exit_node: the node its exit head reads (the coarsest scale at the exit's column).
+        inputs: ``(scale, column, stage)`` of every node it reads that an earlier stage computed,
+            one per scale at most, finer scales first (stage 0: none, it reads the image).
+        carry: nodes it computed that later stages read, one per scale at most, finer first.
+    """
 
-    def forward(self, xs: list[Tensor | None]) -> list[Tensor | None]:
-        x = xs[0]
-        out: list[Tensor | None] = []
-        for conv in self.convs:
-            x = conv(x)
-            out.append(x)
-        return out
-
-
-class DenseLayer(nn.Module):
-    """One MSDNet layer: every computed scale appends conv(x_s) (and conv_down(x_{s-1}))."""
-
-    def __init__(self, prev: Sequence[int], new: Sequence[int], bottleneck: int) -> None:
-        super().__init__()
-        self.scales = tuple(s for s, c in enumerate(new) if c)
-        self.has_down = tuple(s > 0 and prev[s - 1] > 0 for s in self.scales)
-        self.same = nn.ModuleList()
-        self.down = nn.ModuleList()  # only for scales with a finer input, in scale order
-        for s, down in zip(self.scales, self.has_down):
-            growth = new[s] - prev[s]
-            if growth <= 0 or prev[s] <= 0:
-                raise ValueError(f"msdnet: scale {s} grows from {prev[s]} to {new[s]} channels; check the config")
-            if down:
-                self.down.append(_bottleneck(prev[s - 1], growth // 2, 2, bottleneck))
-                growth -= growth // 2
-            self.same.append(_bottleneck(prev[s], growth, 1, bottleneck))
-
-    def forward(self, xs: list[Tensor | None]) -> list[Tensor | None]:
-        out: list[Tensor | None] = [None] * len(xs)
-        d = 0
-        for i, (s, down) in enumerate(zip(self.scales, self.has_down)):
-            x = xs[s]
-            parts = [x, self.same[i](x)]
-            if down:
-                parts.append(self.down[d](xs[s - 1]))
-                d += 1
-            out[s] = torch.cat(parts, dim=1)
-        return out
+    nodes: tuple[Node, ...]
+    exit_node: Node
+    inputs: tuple[tuple[int, int, int], ...]
+    carry: tuple[Node, ...]
 
 
-class Transition(nn.Module):
-    """1×1 conv-BN-ReLU per computed scale, compressing channels."""
+def plan_stages(columns: Sequence[Column], exit_columns: Sequence[int]) -> list[StagePlan]:
+    """Split the grid into stages, each computing only what its exit needs (module docstring).
 
-    def __init__(self, prev: Sequence[int], new: Sequence[int]) -> None:
-        super().__init__()
-        self.scales = tuple(s for s, c in enumerate(new) if c)
-        self.convs = nn.ModuleList([_conv_bn_relu(prev[s], new[s], 1) for s in self.scales])
+    Args:
+        columns, exit_columns: from :func:`plan_columns`.
 
-    def forward(self, xs: list[Tensor | None]) -> list[Tensor | None]:
-        out: list[Tensor | None] = [None] * len(xs)
-        for s, conv in zip(self.scales, self.convs):
-            out[s] = conv(xs[s])
-        return out
+    Returns:
+        One :class:`StagePlan` per exit.
+
+    Raises:
+        RuntimeError: the grid would make a stage carry or read two columns of one scale (no
+            configuration of :class:`MSDNetConfig` does; a guard for new column kinds).
+
+    Example:
+        >>> plans = plan_stages(*plan_columns(PRESETS["cifar"]))
+        >>> plans[0].carry      # stage 0 hands on scale 0 at layer 2, scale 1 at 3, scale 2 at 4
+        ((0, 2), (1, 3), (2, 4))
+    """
+    S = len(columns[0].channels)
+    owner: dict[Node, int] = {}  # node -> the stage that computes it
+    per_stage: list[list[Node]] = []
+    for m, e in enumerate(exit_columns):
+        todo, mine = [(S - 1, e)], set()
+        while todo:  # the exit's cone, less what earlier stages computed
+            node = todo.pop()
+            if node in owner or node in mine or node == IMAGE:
+                continue
+            mine.add(node)
+            todo.extend(n for n in node_reads(columns, node) if n is not None)
+        for node in mine:
+            owner[node] = m
+        per_stage.append(sorted(mine, key=lambda n: (n[1], n[0])))
+    reads: list[set[Node]] = [set() for _ in exit_columns]  # nodes of earlier stages each stage reads
+    for m, nodes in enumerate(per_stage):
+        for node in nodes:
+            reads[m].update(n for n in node_reads(columns, node) if n is not None and n != IMAGE and owner[n] != m)
+    plans = []
+    for m, nodes in enumerate(per_stage):
+        carry = tuple(sorted({n for k in range(m + 1, len(per_stage)) for n in reads[k] if owner[n] == m}))
+        ins = tuple(sorted(reads[m]))
+        for what, got in (("carry", carry), ("read", ins)):
+            scales = [n[0] for n in got]
+            if len(set(scales)) != len(scales):
+                raise RuntimeError(f"msdnet stage {m} would {what} several columns of one scale: {list(got)}")
+        plans.append(StagePlan(nodes=tuple(nodes), exit_node=(S - 1, exit_columns[m]),
+                               inputs=tuple((s, c, owner[(s, c)]) for s, c in ins), carry=carry))
+    return plans
 
 
 class MSDBlock(nn.Module):
     """The columns between two exits, applied in order to a list of per-scale tensors."""
 
-    def __init__(self, columns: Sequence[nn.Module], needs: tuple[int, ...], gives: tuple[int, ...]) -> None:
+    def __init__(self, columns: Sequence[nn.Module]) -> None:
         super().__init__()
         self.columns = nn.ModuleList(columns)
-        self.needs = needs  # scales read from the previous block (the image for block 0)
-        self.gives = gives  # scales its last column computes
 
     def forward(self, xs: list[Tensor | None]) -> list[Tensor | None]:
         for col in self.columns:
             xs = col(xs)
         return xs
-
-
-def _needed_scales(column: Column, prev: Column) -> tuple[int, ...]:
-    """Scales of ``prev`` that ``column`` reads."""
-    new = [s for s, c in enumerate(column.channels) if c]
-    if column.kind == "transition":
-        return tuple(new)
-    need = set(new)
-    need.update(s - 1 for s in new if s > 0 and prev.channels[s - 1] > 0)
-    return tuple(sorted(need))
 
 
 class MSDNet(nn.Module):
@@ -284,6 +298,7 @@ class MSDNet(nn.Module):
     Attributes:
         cfg: the :class:`MSDNetConfig`.
         blocks: one :class:`MSDBlock` per exit. ``exits``: one :class:`ExitHead` per exit.
+        stage_plans: one :class:`StagePlan` per exit (what each stage computes).
         num_exits: number of exits. ``combine_rules``: anytime (``mean_probs``), then budget (``last``).
     """
 
@@ -296,6 +311,7 @@ class MSDNet(nn.Module):
         self.input_size = input_size
         columns, exit_cols = plan_columns(cfg)
         self.columns_plan = columns
+        self.exit_columns = tuple(exit_cols)
         self.num_exits = cfg.num_exits
         blocks, exits = [], []
         start = 0
@@ -309,20 +325,17 @@ class MSDNet(nn.Module):
                     mods.append(DenseLayer(columns[c - 1].channels, col.channels, cfg.bottleneck))
                 else:
                     mods.append(Transition(columns[c - 1].channels, col.channels))
-            needs = (0,) if start == 0 else _needed_scales(columns[start], columns[start - 1])
-            gives = tuple(s for s, ch in enumerate(columns[end].channels) if ch)
-            blocks.append(MSDBlock(mods, needs, gives))
+            blocks.append(MSDBlock(mods))
             exits.append(ExitHead(columns[end].channels[-1], num_classes, "paper", cfg.exit_width))
             start = end + 1
         self.blocks = nn.ModuleList(blocks)
         self.exits = nn.ModuleList(exits)
+        self.stage_plans = plan_stages(columns, exit_cols)
         init_multiexit_weights(self)
 
-    def carried(self, m: int) -> tuple[int, ...]:
-        """Scales stage m passes on (those block m+1 reads); empty for the last stage."""
-        if m + 1 >= self.num_exits:
-            return ()
-        return self.blocks[m + 1].needs  # type: ignore[union-attr,return-value]
+    def grid_columns(self) -> list[GridColumn]:
+        """The column modules in grid order (``grid_columns()[c]`` computes column c)."""
+        return [col for block in self.blocks for col in block.columns]  # type: ignore[union-attr,misc]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         xs: list[Tensor | None] = [x] + [None] * (self.cfg.num_scales - 1)
@@ -332,27 +345,80 @@ class MSDNet(nn.Module):
             logits.append(head(xs[-1]))
         return logits
 
-    def stages(self) -> list[nn.Module]:
-        from kdedge.models.multiexit import MSDNetStage
-
+    def stages(self) -> list[Stage]:
+        """One stage per exit, each computing only what its exit needs (module docstring)."""
         return [MSDNetStage(self, m) for m in range(self.num_exits)]
 
-    def prefixes(self) -> list[nn.Module]:
+    def prefixes(self) -> list[Stage]:
         return []
 
     def stage_meta(self) -> dict[str, Any]:
+        """JSON-able facts for a bundle manifest; ``stage_columns[m][s]`` is the range of columns
+        ``[first, last]`` of scale s that stage m computes (None: none)."""
         d = {f.name: getattr(self.cfg, f.name) for f in fields(self.cfg)}
         d["scale_channels"] = list(self.cfg.scale_channels)
+        spans = []
+        for plan in self.stage_plans:
+            cols: list[list[int] | None] = []
+            for s in range(self.cfg.num_scales):
+                mine = [c for sc, c in plan.nodes if sc == s]
+                cols.append([min(mine), max(mine)] if mine else None)
+            spans.append(cols)
         return {"family": "multiexit", "architecture": "msdnet", "preset": self.preset, "config": d,
-                "num_exits": self.num_exits, "combine_rules": list(self.combine_rules)}
+                "num_exits": self.num_exits, "combine_rules": list(self.combine_rules), "stage_columns": spans}
+
+
+class MSDNetStage(Stage):
+    """Stage m of an MSDNet: the grid nodes of its :class:`StagePlan`, then exit m's head
+    (parameters shared with the model).
+
+    Inputs: the image (m = 0), else one carried node per scale it reads, finer scales first,
+    each bound to the stage that computed it (``stageK:s{scale}``). Outputs: ``logits``, then
+    ``s{scale}`` for every node it carries (finer first).
+    """
+
+    def __init__(self, model: MSDNet, m: int) -> None:
+        super().__init__()
+        plan = model.stage_plans[m]
+        self.plan = plan
+        cols = model.grid_columns()
+        # the modules run through their column (a plain attribute, not registered twice); the
+        # weights this stage uses are registered, so the stage's graph and parameter count hold
+        # exactly those
+        object.__setattr__(self, "_columns", cols)
+        self.parts = nn.ModuleList(mod for s, c in plan.nodes for mod in cols[c].scale_modules(s))
+        self.head = model.exits[m]
+        self._reads = [node_reads(model.columns_plan, node) for node in plan.nodes]
+        if m == 0:
+            self.input_nodes: tuple[Node, ...] = (IMAGE,)
+            inputs: tuple[str, ...] = (INPUT,)
+        else:
+            self.input_nodes = tuple((s, c) for s, c, _ in plan.inputs)
+            inputs = tuple(f"stage{k}:s{s}" for s, _, k in plan.inputs)
+        if len(self.input_nodes) > MAX_SCALES:  # a plan error, not a user error
+            raise RuntimeError(f"msdnet stage {m} reads {len(self.input_nodes)} tensors, more than {MAX_SCALES}")
+        self.spec = StageSpec(name=f"stage{m}", inputs=inputs,
+                              outputs=("logits", *(f"s{s}" for s, _ in plan.carry)), members=1)
+        self.training = model.training  # the wrapper follows the model (export warns in train mode)
+
+    # Explicit positional parameters rather than *inputs: torch.export matches ``dynamic_shapes``
+    # (one entry per input) to named parameters, which varargs would nest one level deeper.
+    def forward(self, x0: Tensor, x1: Tensor | None = None, x2: Tensor | None = None, x3: Tensor | None = None,
+                x4: Tensor | None = None, x5: Tensor | None = None, x6: Tensor | None = None,
+                x7: Tensor | None = None) -> tuple[Tensor, ...]:
+        given = (x0, x1, x2, x3, x4, x5, x6, x7)[: len(self.input_nodes)]
+        vals: dict[Node, Tensor | None] = dict(zip(self.input_nodes, given))
+        for (s, c), (same, finer) in zip(self.plan.nodes, self._reads):
+            vals[(s, c)] = self._columns[c].forward_scale(s, None if same is None else vals[same],
+                                                          None if finer is None else vals[finer])
+        logits = self.head(vals[self.plan.exit_node])
+        return (logits, *(vals[n] for n in self.plan.carry))  # type: ignore[misc]
 
 
 def build_msdnet(num_classes: int, in_channels: int, input_size: Sequence[int] | None, config: str,
                  overrides: dict[str, Any]) -> MSDNet:
     """An MSDNet from a preset name plus overrides (None values keep the preset's)."""
     if config not in PRESETS:
-        from kdedge.models import suggest
-
         raise ValueError(f"msdnet: unknown config {config!r}; {suggest(config, PRESETS)}")
     given = {k: v for k, v in overrides.items() if v is not None}
     if "scale_channels" in given:

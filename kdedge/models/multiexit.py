@@ -10,11 +10,13 @@ Two builders, registered in :data:`kdedge.models.MODELS`:
   own classifier.
 
 Both return a model whose ``forward(x)`` is the list of exit logits (first exit first) and
-which exposes its stages (:mod:`kdedge.models.stages`): stage m runs the layers between exit
-m-1 and exit m, returns exit m's logits (``members = 1``) and carries what stage m+1 reads
-(MSDNet: every scale the next block needs, outputs ``s0``, ``s1``, …; a backbone: the feature
-map ``feat``). Combine rules: ``mean_probs`` (anytime mode, the default) and ``last`` (budget
-mode). ``prefixes()`` is empty: see docs/multiexit.md.
+which exposes its stages (:mod:`kdedge.models.stages`): stage m returns exit m's logits
+(``members = 1``) and carries what later stages read. A backbone's stage m runs the blocks
+between exit m-1 and exit m and carries the feature map ``feat``; an MSDNet stage computes
+only the grid nodes exit m needs and carries one node per scale (``s0``, ``s1``, …; see
+:mod:`kdedge.models.msdnet`, where its stage class lives). Combine rules: ``mean_probs``
+(anytime mode, the default) and ``last`` (budget mode). ``prefixes()`` is empty: see
+docs/multiexit.md.
 
 Example:
     >>> m = create_model("msdnet", num_classes=100, in_channels=3, input_size=(32, 32), config="cifar")
@@ -30,7 +32,7 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 
 from kdedge.models.exit_heads import HEADS, ExitHead, init_multiexit_weights
-from kdedge.models.msdnet import MSDNet, build_msdnet
+from kdedge.models.msdnet import MSDNet, MSDNetStage, build_msdnet
 from kdedge.models.stages import INPUT, Stage, StageSpec
 
 __all__ = ["BackboneMultiExit", "MSDNet", "MSDNetStage", "BackboneStage", "msdnet", "multiexit", "num_exits"]
@@ -57,42 +59,6 @@ def msdnet(num_classes: int = 10, in_channels: int = 3, input_size: Sequence[int
                      init_multiple=init_multiple, growth_multiple=growth_multiple, prune=prune, reduction=reduction,
                      bottleneck=bottleneck, exit_width=exit_width, stem=stem)
     return build_msdnet(num_classes, in_channels, input_size, config, overrides)
-
-
-class MSDNetStage(Stage):
-    """Stage m of an MSDNet: block m and exit m (parameters shared with the model).
-
-    Inputs: the image (m = 0) or the scales block m reads, as carried by stage m-1 (``s0`` …).
-    Outputs: ``logits`` then the scales block m+1 reads.
-    """
-
-    def __init__(self, model: MSDNet, m: int) -> None:
-        super().__init__()
-        self.block = model.blocks[m]
-        self.head = model.exits[m]
-        self.needs: tuple[int, ...] = self.block.needs  # type: ignore[assignment]
-        self.carry = model.carried(m)
-        self.num_scales = model.cfg.num_scales
-        missing = set(self.carry) - set(self.block.gives)  # type: ignore[arg-type]
-        if missing:  # a plan error, not a user error
-            raise RuntimeError(f"msdnet stage {m} must carry scales {sorted(missing)} it does not compute")
-        inputs = (INPUT,) if m == 0 else tuple(f"stage{m - 1}:s{s}" for s in self.needs)
-        self.spec = StageSpec(name=f"stage{m}", inputs=inputs,
-                              outputs=("logits", *(f"s{s}" for s in self.carry)), members=1)
-        self.training = model.training  # the wrapper follows the model (export warns in train mode)
-
-    # Explicit positional parameters rather than *inputs: torch.export matches ``dynamic_shapes``
-    # (one entry per input) to named parameters, which varargs would nest one level deeper.
-    def forward(self, x0: Tensor, x1: Tensor | None = None, x2: Tensor | None = None, x3: Tensor | None = None,
-                x4: Tensor | None = None, x5: Tensor | None = None, x6: Tensor | None = None,
-                x7: Tensor | None = None) -> tuple[Tensor, ...]:
-        inputs = (x0, x1, x2, x3, x4, x5, x6, x7)[: len(self.needs)]
-        xs: list[Tensor | None] = [None] * self.num_scales
-        for s, t in zip(self.needs, inputs):
-            xs[s] = t
-        xs = self.block(xs)
-        logits = self.head(xs[-1])
-        return (logits, *(xs[s] for s in self.carry))  # type: ignore[misc]
 
 
 class _BackboneHead(nn.Module):

@@ -75,7 +75,7 @@ def measure_energy(runner: Any, x: np.ndarray, runs: int, meter: Any) -> tuple[d
         ``period_s``, ``note``, ``clamped``); ``graphs`` maps graph name to its ``energy_mj``
         summary (empty when the meter measures nothing).
     """
-    from kdedge.profile.latency import CHAIN
+    from kdedge.bundle.profile.spec import CHAIN
     from kdedge.runtime.policies import Fixed
 
     if runs < 1:

@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kdedge.bundle.combine import softmax  # one softmax (float64, stable) for every combine rule
+
 NEVER = 2.0  # a threshold no probability reaches
 COMBINES = ("last", "mean_probs")
 
@@ -41,15 +43,6 @@ __all__ = [
     "fit_thresholds_for_cost", "geometric_fractions", "select_budget_exits", "softmax", "threshold_curve",
     "topk_accuracies",
 ]
-
-
-def softmax(logits: Any, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax in float64 (the maximum is subtracted first: finite logits give
-    finite probabilities however large; non-finite logits give NaN, which the functions below refuse)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def _check_probs(probs: Any, labels: Any | None = None) -> tuple[np.ndarray, np.ndarray | None]:

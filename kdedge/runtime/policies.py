@@ -126,7 +126,7 @@ def _finite_cost(v: Any, graph: str, batch: int, stat: str, metric: str) -> floa
     request before a policy plans with it."""
     if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
         return float(v)
-    from kdedge.profile.latency import ProfileError
+    from kdedge.bundle.profile.spec import ProfileError
 
     unit = " " + metric.rsplit("_", 1)[-1] if "_" in metric else ""
     raise ProfileError(f"the profile gives {graph} at batch {batch} a {stat} {metric} of {v!r}{unit}; a cost must "
@@ -263,7 +263,7 @@ class Deadline:
             raise ValueError(f"the deadline must be a positive number of milliseconds, got {deadline_ms!r}")
         if not (_number(margin_ms) and margin_ms >= 0):
             raise ValueError(f"the deadline margin must be a finite number >= 0 ms, got {margin_ms!r}")
-        from kdedge.profile.latency import STATS
+        from kdedge.bundle.profile.spec import STATS
 
         if stat not in STATS:
             raise ValueError(f"unknown latency statistic {stat!r}; known: {', '.join(STATS)}")

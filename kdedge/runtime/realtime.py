@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from kdedge.bundle.profile.store import realtime_key as _key
+from kdedge.bundle.profile.store import split_realtime_key  # noqa: F401 - public here too
+
 POLICIES = {"fifo": "SCHED_FIFO", "rr": "SCHED_RR"}
 DEFAULT_PRIORITY = 50   # as `chrt -f 50`; the kernel's threaded IRQ handlers also run at 50
 MAX_PRIORITY = 98       # 99 is the kernel's watchdog/migration threads' level; never take it
@@ -97,20 +100,9 @@ class Realtime:
 
 
 def realtime_key(base: str, cfg: Realtime | None) -> str:
-    """A runner's profile key: the target's run key (``""`` for onnxruntime on the CPU,
-    ``torch-cuda-cudagraphs``, …) plus the real-time part (``rtfifo50``) when there is one."""
-    if cfg is None:
-        return base
-    return f"{base}-{cfg.key()}" if base else cfg.key()
-
-
-def split_realtime_key(key: str) -> tuple[str, str | None]:
-    """(the target's run key, the real-time part or None): the inverse of :func:`realtime_key`."""
-    head, _, last = key.rpartition("-")
-    part = last if last.startswith("rt") else None
-    if part is None:
-        return key, None
-    return head, part
+    """A runner's profile key: the target's run key plus the real-time part of ``cfg``
+    (:func:`kdedge.bundle.profile.store.realtime_key`)."""
+    return _key(base, None if cfg is None else cfg.key())
 
 
 def parse_cpus(text: str) -> tuple[int, ...]:

@@ -29,154 +29,38 @@ import contextlib
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from kdedge.runtime.bundle import INPUT, Bundle, StageEntry, open_bundle
-from kdedge.runtime.combine import Running, check_rule
-from kdedge.runtime.inputs import check_batch
+from kdedge.bundle.combine import Running, check_rule
+from kdedge.bundle.manifest import Bundle, StageEntry
+from kdedge.bundle.names import INPUT
+from kdedge.bundle.input_files import check_batch
 from kdedge.runtime.policies import Context, Full, Policy
-from kdedge.runtime.realtime import (MAX_PRIORITY, GcGuard, Realtime, RealtimeError, ThreadAdopter, describe_threads,
-                                     lock_memory, realtime_key, set_thread, unlock_memory)
+from kdedge.runtime.results import OutputError, Result, Results, _finite, _logits_error
+from kdedge.runtime.realtime import (
+    MAX_PRIORITY,
+    GcGuard,
+    Realtime,
+    RealtimeError,
+    ThreadAdopter,
+    describe_threads,
+    lock_memory,
+    realtime_key,
+    set_thread,
+    unlock_memory,
+)
 from kdedge.runtime.realtime import supported as rt_supported
-from kdedge.runtime.sessions import (AbortHandle, OrtOptions, Session, StageAborted, Watchdog, check_threads,
-                                     get_session_factory, numpy_dtype)
+from kdedge.runtime.watchdog import Watchdog
+from kdedge.targets import get_target, open_bundle
+from kdedge.targets.session import AbortHandle, Session, StageAborted, numpy_dtype
+from kdedge.targets.threads import check_threads
 
 __all__ = ["OutputError", "Result", "Results", "Runner"]
 
-
-class OutputError(ValueError):
-    """A stage produced NaN or infinite logits, so no answer can be given (never a NaN one).
-
-    A bundle's graphs compute finite logits for inputs in the range they were trained on; an
-    overflow means the input is far outside it (e.g. a float32 ``.npy`` of unnormalised values).
-
-    Attributes:
-        sample: the index, in the request, of the first sample whose logits are not finite.
-    """
-
-    def __init__(self, message: str, sample: int = 0) -> None:
-        super().__init__(message)
-        self.sample = sample
-
-
-def _finite(a: Any) -> bool:
-    """All of ``a`` (a stage's [N, classes] logits) is finite. ``isfinite().all()`` rather than a
-    sum: a sum of +inf and -inf would print numpy's RuntimeWarning beside the error."""
-    return bool(np.isfinite(a).all())
-
-
-def _logits_error(graph: str, tensor: str, logits: Any, x: np.ndarray, classes: int,
-                  idx: np.ndarray | None = None) -> ValueError:
-    """The error for logits of the wrong shape (a session that does not match the manifest), or
-    for non-finite logits of the active samples ``x`` (``idx``: their indices in the request;
-    None: all of it), naming the graph, the tensor and the first bad sample."""
-    if tuple(logits.shape) != (len(x), classes):
-        return ValueError(f"{graph} returned logits {tensor} of shape {list(logits.shape)} for {len(x)} sample(s), "
-                          f"the manifest says [N, {classes}]; its file does not match the manifest, re-export "
-                          "the bundle")
-    a = np.asarray(logits, dtype=np.float64).reshape(len(x), -1)
-    bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
-    first = int(bad[0] if idx is None else idx[bad[0]]) if bad.size else 0
-    peak = float(np.max(np.abs(x))) if x.size else 0.0
-    return OutputError(f"{graph} computed NaN or infinite logits ({tensor}) for {bad.size} of {len(x)} sample(s), "
-                       f"the first is sample {first} of the request: the computation overflowed; the input's values "
-                       f"reach {peak:.3g}, while preprocessed images stay within a few units; check that the input "
-                       "is preprocessed by the bundle's rule (or pass raw uint8 images)", sample=first)
-
 _PLANS_PER_THREAD = 8  # batch sizes whose bound buffers a thread keeps (least recently used dropped)
-
-
-@dataclass(frozen=True)
-class Result:
-    """The answer for one sample.
-
-    Attributes:
-        probs: class probabilities [classes] (float64).
-        label: predicted class index.
-        class_name: its name from the manifest.
-        confidence: the predicted class's probability.
-        stage: the last stage whose output the answer includes (a fused prefix counts as its
-            last stage).
-        members: ensemble members the answer averages.
-        stage_ms: time of each stage this sample went through (the batch's, in order).
-        total_ms: time from the request's start to this sample's answer.
-        budget_met: ``total_ms`` within the policy's budget (True when it has none).
-    """
-
-    probs: np.ndarray
-    label: int
-    class_name: str
-    confidence: float
-    stage: int
-    members: int
-    stage_ms: tuple[float, ...]
-    total_ms: float
-    budget_met: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "class": self.class_name, "confidence": self.confidence, "stage": self.stage,
-                "members": self.members, "stage_ms": list(self.stage_ms), "total_ms": self.total_ms,
-                "budget_met": self.budget_met}
-
-
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs microseconds per call
-class Results:
-    """The answers for a batch, as arrays; ``results[i]`` is sample i's :class:`Result`.
-
-    Attributes:
-        probs: [N, classes] float64.
-        stage: [N] last stage included in each answer.
-        members: [N] members averaged.
-        total_ms: [N] time to each sample's answer.
-        budget_met: [N] bool.
-        graphs: the graphs run in this call, in order (``stage0``, ``stage1``… or ``prefix2``).
-        stage_ms: the time of each of them (an aborted stage included).
-        aborted: the graph the watchdog aborted, or None.
-        policy: the policy's name.
-        budget_ms: the policy's budget, or None.
-        classes: class names.
-    """
-
-    probs: np.ndarray
-    stage: np.ndarray
-    members: np.ndarray
-    total_ms: np.ndarray
-    budget_met: np.ndarray
-    graphs: tuple[str, ...]
-    stage_ms: tuple[float, ...]
-    aborted: str | None
-    policy: str
-    budget_ms: float | None
-    classes: tuple[str, ...]
-
-    @property
-    def labels(self) -> np.ndarray:
-        """[N] predicted class indices."""
-        return self.probs.argmax(axis=1)
-
-    def __len__(self) -> int:
-        return int(self.probs.shape[0])
-
-    def __getitem__(self, i: int) -> Result:
-        p = self.probs[i]
-        label = int(p.argmax())
-        stage = int(self.stage[i])
-        fused = bool(self.graphs) and self.graphs[0].startswith("prefix")
-        times = self.stage_ms[:1] if fused else self.stage_ms[: stage + 1]
-        return Result(probs=p, label=label, class_name=self.classes[label], confidence=float(p[label]),
-                      stage=stage, members=int(self.members[i]), stage_ms=tuple(times),
-                      total_ms=float(self.total_ms[i]), budget_met=bool(self.budget_met[i]))
-
-    def __iter__(self) -> Iterator[Result]:
-        return (self[i] for i in range(len(self)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "budget_ms": self.budget_ms, "graphs": list(self.graphs),
-                "stage_ms": list(self.stage_ms), "aborted": self.aborted, "results": [r.to_dict() for r in self]}
 
 
 class _Plan:
@@ -194,39 +78,20 @@ class _Plan:
 
 
 def _session_options(bundle: Bundle, target: str, options: Any, device: str | None, cuda_graphs: bool,
-                     threads: int | None, optimization: str, providers: Sequence[str] | None) -> tuple[Any, str]:
-    """(session options, profile run key) for ``target``'s sessions on this device.
-
-    The target validates the request (a device it does not run on, CUDA graphs where it has
-    none: :class:`~kdedge.targets.base.TargetError`). Options given explicitly are used as they
-    are; the run key is then read from them.
-    """
-    from kdedge.targets import RunSpec, get_target
+                     threads: int | None, optimization: str, providers: Sequence[str] | None,
+                     shared_pool: bool = False) -> tuple[Any, str, Any]:
+    """(session options, profile run key, the run spec or None) for ``target``'s sessions on this device: the target
+    turns the one run-option type (:class:`~kdedge.targets.base.RunSpec`) into its own and refuses
+    what it cannot honour (:class:`~kdedge.targets.base.TargetError`). Options given explicitly
+    are used as they are; the run key is then read from them."""
+    from kdedge.targets import RunSpec
 
     t = get_target(target)
     if options is not None:
-        if isinstance(options, OrtOptions):
-            cuda = "CUDAExecutionProvider" in (options.providers or ())
-            return options, t.run_key(RunSpec(device="cuda" if cuda else "cpu"), bundle)
-        d = dict(options) if isinstance(options, dict) else {}
-        dev = d.get(t.device_option) if t.device_option else None
-        return options, t.run_key(RunSpec(device=dev, cuda_graphs=bool(d.get("cuda_graphs"))), bundle)
-    if target == "onnx":
-        if device is None and providers is not None and "CUDAExecutionProvider" in providers:
-            device = "cuda"
-        run = RunSpec(device=device, cuda_graphs=cuda_graphs, threads=threads)
-        t.session_options(run, bundle)  # refuses what onnxruntime cannot honour (CUDA graphs, device index)
-        if providers is None and t.run_device(run, bundle) == "cuda":
-            providers = ("CUDAExecutionProvider",)
-        ort = OrtOptions(threads=threads, optimization=optimization,
-                         providers=None if providers is None else tuple(providers))
-        return ort, t.run_key(run, bundle)
-    if "threads" in t.run_options and threads is None:
-        from kdedge.runtime.sessions import default_threads
-
-        threads = default_threads()  # set explicitly, so the profile's key says what ran
-    run = RunSpec(device=device, cuda_graphs=cuda_graphs, threads=threads)
-    return t.session_options(run, bundle), t.run_key(run, bundle)
+        return options, t.options_key(options, bundle), None
+    run = RunSpec(device=device, cuda_graphs=cuda_graphs, threads=threads, optimization=optimization,
+                  providers=None if providers is None else tuple(providers), shared_pool=shared_pool)
+    return t.session_options(run, bundle), t.run_key(run, bundle), run
 
 
 def _bindable(sessions: Sequence[Session], entries: Sequence[StageEntry]) -> bool:
@@ -239,11 +104,11 @@ class Runner:
     """Run a bundle's stages under a policy.
 
     Args:
-        bundle: a bundle directory or an opened :class:`~kdedge.runtime.bundle.Bundle`.
+        bundle: a bundle directory or an opened :class:`~kdedge.bundle.manifest.Bundle`.
         target: which of the bundle's targets to run (``onnx``, ``torch``, ``coreml``, ``tensorrt``), or
             ``auto``: the first of them that runs here (:data:`kdedge.targets.PREFERENCE`).
-        threads: CPU threads per session (default: :func:`~kdedge.runtime.sessions.default_threads`;
-            at most :func:`~kdedge.runtime.sessions.max_threads`, 4 x the CPUs); part of the
+        threads: CPU threads per session (default: :func:`~kdedge.targets.threads.default_threads`;
+            at most :func:`~kdedge.targets.threads.max_threads`, 4 x the CPUs); part of the
             latency profile's key. ``"auto"``: per graph, the count whose profile (of several
             measured with ``kdedge profile --threads 1,2``) has the lowest p99 at batch 1.
         optimization: onnxruntime graph optimisation level (``all``, ``extended``, …).
@@ -272,6 +137,9 @@ class Runner:
             compute units); default: the device the files were compiled for. Part of the
             profile's key (:attr:`run_key`).
         cuda_graphs: capture and replay CUDA graphs (torch, TensorRT; needs a CUDA device).
+        shared_pool: onnxruntime only: every session of the process on one intra-op pool of
+            ``threads`` threads (``OrtOptions(shared_pool=True)``), so that consecutive stages do
+            not spin against each other's pools; part of the profile's key (``shared``).
         realtime: run requests in real time (:class:`~kdedge.runtime.realtime.Realtime`, or True
             for its defaults: ``SCHED_FIFO`` 50, memory locked, gc kept out of requests). The
             thread that creates the runner, every thread that calls :meth:`run`, and the
@@ -293,21 +161,22 @@ class Runner:
                  session_options: Any = None, clock: Callable[[], float] = time.perf_counter,
                  watchdog: bool = True, check_inputs: bool = True, bind: bool = True,
                  mode: Callable[[], str] | None = None, device: str | None = None,
-                 cuda_graphs: bool = False, realtime: Realtime | bool | None = None) -> None:
+                 cuda_graphs: bool = False, realtime: Realtime | bool | None = None,
+                 shared_pool: bool = False) -> None:
         auto_threads = threads == "auto"
         threads = None if auto_threads else check_threads(threads)  # --threads 100000 fails before anything opens
         self.realtime: Realtime | None = Realtime() if realtime is True else (realtime or None)
         if self.realtime is not None and not isinstance(self.realtime, Realtime):
             raise ValueError(f"realtime= takes a Realtime, True or None, got {type(realtime).__name__}")
         if target == "auto":  # the first of the bundle's targets that runs on this device
-            from kdedge.runtime.bundle import read_manifest
+            from kdedge.bundle.manifest import read_manifest
             from kdedge.targets import pick_target
 
             target = pick_target(bundle.targets if isinstance(bundle, Bundle) else read_manifest(bundle)["targets"])
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, targets=[target])
         if target not in self.bundle.targets:
-            from kdedge.runtime.bundle import BundleError, missing_target_message
-            from kdedge.targets import get_target
+            from kdedge.bundle.errors import BundleError
+            from kdedge.targets import missing_target_message
 
             get_target(target)  # unknown: say so, with the known ones
             raise BundleError(missing_target_message(self.bundle.path, self.bundle.manifest, target))
@@ -316,19 +185,17 @@ class Runner:
         if self.combine not in self.bundle.combine_supported:
             raise ValueError(f"bundle {self.bundle.path.name} does not support combine rule {self.combine!r}; it "
                              f"supports {', '.join(self.bundle.combine_supported)}")
-        session_options, base_key = _session_options(self.bundle, target, session_options, device, cuda_graphs,
-                                                     threads, optimization, providers)
+        session_options, base_key, self._run_spec = _session_options(
+            self.bundle, target, session_options, device, cuda_graphs, threads, optimization, providers, shared_pool)
         self.run_key = realtime_key(base_key, self.realtime)
         self.options = session_options
-        self.threads = int(getattr(session_options, "resolved_threads", None)
-                           or (session_options.get("threads") if isinstance(session_options, dict) else None)
-                           or threads or 1)
+        self.threads = int(get_target(target).options_threads(session_options) or threads or 1)
         self.threads_per_graph: dict[str, int] | None = None
         self._profile: Any = None
         if auto_threads:
             self._auto_threads(target, profile, mode)
         self.policy: Policy = policy if policy is not None else Full()
-        self._factory = session_factory or get_session_factory(target)
+        self._factory = session_factory or get_target(target).open_entry  # every target opens its own sessions
         self._clock = clock
         self._check_inputs = check_inputs
         self._bind = bind
@@ -405,10 +272,11 @@ class Runner:
         """``threads="auto"``: each graph gets the thread count whose profile has the lowest p99
         at batch 1 (:func:`kdedge.profile.latency.thread_choice`); the deadline policy plans
         with those statistics."""
-        from kdedge.profile.latency import thread_choice
+        from kdedge.bundle.profile.store import thread_choice
 
-        if target != "onnx" or not isinstance(self.options, OrtOptions):
-            raise ValueError("--threads auto chooses onnxruntime thread counts; it applies to the onnx target only")
+        if not get_target(target).caps.threads_per_session or self._run_spec is None:
+            raise ValueError("--threads auto chooses a thread count per session; it applies to targets whose sessions "
+                             "each have their own (onnx) and to options the runner makes itself")
         if mode is not None or profile != "auto":
             raise ValueError("--threads auto plans with the profiles it chose from; it cannot be combined with "
                              "--profile or --follow-power-mode")
@@ -418,11 +286,12 @@ class Runner:
         self._profile = prof
 
     def _options_for(self, graph: str) -> Any:
-        if self.threads_per_graph is None:
+        if self.threads_per_graph is None or self._run_spec is None:
             return self.options
         from dataclasses import replace
 
-        return replace(self.options, threads=self.threads_per_graph.get(graph, self.threads))
+        run = replace(self._run_spec, threads=self.threads_per_graph.get(graph, self.threads))
+        return get_target(self.target).session_options(run, self.bundle)
 
     # -- real time -------------------------------------------------------------------------------
     def _enter_realtime(self) -> None:
@@ -500,7 +369,7 @@ class Runner:
             if self._mode_fn is not None:
                 self._follow_mode()
                 return self._profile
-            from kdedge.profile.latency import resolve_profile
+            from kdedge.bundle.profile.store import resolve_profile
 
             with self._lock:
                 if self._profile is None:
@@ -518,7 +387,7 @@ class Runner:
         name = str(self._mode_fn())  # type: ignore[misc]
         if name == self._mode_name and self._profile is not None:
             return
-        from kdedge.profile.latency import resolve_profile
+        from kdedge.bundle.profile.store import resolve_profile
 
         with self._lock:
             prof = self._mode_profiles.get(name)

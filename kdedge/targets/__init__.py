@@ -15,14 +15,24 @@ Example:
 
 from __future__ import annotations
 
-import importlib
+from pathlib import Path
 from typing import Any, Sequence
 
-from kdedge.targets.base import (Capabilities, CompiledFile, CompileSpec, GraphSource, RunSpec, Target,
-                                 TargetError, TargetUnavailable)
+from kdedge.registry import load, suggest
+from kdedge.targets.base import (
+    Capabilities,
+    CompiledFile,
+    CompileSpec,
+    GraphSource,
+    RunSpec,
+    Target,
+    TargetError,
+    TargetUnavailable,
+)
 
 __all__ = ["Capabilities", "CompileSpec", "CompiledFile", "GraphSource", "PREFERENCE", "RunSpec", "TARGETS", "Target",
-           "TargetError", "TargetUnavailable", "format_table", "get_target", "pick_target", "target_table"]
+           "TargetError", "TargetUnavailable", "format_table", "get_target", "missing_target_message", "open_bundle",
+           "pick_target", "target_table"]
 
 # name -> "module:Class"; the name is the --target value and the manifest's files key
 TARGETS: dict[str, str] = {
@@ -53,13 +63,10 @@ def get_target(name: str) -> Target:
         return _CACHE[name]
     where = TARGETS.get(name) or TEST_TARGETS.get(name)
     if where is None:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), list(TARGETS), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = suggest(str(name), TARGETS)
+        hint = f" ({hint})" if hint.startswith("did") else ""
         raise TargetError(f"unknown target {name!r}{hint}; known: {', '.join(TARGETS)}")
-    module, _, cls = where.partition(":")
-    target = getattr(importlib.import_module(module), cls)()
+    target = load(where)()
     _CACHE[name] = target
     return target
 
@@ -92,3 +99,32 @@ def pick_target(available: Sequence[str]) -> str:
             return name
     extras = ", ".join(f"{n}: pip install 'kdedge[{get_target(n).extra}]'" for n in available if n in TARGETS)
     raise TargetUnavailable(f"none of the bundle's targets ({', '.join(available)}) can run here; {extras}")
+
+
+def missing_target_message(path: str | Path, manifest: dict[str, Any], target: str) -> str:
+    """The error for a known target whose files the bundle lacks, with the way to add them:
+    ``kdedge build`` on the device for targets compiled from the ONNX (TensorRT), a new export
+    from the training run for those compiled from the stage modules (torch, CoreML)."""
+    held = ", ".join(manifest["targets"])
+    if target != "onnx" and get_target(target).caps.source == "onnx" and "onnx" in manifest["targets"]:
+        how = f"build them on the device with: kdedge build {path} --target {target}"
+    else:
+        run_dir = (manifest.get("provenance") or {}).get("run_dir") or "RUN_DIR"
+        how = f"export the training run again with them: kdedge export {run_dir} --target {target}"
+    return f"bundle {path} has no {target!r} files (it holds {held}); {how}"
+
+
+def open_bundle(path: str | Path, *, targets: Sequence[str] | None = None, verify: bool = True) -> Any:
+    """:func:`kdedge.bundle.open_bundle` for running or building ``targets``: an unknown target
+    name fails first (:class:`TargetError`, with a close match), and a known one the bundle lacks
+    says how to add its files (``kdedge build`` or a new export). This is ``kdedge.runtime.open_bundle``.
+
+    Raises:
+        TargetError: a name in ``targets`` that is no known target.
+        BundleError, BundleVersionError, ChecksumError: as :func:`kdedge.bundle.open_bundle`.
+    """
+    from kdedge.bundle.manifest import open_bundle as open_plain
+
+    for name in targets or ():
+        get_target(name)
+    return open_plain(path, targets=targets, verify=verify, missing=missing_target_message)

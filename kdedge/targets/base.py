@@ -12,7 +12,7 @@ Two halves, with different dependencies:
   export layer wrote (``source="onnx"``: onnxruntime, TensorRT).
 - **open** (the device; no torch for onnxruntime/TensorRT/CoreML):
   ``open(path, name=, inputs=, outputs=, **options) -> Session`` with the session interface of
-  :mod:`kdedge.runtime.sessions`; ``open_entry(bundle, entry, options)`` is the runner's
+  :mod:`kdedge.targets.session`; ``open_entry(bundle, entry, options)`` is the runner's
   factory and reads the path and tensor names from the manifest.
 
 Example:
@@ -56,6 +56,8 @@ class Capabilities:
         one_package: all graphs go into one file (CoreML multifunction package).
         max_batch: the largest batch it compiles for (None: unbounded).
         cuda_graphs: its sessions can capture and replay CUDA graphs (``--cuda-graphs``).
+        threads_per_session: each session has its own CPU thread count, so graphs of one runner
+            can run with different counts (``--threads auto``).
     """
 
     precisions: tuple[str, ...]
@@ -66,11 +68,13 @@ class Capabilities:
     one_package: bool = False
     max_batch: int | None = None
     cuda_graphs: bool = False
+    threads_per_session: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"precisions": list(self.precisions), "dynamic_batch": self.dynamic_batch,
                 "can_abort": self.can_abort, "devices": list(self.devices), "source": self.source,
-                "one_package": self.one_package, "max_batch": self.max_batch, "cuda_graphs": self.cuda_graphs}
+                "one_package": self.one_package, "max_batch": self.max_batch, "cuda_graphs": self.cuda_graphs,
+                "threads_per_session": self.threads_per_session}
 
 
 @dataclass(frozen=True)
@@ -116,12 +120,23 @@ class RunSpec:
         device: ``cpu``, ``cuda`` or ``cuda:N`` (torch), CoreML compute units (``all``,
             ``cpu``, ``cpu_gpu``, ``cpu_ne``); None: the device the files were compiled for.
         cuda_graphs: capture one CUDA graph per batch size and replay it (torch, TensorRT).
-        threads: CPU threads (targets that take a thread count).
+        threads: CPU threads (targets that take a thread count; None: the default, set
+            explicitly so that a profile's key says what ran).
+        optimization: onnxruntime's graph optimisation level (the onnx target).
+        providers: onnxruntime execution providers (the onnx target; None: from the device).
+        shared_pool: one onnxruntime thread pool for every session of the process (the onnx
+            target; part of the profile key).
+
+    The one type of run options: the runner gives it to its target's :meth:`Target.session_options`,
+    which turns it into what that target's ``open`` takes.
     """
 
     device: str | None = None
     cuda_graphs: bool = False
     threads: int | None = None
+    optimization: str = "all"
+    providers: tuple[str, ...] | None = None
+    shared_pool: bool = False
 
 
 @dataclass(frozen=True)
@@ -257,7 +272,7 @@ class Target:
 
     def open(self, path: str | Path, *, name: str, inputs: Sequence[str], outputs: Sequence[str],
              **options: Any) -> Any:
-        """A session (:class:`kdedge.runtime.sessions.Session`) for one compiled graph."""
+        """A session (:class:`kdedge.targets.session.Session`) for one compiled graph."""
         raise NotImplementedError
 
     def open_entry(self, bundle: Any, entry: Any, options: Any = None) -> Any:
@@ -285,6 +300,8 @@ class Target:
         :class:`TargetError` (never rewritten: ``--cuda-graphs`` on a CPU run fails)."""
         device = self.run_device(run, bundle)
         kind = device.split(":", 1)[0]
+        if run.shared_pool:  # the onnx target handles it before these checks
+            raise TargetError(f"--shared-pool shares onnxruntime's thread pool; the {self.name} target has none")
         if kind not in self.caps.devices:
             raise TargetError(f"target {self.name!r} does not run on device {device!r}; its devices: "
                               f"{', '.join(self.caps.devices)}")
@@ -303,9 +320,22 @@ class Target:
             opts[self.device_option] = device
         if run.cuda_graphs:
             opts["cuda_graphs"] = True
-        if run.threads is not None and "threads" in self.run_options:
-            opts["threads"] = int(run.threads)
+        if "threads" in self.run_options:
+            from kdedge.targets.threads import default_threads
+
+            opts["threads"] = int(run.threads) if run.threads is not None else default_threads()
         return opts
+
+    def options_key(self, options: Any, bundle: Any = None) -> str:
+        """The run key (:meth:`run_key`) of session options given explicitly (``Runner(session_options=)``):
+        read from the device and CUDA-graph options they hold."""
+        d = dict(options) if isinstance(options, dict) else {}
+        dev = d.get(self.device_option) if self.device_option else None
+        return self.run_key(RunSpec(device=dev, cuda_graphs=bool(d.get("cuda_graphs"))), bundle)
+
+    def options_threads(self, options: Any) -> int | None:
+        """The CPU threads per session that ``options`` (from :meth:`session_options`) set, if any."""
+        return options.get("threads") if isinstance(options, dict) else None
 
     def run_key(self, run: RunSpec, bundle: Any = None) -> str:
         """What a latency profile of these sessions is keyed by besides the device and setting:

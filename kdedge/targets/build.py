@@ -35,8 +35,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from kdedge.runtime.bundle import INPUT, Bundle, StageEntry, open_bundle, validate_manifest
-from kdedge.targets import get_target
+from kdedge.bundle.chain import chain
+from kdedge.bundle.manifest import Bundle, StageEntry
+from kdedge.bundle.validate import validate_manifest
+from kdedge.targets import get_target, open_bundle
 from kdedge.targets.base import CompiledFile, CompileSpec, GraphSource, Target, TargetError
 
 Progress = Callable[[str], None]
@@ -69,14 +71,9 @@ def host_array(v: Any) -> np.ndarray:
 def _chain(sessions: Sequence[Any], entries: Sequence[StageEntry], x: np.ndarray) -> dict[str, np.ndarray]:
     """Run stages in order on ``x`` (each reading what earlier ones produced); every output as numpy.
     Carried outputs are passed on as the sessions returned them (device tensors stay on the device)."""
-    feeds: dict[str, Any] = {INPUT: x}
-    got: dict[str, np.ndarray] = {}
-    for s, e in zip(sessions, entries):
-        outs = s.run({i.tensor: feeds[i.tensor] for i in e.inputs})
-        feeds.update(outs)
-        for k, v in outs.items():
-            got[k] = host_array(v)
-    return got
+    outs = chain([[i.tensor for i in e.inputs] for e in entries], lambda k, feeds: sessions[k].run(feeds), x,
+                 names=[e.name for e in entries])
+    return {k: host_array(v) for out in outs for k, v in out.items()}
 
 
 def compare(target: str, precision: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -104,7 +101,7 @@ def kept_fp32(manifest: dict[str, Any]) -> tuple[str, ...]:
 def verify_against_onnx(root: Path, manifest: dict[str, Any], target: Target, x: np.ndarray,
                         open_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the target's stages (chained) and each prefix, and the ONNX ones, on ``x``; compare."""
-    from kdedge.runtime.bundle import Bundle
+    from kdedge.bundle.manifest import Bundle
 
     bundle = Bundle(path=root, manifest=manifest,
                     stages=tuple(StageEntry.from_dict(s, k) for k, s in enumerate(manifest["stages"])),
@@ -166,7 +163,7 @@ def add_target(root: Path, manifest: dict[str, Any], target_name: str, spec: Com
         say(f"build {', '.join(kept)} at fp32: the export's INT8 accuracy gate kept them FP32")
         spec = replace(spec, options={**spec.options, "fp32_graphs": kept})
     files: dict[str, CompiledFile] = target.compile(sources, spec, out_dir)
-    from kdedge.export.manifest import file_entry
+    from kdedge.bundle.writer import file_entry
 
     digests: dict[str, dict[str, Any]] = {}  # a package shared by several graphs is hashed once
     for name, cf in files.items():
@@ -259,7 +256,7 @@ def build_bundle(path: str | Path | Bundle, target_name: str, spec: CompileSpec 
         TargetError: the target cannot be built from ONNX, or the request / build fails.
         BundleError: the bundle is unusable.
     """
-    from kdedge.export.manifest import BundleDir
+    from kdedge.bundle.writer import BundleDir
 
     say = progress or (lambda _m: None)
     bundle = path if isinstance(path, Bundle) else open_bundle(path, targets=["onnx"])
@@ -297,19 +294,3 @@ def build_bundle(path: str | Path | Bundle, target_name: str, spec: CompileSpec 
         if calib is not None:
             calib.close()
     return report
-
-
-def graph_sources(plan: Any, examples: dict[str, tuple[Any, ...]], root: Path, folder: str = "onnx",
-                  suffix: str = ".onnx") -> list[GraphSource]:
-    """The graphs of an export plan (:class:`kdedge.export.graphs.ModelPlan`) with their modules,
-    example inputs and the ONNX files written under ``root/folder``."""
-    from kdedge.export.onnx import dtype_name
-
-    out = []
-    for g in plan.graphs:
-        ex = tuple(examples[g.name])
-        out.append(GraphSource(name=g.name, inputs=tuple(g.inputs), outputs=tuple(g.outputs),
-                               input_shapes=tuple(tuple(int(d) for d in t.shape[1:]) for t in ex),
-                               input_dtypes=tuple(dtype_name(t) for t in ex), module=g.module, example=ex,
-                               onnx=root / folder / f"{g.name}{suffix}"))
-    return out

@@ -40,10 +40,12 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from kdedge.bundle.chain import chain, producers
+from kdedge.bundle.errors import BundleError
 from kdedge.targets.base import TargetError
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_COUNT", "DEFAULT_SPLIT", "CalibrationError", "CalibrationSet", "GraphBatches",
-           "calibration_set", "images_from_dataset", "images_from_path", "subset"]
+           "calibration_set", "images_from_path", "subset"]
 
 # The same defaults as the ONNX INT8 export (kdedge export --precision int8 --calib-size 256):
 # 256 training images, preprocessed by the evaluation rule (no augmentation).
@@ -71,9 +73,16 @@ def subset(n: int, count: int, batch_size: int) -> np.ndarray:
     if used == 0:
         raise CalibrationError(f"calibration needs at least one full batch of {batch_size} images, the source has "
                                f"{n}{f' (count {count})' if count < n else ''}; lower --calib-batch or add images")
-    from kdedge.export.data import spread_indices  # numpy only
-
     return spread_indices(n, used)
+
+
+def spread_indices(n: int, k: int) -> np.ndarray:
+    """``min(k, n)`` distinct indices evenly spaced over ``0..n-1`` (deterministic).
+
+    ``floor(i * n / k)`` is strictly increasing for ``k <= n``, so the indices are distinct.
+    """
+    k = min(int(k), int(n))
+    return (np.arange(k, dtype=np.int64) * int(n)) // max(k, 1)
 
 
 def _sha(*parts: bytes | str) -> str:
@@ -86,17 +95,10 @@ def _sha(*parts: bytes | str) -> str:
 
 def _producers(entry: Any, stages: Sequence[Any]) -> int:
     """How many stages (0..m-1) must run to compute ``entry``'s inputs (0: it reads only the input)."""
-    names = [s.name for s in stages]
-    m = 0
-    for i in entry.inputs:
-        if i.binding in (None, "input"):
-            continue
-        src = str(i.binding).split(":", 1)[0]
-        if src not in names:
-            raise CalibrationError(f"{entry.name}: input {i.tensor} is bound to {i.binding!r}, which is not a stage "
-                                   "of the bundle")
-        m = max(m, names.index(src) + 1)
-    return m
+    try:
+        return producers([i.binding for i in entry.inputs], [s.name for s in stages], where=entry.name)
+    except BundleError as e:
+        raise CalibrationError(str(e)) from None
 
 
 @dataclass(eq=False)
@@ -206,11 +208,12 @@ class CalibrationSet:
     def _feeds(self, g: GraphBatches) -> Iterator[dict[str, np.ndarray]]:
         stages = self.bundle.stages[: g._chain]
         b = self.batch_size
+        wanted = [[t.tensor for t in e.inputs] for e in stages]
         for i in range(self.batches):
-            values: dict[str, np.ndarray] = {"input": self.images[i * b: (i + 1) * b]}
-            for e in stages:  # the runner's chain: each stage reads what earlier ones produced
-                outs = self._session(e).run({t.tensor: values[t.tensor] for t in e.inputs})
-                values.update({k: np.asarray(v) for k, v in outs.items()})
+            x = self.images[i * b: (i + 1) * b]
+            values: dict[str, Any] = {"input": x}
+            for out in chain(wanted, lambda k, feeds: self._session(stages[k]).run(feeds), x):
+                values.update(out)
             yield {t: np.ascontiguousarray(values[t], dtype=dt) for t, dt in zip(g.inputs, g.dtypes)}
 
     def close(self) -> None:
@@ -225,7 +228,7 @@ def calibration_set(bundle: Any, images: np.ndarray, *, count: int = DEFAULT_COU
     """The calibration batches of every graph of ``bundle``, from preprocessed images.
 
     Args:
-        bundle: an opened bundle (:func:`kdedge.runtime.bundle.open_bundle`) with ONNX files.
+        bundle: an opened bundle (:func:`kdedge.bundle.manifest.open_bundle`) with ONNX files.
         images: float32 [N, C, H, W], preprocessed by the bundle's rule.
         count: calibrate on at most this many images, an evenly spaced subset of ``images``,
             rounded down to whole batches (:func:`subset`).
@@ -240,7 +243,7 @@ def calibration_set(bundle: Any, images: np.ndarray, *, count: int = DEFAULT_COU
         CalibrationError: images of the wrong dtype/shape or with NaN/inf, fewer than one batch,
             or a graph input the chain does not produce.
     """
-    from kdedge.runtime.inputs import InputError, check_batch
+    from kdedge.bundle.input_files import InputError, check_batch
 
     c, h, w = (int(d) for d in bundle.input_shape[1:])
     try:
@@ -287,7 +290,7 @@ def images_from_path(path: str | Path, bundle: Any, *, count: int | None = None,
     Raises:
         CalibrationError: a missing path or unreadable / ill-shaped images (the reason in one line).
     """
-    from kdedge.runtime.inputs import IMAGE_SUFFIXES, InputError, list_images, load_inputs
+    from kdedge.bundle.input_files import IMAGE_SUFFIXES, InputError, list_images, load_inputs
 
     path = Path(path)
     try:
@@ -306,56 +309,3 @@ def images_from_path(path: str | Path, bundle: Any, *, count: int | None = None,
     return x, {"kind": "path", "path": str(path.absolute()), "available": available}
 
 
-def images_from_dataset(bundle: Any, name: str, *, root: str | None = None, split: str = DEFAULT_SPLIT,
-                        count: int = DEFAULT_COUNT, batch_size: int = DEFAULT_BATCH
-                        ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Calibration images from a dataset of the training data layer (``kdedge.train.data``), read
-    raw and preprocessed by the bundle's rule (the evaluation rule: no augmentation).
-
-    The split is rebuilt as ``kdedge eval BUNDLE`` rebuilds it: from the training config in the
-    bundle's provenance (its data seed and fractions; ``name`` / ``root`` replace the dataset's),
-    else ``DataConfig(name=name, root=root)`` with seed 0. Only the :func:`subset` images are read.
-
-    Args:
-        bundle: the opened bundle.
-        name: dataset name (``digits``, ``cifar10``, ``imagefolder``, …).
-        root: the dataset directory (cifar, imagefolder).
-        split: ``train`` (what the ONNX INT8 export calibrates on) or ``val``.
-        count, batch_size: as :func:`calibration_set`.
-
-    Returns:
-        (float32 [count, C, H, W], the source record ``{"kind": "dataset", "name", "split", "seed", …}``).
-
-    Raises:
-        CalibrationError: torch is missing, a bad split, or a dataset that does not fit the bundle.
-    """
-    from kdedge.runtime.bundle import BundleError
-    from kdedge.runtime.inputs import InputError, preprocess
-
-    if split not in ("train", "val"):
-        raise CalibrationError(f"the calibration split must be 'train' or 'val', got {split!r} (calibrating on the "
-                               "test split would leak it into the model)")
-    try:
-        from kdedge.export.evaluate import bundle_splits
-
-        splits, seed = bundle_splits(bundle, name, root)
-    except ImportError as e:
-        if getattr(e, "name", None) in ("torch", "torchvision"):
-            raise CalibrationError(f"--calib-data reads datasets with kdedge's training data layer, which needs "
-                                   f"{e.name} (pip install 'kdedge[train]'); without it, pass images with --calib PATH "
-                                   "(a directory of images or a .npy)") from None
-        raise
-    except (BundleError, ValueError) as e:  # DataError, a dataset that does not fit: already one line
-        raise CalibrationError(f"calibration data: {e}") from None
-    info = splits.info
-    ds = getattr(splits, split)
-    if ds is None or len(ds) == 0:
-        raise CalibrationError(f"the {split} split of {info.name} is empty; pick the other split with --calib-split")
-    idx = subset(len(ds), count, batch_size)
-    where = f"dataset {info.name} ({split})"
-    try:  # one image at a time: raw images of a directory dataset may differ in size before the resize
-        x = np.concatenate([preprocess(ds.raw(int(i)), bundle, where=where) for i in idx])
-    except InputError as e:
-        raise CalibrationError(str(e)) from None
-    return x, {"kind": "dataset", "name": info.name, "split": split, "seed": seed, "root": root,
-               "available": len(ds)}

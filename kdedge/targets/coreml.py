@@ -249,7 +249,8 @@ class CoreMLTarget(Target):
             TargetError: entries naming several packages or no function, a package that differs
                 from its recorded sha256, a missing function, or different inputs, outputs or shapes.
         """
-        from kdedge.runtime.bundle import BundleError, sha256_path
+        from kdedge.bundle.errors import BundleError
+        from kdedge.bundle.files import sha256_path
 
         graphs = [*manifest["stages"], *manifest["prefixes"]]
         entries = {g["name"]: g["files"][self.name] for g in graphs}

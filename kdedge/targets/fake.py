@@ -10,18 +10,18 @@ means per sample, broadcast to the manifest shape), can be aborted, and can be t
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from kdedge.io import atomic_write_text
 from kdedge.targets.base import Capabilities, CompiledFile, CompileSpec, GraphSource, Target, TargetError
 
 
 def _fake_handle() -> Any:
-    from kdedge.runtime.sessions import AbortHandle
+    from kdedge.targets.session import AbortHandle
 
     class _Handle(AbortHandle):
         __slots__ = ("_event",)
@@ -53,7 +53,7 @@ class FakeSession:
         self.calls = 0
 
     def run(self, inputs: Mapping[str, np.ndarray], abort: Any = None) -> dict[str, np.ndarray]:
-        from kdedge.runtime.sessions import StageAborted
+        from kdedge.targets.session import StageAborted
 
         self.calls += 1
         if self.delay_s and abort is not None:
@@ -99,9 +99,7 @@ class FakeTarget(Target):
         doc = {"format": "kdedge-fake", "name": graph.name, "inputs": list(graph.inputs),
                "outputs": list(graph.outputs), "precision": spec.precision,
                "batch": [spec.min_batch, spec.opt_batch, spec.max_batch]}
-        tmp = dest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, dest)
+        atomic_write_text(dest, json.dumps(doc))
         return CompiledFile(dest, spec.precision, {"batch_range": [spec.min_batch, spec.max_batch]})
 
     def open(self, path: str | Path, *, name: str, inputs: Sequence[str], outputs: Sequence[str],

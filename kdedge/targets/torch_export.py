@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from kdedge.io import atomic_write
 from kdedge.targets.base import Capabilities, CompiledFile, CompileSpec, GraphSource, Target, TargetError
 
 _META = "kdedge.json"
@@ -198,9 +198,8 @@ class TorchExportTarget(Target):
                 "precision": spec.precision, "device": spec.device, "torch": torch.__version__,
                 "batch_range": [1, max(spec.max_batch, 2)]}
         dest = out_dir / f"{graph.name}{self.suffix}"
-        tmp = out_dir / f".{graph.name}.tmp{self.suffix}"
-        torch.export.save(program, str(tmp), extra_files={_META: json.dumps(meta)})
-        os.replace(tmp, dest)
+        atomic_write(dest, lambda tmp: torch.export.save(program, str(tmp), extra_files={_META: json.dumps(meta)}),
+                     keep_suffix=True)
         return CompiledFile(dest, spec.precision, {"device": spec.device, "torch": torch.__version__,
                                                    "batch_range": meta["batch_range"]})
 

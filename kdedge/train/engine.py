@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kdedge.config import OptimConfig, RunConfig
 from kdedge.io import atomic_write_json, atomic_write_text, dumps_strict, loads_strict, sha256_file
 from kdedge.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from kdedge.train.config import OptimConfig, RunConfig
 from kdedge.train.rundir import RunDirError, RunDirLock, claim_run_dir, inspect_run_dir, plan_run
 
 
@@ -201,8 +201,8 @@ def _create_model(cfg: RunConfig, info: Any) -> nn.Module:
     """``create_model`` with the config's names in its errors: a builder that rejects its
     arguments (a list where it wants an int, ...) raises TypeError/ValueError naming its own
     parameter, which means nothing without the key it came from."""
-    from kdedge.config import ConfigError
     from kdedge.models import UnknownNameError, create_model
+    from kdedge.train.fields import ConfigError
 
     try:
         return create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
@@ -278,7 +278,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, reporter: 
     checkpoint) is taken over; see :mod:`kdedge.train.rundir`.
 
     Args:
-        cfg: a validated RunConfig (``kdedge.config.load_config``).
+        cfg: a validated RunConfig (``kdedge.train.config.load_config``).
         run_dir: output directory; holds config.yaml, metrics.jsonl, checkpoints/, model.safetensors, run.json.
         resume: continue from the last checkpoint in ``run_dir`` (falling back to the one before
             when it is damaged, with a message); a failed start is started again from epoch 1.
@@ -288,7 +288,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, reporter: 
     Example:
         >>> fit(load_config("configs/hne_mnist_demo.yaml"), "runs/hne-demo")
     """
-    from kdedge.config import dump_yaml
+    from kdedge.train.config import dump_yaml
 
     reporter = reporter or SilentReporter()
     run_dir = Path(run_dir)
@@ -297,17 +297,36 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, reporter: 
     plan_run(inspect_run_dir(run_dir), cfg_yaml, resume)  # refuse early (reads only), before loading data
     device = pick_device(cfg.train.device, dinfo)
     autocast, scaler = _amp_context(cfg.train.amp, device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    parts = _build(cfg, dinfo, device)
-    lock, plan = _claim(run_dir, cfg_yaml, resume, dinfo, device)
+    with _torch_settings(cfg.train.threads, cfg.train.deterministic):
+        parts = _build(cfg, dinfo, device)
+        lock, plan = _claim(run_dir, cfg_yaml, resume, dinfo, device)
+        try:
+            return _run(cfg, run_dir, parts, plan, dinfo, device, autocast, scaler, reporter, stop_after_epochs)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+@contextmanager
+def _torch_settings(threads: int | None, deterministic: bool) -> Iterator[None]:
+    """torch's thread count and deterministic-algorithms mode for the run, restored after it.
+
+    Both are process-wide: left set, a run with ``train.threads: 2`` would make every later
+    run in the same process (a notebook, a test session) use two threads too, and float sums
+    then differ from a run started afresh, which breaks exact resumption across processes.
+    """
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
     try:
-        return _run(cfg, run_dir, parts, plan, dinfo, device, autocast, scaler, reporter, stop_after_epochs)
+        if threads:
+            torch.set_num_threads(threads)
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
     finally:
-        if lock is not None:
-            lock.release()
+        if torch.get_num_threads() != saved[0]:
+            torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
 
 
 def _restore(run_dir: Path, parts: _Parts, plan: str, dinfo: DistInfo, reporter: Reporter) -> tuple[int, list[str]]:
@@ -390,7 +409,7 @@ def _non_finite_message(value: float, epoch: int, step: int, steps: int, run_dir
 def _run(cfg: RunConfig, run_dir: Path, parts: _Parts, plan: str, dinfo: DistInfo, device: torch.device,
          autocast: Any, scaler: Any, reporter: Reporter, stop_after_epochs: int | None) -> dict[str, Any]:
     from kdedge.train.data import make_loader
-    from kdedge.train.task import unwrap
+    from kdedge.train.distributed import unwrap
 
     model, task = parts.model, parts.task
     start_epoch, notes = _restore(run_dir, parts, plan, dinfo, reporter)

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from kdedge.models.stages import combine_torch, run_stages
-from kdedge.train.task import IGNORE_INDEX, unwrap
+from kdedge.train.distributed import unwrap
+from kdedge.train.labels import IGNORE_INDEX
 
 
 def is_anytime(model: nn.Module) -> bool:

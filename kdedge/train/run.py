@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from kdedge.config import RunConfig, config_from_dict, read_yaml
+from kdedge.train.config import RunConfig, config_from_dict, read_yaml
 
 
 class RunError(ValueError):

@@ -122,7 +122,7 @@ def _same_config(saved: str, new: str) -> bool:
         return True
     import yaml
 
-    from kdedge.config import config_from_dict
+    from kdedge.train.config import config_from_dict
     from kdedge.yaml_io import loads_yaml
 
     try:

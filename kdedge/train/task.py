@@ -5,19 +5,20 @@ loop owns the optimiser, schedule, data, devices, DDP, checkpoints and logging. 
 returns named losses: ``"loss"`` (the scalar to back-propagate) plus detached scalars to log.
 
 Methods are chosen by name from ``METHODS``, a plain dict of ``"module:Class"`` strings whose
-modules are imported lazily.
+modules are imported lazily (:func:`kdedge.registry.resolve`).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100  # label of an unlabelled sample (semi-supervised pools), ignored by CE
+from kdedge.registry import resolve
+from kdedge.train.distributed import mean_over_ranks, unwrap  # re-exported: tasks used to import them from here
+from kdedge.train.labels import IGNORE_INDEX
 
 # Bounds shared by the methods' loss options. Far beyond any paper's setting (T of 1 to 4,
 # weights up to 4, growth 1.05 per batch), they stop a typo such as T: 1e300 from becoming an
@@ -119,29 +120,25 @@ class TemperatureState:
             self.temperature = t
 
 
-def mean_over_ranks(value: Tensor) -> Tensor:
-    """Average a scalar over DDP ranks (identity on one process), e.g. so that every rank
-    anneals a temperature identically."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP / compiled wrapper."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # type: ignore[union-attr]
-        model = model.module  # type: ignore[assignment]
-    return model
-
-
 def get_task_class(name: str) -> type[Task]:
-    from kdedge.models import UnknownNameError, suggest
+    """The task class of a method name in ``METHODS``, imported now.
 
-    if name not in METHODS:
-        raise UnknownNameError(f"unknown method {name!r}; {suggest(name, METHODS)}")
-    module_name, _, cls_name = METHODS[name].partition(":")
-    return getattr(importlib.import_module(module_name), cls_name)
+    Args:
+        name: a method name (``hne``, ``ahbf``, ...).
+
+    Returns:
+        The :class:`Task` subclass.
+
+    Raises:
+        kdedge.registry.UnknownNameError: (a ValueError) ``name`` is not a method; the message
+            suggests the closest names (``unknown method 'hnee'; did you mean 'hne'?``).
+
+    Example:
+        >>> get_task_class("hne").Config  # doctest: +SKIP
+        <class 'kdedge.train.tasks.hne.HNEConfig'>
+    """
+    return resolve(METHODS, name, what="method")
+
+
+__all__ = ["IGNORE_INDEX", "METHODS", "NoOptions", "Task", "TemperatureState", "get_task_class", "mean_over_ranks",
+           "unwrap"]

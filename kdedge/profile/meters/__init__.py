@@ -20,14 +20,12 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Mapping, Sequence
 
 from kdedge.profile.meters.base import (
     DEFAULT_PERIOD_S,
     INPUT_RAILS,
-    CounterMeter,
     EnergyReading,
     Meter,
     MeterStatus,
@@ -36,14 +34,15 @@ from kdedge.profile.meters.base import (
     PowerPermissionError,
     SamplingMeter,
     StreamMeter,
-    counter_delta,
     integrate,
 )
+from kdedge.profile.meters.counters import CounterMeter, counter_delta
 from kdedge.profile.meters.combined import CombinedMeter
 from kdedge.profile.meters.jetson import JetsonSysfsMeter, JtopMeter, TegrastatsMeter, find_rails
 from kdedge.profile.meters.none import NoneMeter
 from kdedge.profile.meters.nvml import NvmlMeter
 from kdedge.profile.meters.rapl import RaplMeter
+from kdedge.registry import suggest
 
 METERS: dict[str, type[Meter]] = {
     "jetson-sysfs": JetsonSysfsMeter,
@@ -107,8 +106,8 @@ def create_meter(name: str, **kwargs: Any) -> Meter:
     if name == "auto":
         return auto_meter(**kwargs)
     if name not in METERS:
-        close = difflib.get_close_matches(name, METERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = suggest(name, METERS)
+        hint = f" ({hint})" if hint.startswith("did") else ""
         raise PowerError(f"unknown power meter {name!r}{hint}; known: auto, {', '.join(METERS)}")
     return METERS[name](**kwargs)
 

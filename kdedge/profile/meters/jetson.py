@@ -28,12 +28,12 @@ from typing import Any, Callable
 import kdedge.profile.tegrastats as _tegrastats
 from kdedge.profile.meters.base import (
     DEFAULT_PERIOD_S,
-    AttributeReader,
     PollingMeter,
     PowerError,
     StreamMeter,
     clock,
 )
+from kdedge.profile.meters.counters import AttributeReader
 
 SYSFS_I2C_ROOT = "/sys/bus/i2c/devices"
 

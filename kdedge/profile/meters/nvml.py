@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from kdedge.profile.meters.base import CounterMeter, PowerError
+from kdedge.profile.meters.base import PowerError
+from kdedge.profile.meters.counters import CounterMeter
 
 
 def load_nvml() -> Any:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import glob
 import os
 
-from kdedge.profile.meters.base import AttributeReader, CounterMeter, PowerError, read_number
+from kdedge.profile.meters.base import PowerError
+from kdedge.profile.meters.counters import AttributeReader, CounterMeter, read_number
 
 POWERCAP_ROOT = "/sys/class/powercap"
 HWMON_ROOT = "/sys/class/hwmon"

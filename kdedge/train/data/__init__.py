@@ -5,7 +5,7 @@ cifar100, imagefolder, synthetic), splits it into stratified, disjoint train / v
 with ``per_class``, an unlabelled pool) and returns :class:`Splits` with a :class:`DatasetInfo`
 that travels into the bundle. Nothing is ever downloaded: CIFAR and imagefolder are read from
 ``cfg.root``. Datasets yield ``(x float32 [C, H, W] normalised, y int64 scalar)``; unlabelled
-samples carry ``y = -100`` (``kdedge.train.task.IGNORE_INDEX``). ``preprocess(raw, info)`` is the
+samples carry ``y = -100`` (``kdedge.train.labels.IGNORE_INDEX``). ``preprocess(raw, info)`` is the
 same input rule in numpy, for the runtime.
 
 Sampler contract (what makes a resumed run see the same batches):
@@ -43,7 +43,7 @@ from __future__ import annotations
 from kdedge.train.data.config import DATASETS, DataConfig, DataError, DatasetInfo
 from kdedge.train.data.datasets import ImageDataset
 from kdedge.train.data.loaders import EpochSampler, LabelledBatchSampler, ShardSampler, make_loader, set_loader_epoch
-from kdedge.preprocess import preprocess
+from kdedge.bundle.inputs import preprocess
 from kdedge.train.data.splits import TEST_SPLIT_SEED, Splits, load_data
 
 __all__ = [

@@ -3,13 +3,13 @@ input (:class:`DatasetInfo`)."""
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
-from kdedge.config import check_ranges, number
-from kdedge.preprocess import InputError
+from kdedge.bundle.inputs import MAX_IMAGE_SIZE, InputError, InputSpec
+from kdedge.registry import unknown
+from kdedge.train.fields import check_ranges, number
 
 
 class DataError(InputError):
@@ -33,7 +33,6 @@ NEEDS_ROOT = ("cifar10", "cifar100", "imagefolder")
 # what a real run uses.
 MAX_WORKERS = 256
 MAX_BATCH = 1 << 20  # beyond sys.maxsize a DataLoader fails with an islice error that names no key
-MAX_IMAGE_SIZE = 4096
 MAX_SYNTHETIC_BYTES = 1 << 30  # the synthetic dataset is for tests and demos
 _FRACTION = "a fraction in [0, 1)"
 
@@ -97,9 +96,7 @@ class DataConfig:
         ``need_root=False`` accepts a directory dataset without ``root`` (a recipe that leaves
         it to ``--data-root``); ``load_data`` checks with ``need_root=True``."""
         if not isinstance(self.name, str) or self.name not in DATASETS:
-            from kdedge.models import suggest
-
-            raise DataError(f"unknown dataset {self.name!r}; {suggest(str(self.name), DATASETS)}")
+            raise unknown(self.name, DATASETS, what="dataset", error=DataError)
         check_ranges(self, "data", DataError)
         if self.unlabelled and self.per_class is None:
             raise DataError("data.unlabelled needs data.per_class: the unlabelled pool is the training pool beyond "
@@ -135,94 +132,10 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class DatasetInfo:
-    """What a model needs to know about its input; travels into the bundle manifest.
+class DatasetInfo(InputSpec):
+    """The input rule of a training dataset: :class:`kdedge.bundle.inputs.InputSpec` (the one type
+    for it, read back from a bundle as ``bundle.input_info``), raising :class:`DataError` for an
+    invalid value. :func:`kdedge.train.data.preprocess` applies it with numpy."""
 
-    A raw image (uint8, the dataset's native value range) becomes the model input by
-    ``x = (raw * scale - mean) / std`` per channel, after, when ``resize`` is set, a bilinear
-    resize of the shorter side to ``resize`` and a center crop to ``input_size``.
-    :func:`kdedge.train.data.preprocess` implements exactly this rule with numpy.
+    error: ClassVar[type[Exception]] = DataError
 
-    Args:
-        name: dataset name.
-        num_classes: number of classes.
-        in_channels: 1 (grey) or 3 (RGB).
-        input_size: (H, W) of the model input.
-        mean, std: per channel, in the scaled range (``raw * scale``).
-        scale: maps raw values to [0, 1] (1/255, or 1/16 for ``digits``).
-        channel_order: ``"L"`` or ``"RGB"``.
-        class_names: one name per class index.
-        resize: shorter-side size before the center crop; None = raw images are already
-            ``input_size``.
-    """
-
-    name: str
-    num_classes: int
-    in_channels: int
-    input_size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    scale: float
-    channel_order: str
-    class_names: tuple[str, ...]
-    resize: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.channel_order not in ("L", "RGB"):
-            raise DataError(f"DatasetInfo.channel_order must be 'L' or 'RGB', got {self.channel_order!r}")
-        if self.in_channels != len(self.channel_order) or len(self.mean) != self.in_channels \
-                or len(self.std) != self.in_channels:
-            raise DataError(f"DatasetInfo: in_channels={self.in_channels}, channel_order={self.channel_order!r}, "
-                            f"{len(self.mean)} means and {len(self.std)} stds must agree")
-        if len(self.class_names) != self.num_classes:
-            raise DataError(f"DatasetInfo: {len(self.class_names)} class names for {self.num_classes} classes")
-        if not all(math.isfinite(s) and s > 0 for s in self.std) or not (math.isfinite(self.scale) and self.scale > 0):
-            raise DataError(f"DatasetInfo: std {self.std} and scale {self.scale} must be finite and positive")
-        if not all(math.isfinite(m) for m in self.mean):
-            raise DataError(f"DatasetInfo: mean {self.mean} must be finite")
-        if self.resize is not None and not 1 <= self.resize <= MAX_IMAGE_SIZE:
-            raise DataError(f"DatasetInfo: resize must be in [1, {MAX_IMAGE_SIZE}], got {self.resize}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        d = asdict(self)
-        for key in ("input_size", "mean", "std", "class_names"):
-            d[key] = list(d[key])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DatasetInfo:
-        """Inverse of :meth:`to_dict`; a missing, unknown or mistyped key raises :class:`DataError`."""
-        if not isinstance(d, dict):
-            raise DataError(f"dataset info must be a mapping, got {type(d).__name__}")
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise DataError(f"dataset info has unknown keys {unknown}; expected {names}")
-        missing = [n for n in names if n not in d and n != "resize"]
-        if missing:
-            raise DataError(f"dataset info lacks keys {missing}")
-        try:
-            return cls._from_checked_dict(d)
-        except (TypeError, ValueError, OverflowError) as e:
-            if isinstance(e, DataError):
-                raise
-            raise DataError(f"dataset info holds a value of the wrong type ({e})") from None
-
-    @classmethod
-    def _from_checked_dict(cls, d: dict[str, Any]) -> DatasetInfo:
-        size = tuple(int(v) for v in d["input_size"])
-        if len(size) != 2:
-            raise DataError(f"dataset info input_size must be [H, W], got {d['input_size']!r}")
-        return cls(
-            name=str(d["name"]),
-            num_classes=int(d["num_classes"]),
-            in_channels=int(d["in_channels"]),
-            input_size=(size[0], size[1]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-            scale=float(d["scale"]),
-            channel_order=str(d["channel_order"]),
-            class_names=tuple(str(v) for v in d["class_names"]),
-            resize=None if d.get("resize") is None else int(d["resize"]),
-        )

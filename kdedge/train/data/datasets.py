@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 
 from kdedge.train.data.config import DataError
 from kdedge.train.data.sources import ImageSource
-from kdedge.train.task import IGNORE_INDEX
+from kdedge.train.labels import IGNORE_INDEX
 
 # Pad-crop padding by image side: the usual 4 px for 32 px CIFAR, 2 for 28 px MNIST, 1 for 8 px digits.
 _PADDING = {8: 1, 28: 2, 32: 4}

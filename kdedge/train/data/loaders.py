@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdedge.train.data.config import DataError
-from kdedge.train.task import IGNORE_INDEX
+from kdedge.train.labels import IGNORE_INDEX
 
 
 class EpochSampler(Sampler[int]):

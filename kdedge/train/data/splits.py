@@ -16,7 +16,6 @@ imagefolder.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,9 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdedge.bundle.inputs import resize_center_crop
+from kdedge.registry import resolve
 from kdedge.train.data.config import DATASETS, DataConfig, DataError, DatasetInfo
 from kdedge.train.data.datasets import ImageDataset, build_transforms
-from kdedge.preprocess import resize_center_crop
 from kdedge.train.data.sources import RawData, TensorSource
 
 TEST_SPLIT_SEED = 0
@@ -92,13 +92,12 @@ def take_per_class(
 
 
 def get_reader(name: str) -> Callable[[DataConfig, int], RawData]:
-    """The reader function of a registered dataset name."""
-    if name not in DATASETS:
-        from kdedge.models import suggest
+    """The reader function of a registered dataset name, its module imported now.
 
-        raise DataError(f"unknown dataset {name!r}; {suggest(name, DATASETS)}")
-    module_name, _, fn_name = DATASETS[name].partition(":")
-    return getattr(importlib.import_module(module_name), fn_name)
+    Raises:
+        DataError: ``name`` is not in ``DATASETS`` (the message suggests the closest names).
+    """
+    return resolve(DATASETS, name, what="dataset", error=DataError)
 
 
 def _resize_source(source: TensorSource, size: int) -> TensorSource:

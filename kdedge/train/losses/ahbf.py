@@ -4,6 +4,12 @@ Pure functions of logits. Notation: z^m are branch m's logits (m = 1 … M, hier
 ``branches[m-1]``), z^ta(m) the m-th teacher assistant's logits (``tas[m-2]``, m = 2 … M;
 z^ta(1) = z^1), τ the temperature, p̃ = softmax(z / τ).
 
+Objective. The paper's L_FKL (Eq. 11) has two KL families, TAKL and BTKL. The authors' training
+code adds a third, TBKL: each assistant also teaches its own branch, weighted by λ1 like TAKL,
+and scales all distillation by 0.75 (their latest commit: kd_weight 1.5 × a 0.5 ramp-up factor).
+:func:`ahbf_loss` takes both as arguments (``lambda3``, ``kd_scale``); the defaults are the
+paper's (0 and 1).
+
 Teacher side. Every distillation term here reads KL(teacher ‖ student). With
 ``detach_teacher=True`` no gradient flows into the teacher's logits through that term: knowledge
 flows one way, from the deeper branch / larger assistant to the smaller one, as in classic KD.
@@ -22,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdedge.train.task import IGNORE_INDEX
+from kdedge.train.labels import IGNORE_INDEX
 
 
 def soft_kl(student: Tensor, teacher: Tensor, tau: float, detach_teacher: bool = True) -> Tensor:
@@ -104,32 +110,58 @@ def btkl_loss(branches: Sequence[Tensor], tas: Sequence[Tensor], tau: float, det
     return sum(soft_kl(p, z, tau, detach_teacher) for p, z in zip(prev, branches[1:]))  # type: ignore[return-value]
 
 
-def ahbf_loss(branches: Sequence[Tensor], tas: Sequence[Tensor], y: Tensor, *, lambda1: float = 4.0,
-              lambda2: float = 2.0, tau: float = 3.0, omega: float = 1.0, detach_teacher: bool = True) -> dict[str, Tensor]:
-    """The AHBF-OKD objective (paper Eqs. 11 and 14).
+def tbkl_loss(branches: Sequence[Tensor], tas: Sequence[Tensor], tau: float, detach_teacher: bool = True) -> Tensor:
+    """Σ_{m=2}^{M} L_TBKL^m: each assistant teaches its own branch (the authors' code, not the paper).
 
-        L_FKL = Σ_{m=2}^{M} (λ1 · L_TAKL^m + λ2 · L_BTKL^m)                       (Eq. 11)
-        L     = Σ_{m=1}^{M} L_CE^m + Σ_{m=2}^{M} L_CE^ta(m) + ω(i) · L_FKL        (Eq. 14)
+        L_TBKL^m = τ² · Σ_c p̃_c^ta(m) · log(p̃_c^ta(m) / p̃_c^m)
+
+    Their training loop adds ``criterion_T(logitlist[m-1], ensem_logits[m-2])`` (= KL(ta(m) ‖ m))
+    for every m = 2 … M beside the paper's two families, weighted by λ1.
+    """
+    _check_tas(branches, tas)
+    return sum(soft_kl(z, t, tau, detach_teacher) for z, t in zip(branches[1:], tas))  # type: ignore[return-value]
+
+
+def ahbf_loss(branches: Sequence[Tensor], tas: Sequence[Tensor], y: Tensor, *, lambda1: float = 4.0,
+              lambda2: float = 2.0, lambda3: float = 0.0, tau: float = 3.0, omega: float = 1.0, kd_scale: float = 1.0,
+              detach_teacher: bool = True) -> dict[str, Tensor]:
+    """The AHBF-OKD objective (paper Eqs. 11 and 14), optionally with the authors' third KL family.
+
+        L_FKL = Σ_{m=2}^{M} (λ1 · L_TAKL^m + λ2 · L_BTKL^m + λ3 · L_TBKL^m)      (Eq. 11 when λ3 = 0)
+        L     = Σ_{m=1}^{M} L_CE^m + Σ_{m=2}^{M} L_CE^ta(m) + s · ω(i) · L_FKL   (Eq. 14 when s = 1)
+
+    The paper: λ3 = 0, s = 1 (the defaults). The authors' code: λ3 = λ1 and s = 0.75.
 
     Args:
         branches: z^1 … z^M.
         tas: z^ta(2) … z^ta(M).
         y: labels [N]; −100 marks an unlabelled sample (no CE).
         lambda1, lambda2: λ1, λ2 (the paper's best: 4 and 2).
+        lambda3: λ3, weight of L_TBKL (:func:`tbkl_loss`); 0 leaves it out (not even computed).
         tau: τ (3 in the paper).
         omega: ω(i), see :func:`rampup`.
-        detach_teacher: stop gradients into the teacher side of both KL families.
+        kd_scale: s, a constant factor on the whole distillation term.
+        detach_teacher: stop gradients into the teacher side of every KL family.
 
     Returns:
-        ``{"loss", "ce_branches", "ce_tas", "takl", "btkl"}`` (the last four unweighted).
+        ``{"loss", "ce_branches", "ce_tas", "takl", "btkl"}`` plus ``"tbkl"`` when λ3 > 0 (every
+        part but ``loss`` unweighted).
+
+    Example:
+        >>> parts = ahbf_loss(branches, tas, y, lambda3=4.0, kd_scale=0.75)  # the authors' objective
     """
     _check_tas(branches, tas)
     ce_b = labelled_ce(branches, y)
     ce_t = labelled_ce(tas, y)
     ta_kl = takl_loss(branches, tas, tau, detach_teacher)
     bt_kl = btkl_loss(branches, tas, tau, detach_teacher)
-    loss = ce_b + ce_t + omega * (lambda1 * ta_kl + lambda2 * bt_kl)
-    return {"loss": loss, "ce_branches": ce_b, "ce_tas": ce_t, "takl": ta_kl, "btkl": bt_kl}
+    fkl = lambda1 * ta_kl + lambda2 * bt_kl
+    parts = {"ce_branches": ce_b, "ce_tas": ce_t, "takl": ta_kl, "btkl": bt_kl}
+    if lambda3:
+        tb_kl = tbkl_loss(branches, tas, tau, detach_teacher)
+        fkl = fkl + lambda3 * tb_kl
+        parts["tbkl"] = tb_kl
+    return {"loss": ce_b + ce_t + (kd_scale * omega) * fkl, **parts}
 
 
 def one_loss(branches: Sequence[Tensor], ensemble: Tensor, y: Tensor, *, tau: float = 3.0, weight: float = 1.0,
@@ -189,4 +221,5 @@ def dml_loss(branches: Sequence[Tensor], y: Tensor, *, tau: float = 3.0, weight:
     return {"loss": ce_b + omega * weight * kd, "ce_branches": ce_b, "kd": kd}  # type: ignore[dict-item]
 
 
-__all__ = ["ahbf_loss", "btkl_loss", "cl_loss", "dml_loss", "labelled_ce", "one_loss", "rampup", "soft_kl", "takl_loss"]
+__all__ = ["ahbf_loss", "btkl_loss", "cl_loss", "dml_loss", "labelled_ce", "one_loss", "rampup", "soft_kl", "takl_loss",
+           "tbkl_loss"]

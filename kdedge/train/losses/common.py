@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdedge.train.task import IGNORE_INDEX
+from kdedge.train.labels import IGNORE_INDEX
 
 
 def labelled_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from kdedge.train.labels import IGNORE_INDEX  # noqa: F401 (re-exported: the label of an unlabelled sample)
 from kdedge.train.losses.common import anneal_temperature, labelled_cross_entropy, soft_cross_entropy  # noqa: F401 (re-exported)
 
-IGNORE_INDEX = -100  # same value as kdedge.train.task.IGNORE_INDEX (no import: keep losses standalone)
 LOSSES = ("i", "s", "d", "hd")
 
 __all__ = ["LOSSES", "sub_ensembles", "labelled_cross_entropy", "soft_cross_entropy", "independent_loss",

@@ -24,9 +24,10 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from kdedge.train.labels import IGNORE_INDEX  # noqa: F401 (re-exported: the label of an unlabelled sample)
 from kdedge.train.losses.common import anneal_temperature, labelled_cross_entropy, soft_cross_entropy  # noqa: F401 (re-exported)
 
-IGNORE_INDEX = -100  # same value as kdedge.train.task.IGNORE_INDEX (no import: keep losses standalone)
 TEACHER_CHOICES = ("last", "later")
 
 TeacherSpec = str | Sequence[Sequence[int]]

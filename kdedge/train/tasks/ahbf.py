@@ -10,10 +10,13 @@
 | ``dml``     | DML: each branch learns from each other one   | ``fusion: none``, branches >= 2 |
 | ``vanilla`` | CE on the target network alone                | ``fusion: none``, branches: 1   |
 
-Every distillation term is scaled by the ramp-up ω(i) of Eq. 13 (E = ``rampup_epochs``, default
-the run's epochs), so the baselines share AHBF's schedule. For ONE/CL/DML set ``aux: 0`` to get
-their identical-branch setting. Evaluation reports the target branch's accuracy (what
-``deploy()`` exports) as ``accuracy``, plus every branch's and every teacher's.
+``loss.objective`` picks AHBF's distillation terms: ``paper`` (Eq. 11, the default) or
+``authors`` (their training code: a third KL family, each assistant teaching its own branch,
+weighted by λ1, and all distillation scaled by 0.75). Every distillation term is scaled by the
+ramp-up ω(i) of Eq. 13 (E = ``rampup_epochs``, default the run's epochs), so the baselines
+share AHBF's schedule. For ONE/CL/DML set ``aux: 0`` to get their identical-branch setting.
+Evaluation reports the target branch's accuracy (what ``deploy()`` exports) as ``accuracy``,
+plus every branch's and every teacher's.
 """
 
 from __future__ import annotations
@@ -25,13 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdedge.config import check_ranges, number
 from kdedge.models.ahbf import AHBFNet, AHBFOutput, AHBFStudent
-from kdedge.train.losses.ahbf import ahbf_loss, cl_loss, dml_loss, labelled_ce, one_loss, rampup
+from kdedge.train.distributed import unwrap
 from kdedge.train.evaluate import eval_mode, evaluate_model, labelled_batches
-from kdedge.train.task import MAX_TEMPERATURE, MAX_WEIGHT, TEMPERATURE, Task, unwrap
+from kdedge.train.fields import check_ranges, number
+from kdedge.train.losses.ahbf import ahbf_loss, cl_loss, dml_loss, labelled_ce, one_loss, rampup
+from kdedge.train.task import MAX_TEMPERATURE, MAX_WEIGHT, TEMPERATURE, Task
 
 VARIANTS = ("ahbf", "one", "cl", "dml", "vanilla")
+OBJECTIVES = ("paper", "authors")
+# The authors' latest training script weights every KL term by kd_weight (default 1.5) and a
+# ramp-up it multiplies by 0.5: 0.75 · ω(i) overall.
+AUTHORS_KD_SCALE = 0.75
 FUSION_OF = {"ahbf": "ahbf", "one": "one", "cl": "none", "dml": "none", "vanilla": "none"}
 _LAMBDAS = (4.0, 2.0)
 
@@ -50,6 +58,9 @@ class AHBFConfig:
         detach_teacher: no gradient through the teacher side of a KL term (see docs/ahbf.md;
             the authors' AHBF code does not detach: set false to reproduce it).
         kd_weight: weight of the distillation term of ``one``, ``cl`` and ``dml``.
+        objective: ``paper`` (Eq. 11: λ1·TAKL + λ2·BTKL) or ``authors`` (``ahbf`` only): the
+            objective of the authors' code, which adds λ1·TBKL = λ1·KL(ta(m) ‖ branch m) and
+            scales the distillation by 0.75 (see docs/ahbf.md).
     """
 
     variant: str = "ahbf"
@@ -60,11 +71,17 @@ class AHBFConfig:
     rampup_epochs: float | None = number(None, ge=0)
     detach_teacher: bool = True
     kd_weight: float = number(1.0, ge=0, le=MAX_WEIGHT)
+    objective: str = "paper"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"loss.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"loss.objective must be paper or authors, got {self.objective!r}")
         check_ranges(self, "loss")
+        if self.variant != "ahbf" and self.objective != "paper":
+            raise ValueError(f"loss.objective picks AHBF's distillation terms; variant {self.variant!r} does not "
+                             f"use them")
         # settings a variant would silently ignore are refused instead
         if self.variant != "ahbf" and (self.lambda1, self.lambda2) != _LAMBDAS:
             raise ValueError(f"loss.lambda1/lambda2 weight AHBF's assistant losses; variant {self.variant!r} "
@@ -119,7 +136,10 @@ class AHBFTask(Task):
         self.omega = rampup(epoch, self.rampup_epochs)
         kd = dict(tau=cfg.tau, omega=self.omega, detach_teacher=cfg.detach_teacher)
         if cfg.variant == "ahbf":
-            parts = ahbf_loss(out.branches, out.tas, y, lambda1=cfg.lambda1, lambda2=cfg.lambda2, **kd)
+            authors = cfg.objective == "authors"
+            parts = ahbf_loss(out.branches, out.tas, y, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
+                              lambda3=cfg.lambda1 if authors else 0.0, kd_scale=AUTHORS_KD_SCALE if authors else 1.0,
+                              **kd)
         elif cfg.variant == "one":
             if out.ensemble is None:
                 raise ValueError("variant 'one' needs a model built with fusion: one")
@@ -190,4 +210,4 @@ class AHBFTask(Task):
         return dict(self._cost_cache[key])
 
 
-__all__ = ["AHBFConfig", "AHBFTask", "VARIANTS"]
+__all__ = ["AUTHORS_KD_SCALE", "AHBFConfig", "AHBFTask", "OBJECTIVES", "VARIANTS"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdedge.train.task import IGNORE_INDEX, Task
+from kdedge.train.labels import IGNORE_INDEX
+from kdedge.train.task import Task
 
 
 class BaselineTask(Task):

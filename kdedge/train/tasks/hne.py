@@ -20,11 +20,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from kdedge.config import check_ranges, number
 from kdedge.models.hne import HNE
-from kdedge.train.losses.hne import LOSSES, anneal_temperature, ensemble_confidence, hne_loss
+from kdedge.train.distributed import mean_over_ranks, unwrap
 from kdedge.train.evaluate import eval_mode, labelled_batches
-from kdedge.train.task import GROWTH, MAX_TEMPERATURE, TEMPERATURE, Task, TemperatureState, mean_over_ranks, unwrap
+from kdedge.train.fields import check_ranges, number
+from kdedge.train.losses.hne import LOSSES, anneal_temperature, ensemble_confidence, hne_loss
+from kdedge.train.task import GROWTH, MAX_TEMPERATURE, TEMPERATURE, Task, TemperatureState
 
 __all__ = ["HNEConfig", "HNETask", "member_logits", "summarize", "complexity"]
 

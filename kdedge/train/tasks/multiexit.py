@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdedge.config import check_ranges, number
 from kdedge.models.multiexit import num_exits
 from kdedge.runtime import exits as modes
+from kdedge.train.distributed import mean_over_ranks, unwrap
+from kdedge.train.evaluate import stage_logits
+from kdedge.train.fields import check_ranges, number
 from kdedge.train.losses.multiexit import (
     TEACHER_CHOICES,
     anneal_temperature,
@@ -32,8 +34,7 @@ from kdedge.train.losses.multiexit import (
     teacher_confidence,
     teacher_sets,
 )
-from kdedge.train.evaluate import stage_logits
-from kdedge.train.task import GROWTH, MAX_TEMPERATURE, TEMPERATURE, Task, TemperatureState, mean_over_ranks, unwrap
+from kdedge.train.task import GROWTH, MAX_TEMPERATURE, TEMPERATURE, Task, TemperatureState
 
 LOSSES = ("exitwise", "distill")
 

@@ -2,7 +2,7 @@
 
 ``kdedge profile --batch 64`` after ``kdedge profile --batch 1`` must leave a profile with both
 batch sizes: a policy at batch 1 still needs batch 1's numbers. Two measurements can share a
-profile when they agree on its key (:data:`kdedge.profile.spec.KEY_FIELDS`: device, setting,
+profile when they agree on its key (:data:`kdedge.bundle.profile.spec.KEY_FIELDS`: device, setting,
 target, run key, threads, bundle fingerprint, session options): then the new batches are added,
 re-measured batches replaced and the others kept. A stored profile with another key is replaced,
 and the message says why; for another fingerprint, that the bundle changed (stale), so the
@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kdedge.profile.spec import KEY_FIELDS
+from kdedge.bundle.profile.spec import KEY_FIELDS
 
 __all__ = ["merge_profiles", "profile_key"]
 

@@ -32,8 +32,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from kdedge.profile.spec import (CHAIN, FORMAT, STATS, VERSION, ForeignProfileError, InvalidProfileError,
-                                 NewerProfileError)
+from kdedge.bundle.profile.spec import (
+    CHAIN,
+    FORMAT,
+    STATS,
+    VERSION,
+    ForeignProfileError,
+    InvalidProfileError,
+    NewerProfileError,
+)
 
 __all__ = ["check_coverage", "load_profile_schema", "validate_profile"]
 
@@ -78,7 +85,7 @@ def check_coverage(data: dict[str, Any], bundle: Any, where: str) -> None:
 @lru_cache(maxsize=1)
 def load_profile_schema() -> dict[str, Any]:
     """The profile JSON schema (``kdedge/schemas/profile.schema.json``, package data)."""
-    path = Path(__file__).resolve().parent.parent / "schemas" / "profile.schema.json"
+    path = Path(__file__).resolve().parents[2] / "schemas" / "profile.schema.json"
     return json.loads(path.read_text(encoding="utf-8"))
 
 
