@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("kdedge.cli.inspect", "Show a bundle's manifest: stages, members, FLOPs, accuracy, files."),
     "build": ("kdedge.cli.build", "Compile a bundle's ONNX stages for a device target (TensorRT) and add them."),
     "doctor": ("kdedge.cli.doctor", "What this machine can train on and run."),
+    "serve": ("kdedge.cli.serve", "Serve a bundle over HTTP: batched, each request as deep as its deadline allows."),
 }
 
 

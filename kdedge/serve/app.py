@@ -1,0 +1,258 @@
+"""The HTTP application: Starlette routes over a :class:`~kdedge.runtime.scheduler.Scheduler`.
+
+Why Starlette on uvicorn: ASGI is the standard Python server interface, Starlette is the small,
+well-kept toolkit under FastAPI (routing, requests, responses, lifespan; no validation layer we
+would not use), and uvicorn is its reference server; both are pure Python wheels with few
+dependencies, so the ``serve`` extra stays small on a device. The handlers are async and never
+block: decoding a small body happens inline, inference on the scheduler's worker thread, and
+the answer comes back through ``loop.call_soon_threadsafe``.
+
+Routes:
+
+- ``POST /v1/classify``: the body is an image file or a ``.npy`` (see :mod:`kdedge.serve.decode`);
+  ``X-Deadline-Ms`` header or ``?deadline_ms=`` query: this request's deadline; ``?top_k=``
+  (default 5). 200 with the answer; 503 when refused (``shed``, ``queue_full``, ``closed``,
+  ``starting``), with ``Retry-After``; 4xx for bad input; every error body is ``{"status",
+  "error"}`` with one line.
+- ``GET /v1/health``: 200 ``{"status": "ready"}`` once warmed up, else 503.
+- ``GET /v1/model``: the bundle's summary and the scheduler's configuration.
+- ``GET /metrics``: Prometheus text format (:mod:`kdedge.serve.metrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from typing import Any, AsyncIterator, Callable
+
+from kdedge.serve.decode import BodyError, decode_body
+
+__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_TOP_K", "create_app", "model_summary"]
+
+DEFAULT_MAX_BODY = 8 << 20  # bytes: a large JPEG; a request is one sample
+DEFAULT_TOP_K = 5
+DEADLINE_HEADER = "x-deadline-ms"
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
+    from starlette.responses import Response
+
+    from kdedge.io import dumps_strict
+
+    return Response(dumps_strict(obj, indent=None), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
+    return _json({"status": code, "error": message}, status, headers)
+
+
+def model_summary(runner: Any, scheduler: Any) -> dict[str, Any]:
+    """What ``GET /v1/model`` answers: the bundle's family, input, classes, stages (members,
+    MACs, validation accuracy), target and threads, and the scheduler's configuration."""
+    b = runner.bundle
+    rule = runner.combine
+    stages = [{"name": e.name, "members": e.members, "members_total": e.members_total, "macs": e.macs,
+               "accuracy": e.accuracy.get(rule)} for e in b.stages]
+    return {"bundle": str(b.path.name), "family": b.family, "input_shape": list(b.input_shape),
+            "preprocessing": b.preprocessing, "classes": list(b.classes), "num_classes": b.num_classes,
+            "combine": rule, "stages": stages, "prefixes": len(b.prefixes), "target": runner.target,
+            "threads": runner.threads, "scheduler": scheduler.describe()}
+
+
+def _deadline(request: Any) -> float | None:
+    raw = request.headers.get(DEADLINE_HEADER)
+    where = "the X-Deadline-Ms header"
+    q = request.query_params.get("deadline_ms")
+    if q is not None:
+        if raw is not None and raw.strip() != q.strip():
+            raise ValueError("the deadline is given twice (X-Deadline-Ms header and deadline_ms query) with "
+                             "different values; give one")
+        raw, where = q, "the deadline_ms query parameter"
+    if raw is None:
+        return None
+    from kdedge.runtime.scheduler import MAX_DEADLINE_MS
+
+    try:
+        v = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"{where} must be a number of milliseconds, got {raw[:40]!r}") from None
+    if not (math.isfinite(v) and 0 < v <= MAX_DEADLINE_MS):
+        raise ValueError(f"{where} must be a number of milliseconds > 0 and <= {MAX_DEADLINE_MS:g}, got {raw[:40]!r}")
+    return v
+
+
+def _top_k(request: Any, classes: int) -> int:
+    raw = request.query_params.get("top_k")
+    if raw is None:
+        return min(DEFAULT_TOP_K, classes)
+    try:
+        k = int(raw)
+    except ValueError:
+        raise ValueError(f"top_k must be an integer from 1 to {classes}, got {raw[:40]!r}") from None
+    if not 1 <= k <= classes:
+        raise ValueError(f"top_k must be an integer from 1 to {classes} (the model's classes), got {k}")
+    return k
+
+
+async def _read_body(request: Any, limit: int) -> bytes | None:
+    """The body, or None when it is larger than ``limit`` (read no further than that)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                return None
+        except ValueError:
+            pass  # the server (h11/httptools) refuses a malformed Content-Length before we get here
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def create_app(runner: Any, scheduler: Any, *, max_body: int = DEFAULT_MAX_BODY, drain_timeout: float = 30.0,
+               log: Callable[[str], None] | None = None) -> Any:
+    """The Starlette application serving ``scheduler`` (over ``runner``'s bundle).
+
+    Args:
+        runner: the :class:`~kdedge.runtime.Runner` (its bundle decodes bodies, names classes).
+        scheduler: the :class:`~kdedge.runtime.scheduler.Scheduler` answering requests.
+        max_body: the largest body accepted, in bytes (413 beyond).
+        drain_timeout: at shutdown, seconds to answer what is still queued (then refused).
+        log: where one-line notes go (unexpected errors); default: nowhere.
+
+    Returns:
+        the ASGI app; ``app.state.metrics`` is its :class:`~kdedge.serve.metrics.Metrics`.
+
+    Example:
+        >>> app = create_app(runner, Scheduler(runner, deadline_ms=20))
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+    """
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from kdedge.runtime.scheduler import OK
+    from kdedge.serve.metrics import Metrics
+
+    bundle = runner.bundle
+    classes = list(bundle.classes)
+    metrics = Metrics(scheduler, scheduler.num_stages, scheduler.max_batch)
+    summary = model_summary(runner, scheduler)
+    clock = scheduler.clock
+    note = log or (lambda line: None)
+    refused = {"shed", "queue_full", "closed"}
+
+    def resolve(fut: asyncio.Future, answer: Any) -> None:
+        if not fut.done():
+            fut.set_result(answer)
+
+    def guarded(handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """An unexpected error becomes a one-line JSON 500 here (Starlette's own handler would
+        re-raise it for the server to log with its traceback); the server keeps serving."""
+
+        async def wrapper(request: Any) -> Any:
+            try:
+                return await handler(request)
+            except Exception as e:
+                return await internal(request, e)
+
+        return wrapper
+
+    async def classify(request: Any) -> Any:
+        arrival = clock()
+        try:
+            deadline = _deadline(request)
+            top_k = _top_k(request, len(classes))
+        except ValueError as e:
+            metrics.count("bad_request")
+            return _error(400, "bad_request", str(e))
+        body = await _read_body(request, max_body)
+        if body is None:
+            metrics.count("bad_request")
+            return _error(413, "bad_request", f"the body is larger than the {max_body:,} bytes this server accepts "
+                                              "(--max-body); a request is one image or one sample")
+        if scheduler.ready:  # what must be shed is refused before any time goes into decoding it
+            early = scheduler.precheck(deadline, arrival=arrival)
+            if early is not None:
+                metrics.answered(early)
+                return _json(early.to_dict(), 503, {"Retry-After": "1"})
+        try:
+            x = decode_body(body, bundle)
+        except BodyError as e:
+            metrics.count("bad_request")
+            return _error(e.status, "bad_request", str(e))
+        if not scheduler.ready:
+            status = "closed" if scheduler.closing or scheduler.failure is not None else "starting"
+            metrics.count(status)
+            why = ("the server is shutting down" if scheduler.closing else
+                   f"the server cannot run the model: {scheduler.failure}" if scheduler.failure is not None else
+                   "the model is warming up; wait until GET /v1/health answers 200")
+            return _error(503, status, why, {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def done(answer: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(resolve, fut, answer)
+            except RuntimeError:  # the loop has closed: the server was stopped with the request unanswered
+                pass
+
+        scheduler.submit(x, deadline, arrival=arrival, callback=done)
+        answer = await fut
+        metrics.answered(answer)
+        if answer.status == OK:
+            d = answer.to_dict()
+            d["top_k"] = answer.top_k(top_k, classes)
+            return _json(d)
+        d = answer.to_dict()
+        if answer.status in refused:
+            return _json(d, 503, {"Retry-After": "1"})
+        return _json(d, 422)  # the model computed NaN/inf for this input
+
+    async def health(request: Any) -> Any:
+        if scheduler.failure is not None:
+            return _error(503, "failed", f"the model cannot run: {scheduler.failure}")
+        if scheduler.closing:
+            return _json({"status": "closing"}, 503)
+        if not scheduler.ready:
+            return _json({"status": "starting"}, 503)
+        return _json({"status": "ready", "queue": scheduler.queue_length})
+
+    async def model(request: Any) -> Any:
+        return _json(summary)
+
+    async def prometheus(request: Any) -> Any:
+        data, ctype = metrics.render()
+        return Response(data, media_type=ctype)
+
+    async def http_error(request: Any, exc: Any) -> Any:
+        code = int(getattr(exc, "status_code", 500))
+        what = {404: f"no such endpoint {request.url.path}; the endpoints are POST /v1/classify, GET /v1/health, "
+                     "GET /v1/model, GET /metrics",
+                405: f"{request.method} is not allowed on {request.url.path}"}
+        return _error(code, "bad_request", what.get(code, str(getattr(exc, "detail", ""))))
+
+    async def internal(request: Any, exc: Exception) -> Any:
+        line = f"internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        note(f"{request.method} {request.url.path}: {line}")
+        return _error(500, "error", line)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        # uvicorn has stopped accepting and waited for the requests in flight; answer what is left
+        await asyncio.get_running_loop().run_in_executor(None, lambda: scheduler.close(drain=True,
+                                                                                      timeout=drain_timeout))
+
+    app = Starlette(routes=[Route("/v1/classify", guarded(classify), methods=["POST"]),
+                            Route("/v1/health", guarded(health), methods=["GET"]),
+                            Route("/v1/model", guarded(model), methods=["GET"]),
+                            Route("/metrics", guarded(prometheus), methods=["GET"])],
+                    exception_handlers={HTTPException: http_error, Exception: internal}, lifespan=lifespan)
+    app.state.metrics = metrics
+    return app
