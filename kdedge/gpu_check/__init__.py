@@ -38,21 +38,22 @@ import importlib
 import importlib.util
 import json
 import os
-import platform
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kdedge.gpu_check.probes import (REQUIRED, ROOT, _agreement_main, _release, agreement, compare_probs,  # noqa: F401
+                                     cuda_skips, cuda_test_files, declared_torch, environment, missing_modules,
+                                     read_junit, write_inputs)
+from kdedge.gpu_check.report import summary_text
 from kdedge.io import atomic_write_json, atomic_write_text
 
 PARTS = ("env", "tests", "bundles", "throughput")
@@ -66,11 +67,6 @@ RESERVE = {"env": 0.0, "tests": 0.0, "bundles": 0.0, "throughput": 60.0}
 # |torch - onnxruntime| <= atol + rtol * |onnxruntime| per probability, as docs/targets.md
 # states for a target's outputs
 TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2)}
-# import name -> pip name, for the message when one is missing
-REQUIRED = {"numpy": "numpy", "torch": "torch", "torchvision": "torchvision", "onnx": "onnx",
-            "onnxscript": "onnxscript", "onnxruntime": "onnxruntime", "safetensors": "safetensors",
-            "sklearn": "scikit-learn", "typer": "typer", "rich": "rich", "yaml": "pyyaml",
-            "jsonschema": "jsonschema", "PIL": "pillow", "pytest": "pytest"}
 # tiny models on scikit-learn's digits (the only built-in dataset whose package the GPU machine
 # has); accuracy does not matter here, only that every path runs and agrees
 RECIPES: dict[str, dict[str, Any]] = {
@@ -81,7 +77,6 @@ RECIPES: dict[str, dict[str, Any]] = {
                   "model": {"name": "multiexit", "args": {"backbone": "resnet20", "backbone_args": {"width": 4}}},
                   "train": {"epochs": 1}, "loss": {"loss": "distill"}},
 }
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class CheckError(ValueError):
@@ -224,73 +219,6 @@ def _last_line(text: str) -> str:
 # -- env ------------------------------------------------------------------------------------------
 
 
-def missing_modules() -> list[str]:
-    """The pip names of the required packages that do not import here."""
-    missing = []
-    for mod, pip in REQUIRED.items():
-        try:
-            importlib.import_module(mod)
-        except Exception:  # a broken install raises more than ImportError
-            missing.append(pip)
-    return missing
-
-
-def environment(device: str) -> dict[str, Any]:
-    """What this machine has: versions, the GPU, where kdedge is imported from."""
-    import kdedge
-
-    facts: dict[str, Any] = {"python": platform.python_version(), "executable": sys.executable,
-                             "platform": platform.platform(), "kdedge": kdedge.__version__,
-                             "kdedge_path": str(Path(kdedge.__file__).resolve().parent), "versions": {}}
-    from importlib import metadata
-
-    for mod, pip in REQUIRED.items():
-        try:
-            facts["versions"][mod] = metadata.version(pip)
-        except metadata.PackageNotFoundError:
-            facts["versions"][mod] = None
-    try:
-        import torch
-
-        facts["torch_cuda_build"] = torch.version.cuda
-        facts["cuda_available"] = bool(torch.cuda.is_available())
-        if device == "cuda" and torch.cuda.is_available():
-            p = torch.cuda.get_device_properties(0)
-            facts["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}",
-                            "memory_gib": round(p.total_memory / 2**30, 1), "count": torch.cuda.device_count(),
-                            "bf16": bool(torch.cuda.is_bf16_supported())}
-    except ImportError:
-        facts["cuda_available"] = False
-    try:
-        import onnxruntime as ort
-
-        facts["onnxruntime_providers"] = list(ort.get_available_providers())
-    except ImportError:
-        pass
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            r = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"], check=False,
-                               capture_output=True, text=True, timeout=10)
-            facts["nvidia_smi"] = r.stdout.strip()
-    return facts
-
-
-def declared_torch(pyproject: Path = ROOT / "pyproject.toml") -> str | None:
-    """The lowest torch kdedge declares (its ``torch`` extra), e.g. ``"2.11"``; None if unread."""
-    try:
-        m = re.search(r'^torch = \["torch>=([0-9][0-9.]*)"', pyproject.read_text(encoding="utf-8"),
-                      re.MULTILINE)
-    except OSError:
-        return None
-    return m.group(1) if m else None
-
-
-def _release(version: str) -> tuple[int, ...]:
-    """``"2.11.0+cu130"`` -> (2, 11, 0)."""
-    return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3])
-
-
 def part_env(ck: Check) -> dict[str, Any]:
     facts: dict[str, Any] = {}  # the report's "env", also when a check below fails
     with ck.step("env", "versions and device") as s:
@@ -310,38 +238,6 @@ def part_env(ck: Check) -> dict[str, Any]:
 
 
 # -- tests ----------------------------------------------------------------------------------------
-
-
-def cuda_test_files(tests: Path) -> list[Path]:
-    """Test files that hold a test marked ``cuda``."""
-    return sorted(p for p in tests.glob("test_*.py") if "pytest.mark.cuda" in p.read_text(encoding="utf-8"))
-
-
-def read_junit(path: Path) -> dict[str, Any]:
-    """Counts and the skipped / failed tests (with reasons) of a pytest JUnit XML report."""
-    root = ET.parse(path).getroot()
-    counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
-    skipped: list[dict[str, str]] = []
-    failed: list[dict[str, str]] = []
-    for case in root.iter("testcase"):
-        name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        kinds = {c.tag: c for c in case}
-        if "skipped" in kinds:
-            counts["skipped"] += 1
-            skipped.append({"test": name, "reason": kinds["skipped"].get("message", "")})
-        elif "failure" in kinds or "error" in kinds:
-            tag = "failure" if "failure" in kinds else "error"
-            counts["failed" if tag == "failure" else "error"] += 1
-            failed.append({"test": name, "reason": (kinds[tag].get("message") or "")[:300]})
-        else:
-            counts["passed"] += 1
-    return {**counts, "skipped_tests": skipped, "failed_tests": failed}
-
-
-def cuda_skips(skipped: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """The skipped tests whose name says ``cuda``: on a GPU machine such a skip means the test
-    did not see the GPU, a failure rather than a pass (TensorRT and CoreML cases may skip)."""
-    return [t for t in skipped if "cuda" in t["test"].lower()]
 
 
 def part_tests(ck: Check) -> None:
@@ -376,97 +272,6 @@ def part_tests(ck: Check) -> None:
 
 
 # -- bundles --------------------------------------------------------------------------------------
-
-
-def agreement(bundle: str | Path, x_path: str | Path, *, device: str, cuda_graphs: bool, atol: float,
-              rtol: float) -> dict[str, Any]:
-    """Compare the torch target's probabilities with onnxruntime's on the CPU, at every depth.
-
-    Each depth ``k`` runs ``Fixed(k)`` chained (stage by stage) and, where the bundle has fused
-    prefixes, fused, on the whole batch and on a batch of one, twice (a CUDA graph is captured on
-    the first call of a batch size and replayed on the second).
-
-    Args:
-        bundle: a bundle with torch files.
-        x_path: a ``.npy`` batch the bundle takes.
-        device: where the torch sessions run.
-        cuda_graphs: replay CUDA graphs (CUDA only).
-        atol, rtol: ``|torch - onnxruntime| <= atol + rtol * |onnxruntime|`` per probability.
-
-    Returns:
-        ``{"passed", "max_abs", "worst_ratio", "top1_agreement", "cases": [...]}``; ``worst_ratio``
-        is the largest ``|a - b| / (atol + rtol |b|)`` (<= 1 passes).
-
-    Example:
-        >>> agreement("hne.kdedge", "x.npy", device="cuda", cuda_graphs=True, atol=1e-4, rtol=1e-3)["passed"]
-        True
-    """
-    import numpy as np
-
-    from kdedge.runtime import Fixed, Runner, load_inputs
-
-    cases: list[dict[str, Any]] = []
-    with Runner(bundle, target="onnx", device="cpu", threads=1) as ref, \
-            Runner(bundle, target="torch", device=device, cuda_graphs=cuda_graphs) as got:
-        x = np.ascontiguousarray(load_inputs(x_path, ref.bundle).x)
-        fused_options = (False, True) if ref.bundle.prefixes else (False,)
-        for k in range(1, ref.num_stages + 1):
-            for fused in fused_options:
-                for batch in (x, x[:1]):
-                    for call in (1, 2):
-                        a = got.run(batch, Fixed(k, fused=fused))
-                        b = ref.run(batch, Fixed(k, fused=fused))
-                        cases.append({"stages": k, "fused": fused, "batch": int(batch.shape[0]), "call": call,
-                                      **compare_probs(a.probs, b.probs, atol=atol, rtol=rtol),
-                                      "same_stage": bool(np.array_equal(a.stage, b.stage))})
-    def worst(key: str) -> float | None:
-        return max((c[key] for c in cases if c[key] is not None), default=None)
-
-    return {"passed": all(c["passed"] and c["same_stage"] for c in cases), "atol": atol, "rtol": rtol,
-            "device": device, "cuda_graphs": cuda_graphs, "max_abs": worst("max_abs"),
-            "worst_ratio": worst("worst_ratio"),
-            "top1_agreement": min(c["top1_agreement"] for c in cases), "cases": cases}
-
-
-def compare_probs(got: Any, ref: Any, *, atol: float, rtol: float) -> dict[str, Any]:
-    """How far ``got`` is from ``ref`` (two [N, classes] probability arrays) in the tolerance's units.
-
-    Returns:
-        ``{"passed", "max_abs", "worst_ratio", "top1_agreement"}``, where ``worst_ratio`` is the
-        largest ``|got - ref| / (atol + rtol |ref|)``: at most 1 passes. A shape mismatch or a
-        non-finite value fails.
-
-    Example:
-        >>> compare_probs(np.array([[0.5, 0.5]]), np.array([[0.50001, 0.49999]]), atol=1e-4, rtol=1e-3)["passed"]
-        True
-    """
-    import numpy as np
-
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    if got.shape != ref.shape or got.size == 0 or not (np.isfinite(got).all() and np.isfinite(ref).all()):
-        return {"passed": False, "max_abs": None, "worst_ratio": None, "top1_agreement": 0.0,
-                "why": f"shapes {got.shape} vs {ref.shape}, or a non-finite value"}
-    diff = np.abs(got - ref)
-    ratio = float((diff / (atol + rtol * np.abs(ref))).max())
-    return {"passed": ratio <= 1.0, "max_abs": float(diff.max()), "worst_ratio": ratio,
-            "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean())}
-
-
-def _agreement_main(argv: Sequence[str]) -> None:
-    """``python -c 'from kdedge.gpu_check import _agreement_main; ...' BUNDLE X DEVICE GRAPHS ATOL RTOL OUT``"""
-    bundle, x, device, graphs, atol, rtol, out = argv
-    atomic_write_json(out, agreement(bundle, x, device=device, cuda_graphs=graphs == "1", atol=float(atol),
-                                     rtol=float(rtol)))
-
-
-def write_inputs(path: Path, n: int = 16) -> Path:
-    """The last ``n`` of scikit-learn's digits as a raw uint8 [n, 8, 8] batch."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    images = np.asarray(load_digits().images[-n:], dtype=np.uint8)
-    np.save(path, images)
-    return path
 
 
 def _recipe(ck: Check, family: str) -> Path:
@@ -635,53 +440,6 @@ def part_throughput(ck: Check, results: dict[str, Any]) -> None:
 
 
 # -- report ---------------------------------------------------------------------------------------
-
-
-def summary_text(report: dict[str, Any], steps: bool = True) -> str:
-    """The short text summary: header, one line per step (unless ``steps`` is False: the
-    command has printed them as they ran), the latency and throughput tables."""
-    env = report.get("env") or {}
-    versions = env.get("versions") or {}
-    gpu = ((env.get("gpu") or {}).get("name")
-           or {"no-gpu": "no GPU", "rehearsal": "CPU rehearsal"}.get(report["mode"], "?"))
-    lines = [f"kdedge GPU check, {report['started']}, mode {report['mode']}, device {report['device']} ({gpu})",
-             (f"torch {versions.get('torch')}, onnxruntime {versions.get('onnxruntime')}, "
-              f"python {env.get('python')}; {report['seconds']:.0f} s of {report['budget_s']:.0f} s"),
-             (f"result: {report['result']} ({report['counts']['pass']} passed, {report['counts']['fail']} failed, "
-              f"{report['counts']['skip']} skipped)")]
-    if steps:
-        lines.append("")
-    for s in report["steps"] if steps else []:
-        lines.append(f"{s['status'].upper():4} {s['part']:10} {s['name']:44} {s['seconds']:6.1f} s  "
-                     f"{s['detail']}".rstrip())
-    profiles = report["results"].get("profiles") or {}
-    if profiles:
-        lines += ["", "torch target latency, median ms (p99), kdedge profile --batch 1,8:",
-                  f"{'bundle':22} {'graph':8} {'batch':>5} {'eager':>18} {'cuda graphs':>18}"]
-        for fam in RECIPES:
-            eager, graphed = profiles.get(f"{fam}-eager"), profiles.get(f"{fam}-graphs")
-            if eager is None:
-                continue
-            for g in ("stage0", "chain"):
-                for b in ("1", "8"):
-                    cells = []
-                    for p in (eager, graphed):
-                        v = p["latency_ms"].get(g, {}).get(b) if p else None
-                        cells.append(f"{v['median']:.3f} ({v['p99']:.3f})" if v else "-")
-                    lines.append(f"{fam:22} {g:8} {b:>5} {cells[0]:>18} {cells[1]:>18}")
-    tp = report["results"].get("throughput")
-    if tp:
-        shape = "x".join(map(str, tp["input"]))
-        lines += ["", (f"HNE training step ({tp['config']}, batch {tp['batch']}, input {shape}), "
-                       f"median ms of forward + backward; {tp['machine']}"),
-                  f"{'N':>3} {'grouped':>9} {'per-node':>9} {'per-member':>11} {'member/grouped':>15}"]
-        def ms(v: Any) -> str:
-            return "-" if v is None else f"{v:.2f}"
-
-        for r in tp["rows"]:
-            lines.append(f"{r['members']:>3} {ms(r['grouped_ms']):>9} {ms(r['per_node_ms']):>9} "
-                         f"{ms(r['per_member_ms']):>11} {ms(r['member_over_grouped']):>15}")
-    return "\n".join(lines) + "\n"
 
 
 def run_check(out: Path, *, device: str | None, gpu: bool = True, parts: Sequence[str] = PARTS,
