@@ -122,18 +122,21 @@ def counter_delta(start: float, end: float, wrap: float | None) -> float:
     return end + (wrap - start)
 
 
+def _unreadable(path: str, err: OSError, verb: str) -> PowerError:
+    """The one-line error for a sysfs attribute that cannot be read (what to grant when it is permissions)."""
+    if isinstance(err, PermissionError):
+        return PowerPermissionError(f"cannot read {path}: permission denied. Run as root, or make it readable "
+                                    f"(for example: sudo chmod o+r {path})")
+    return PowerError(f"cannot {verb} {path}: {err.strerror or err}")
+
+
 def read_number(path: str) -> float:
     """The first number in a sysfs attribute file; permission problems raise clearly."""
     try:
         with open(path, encoding="ascii") as f:
             text = f.read()
-    except PermissionError:
-        raise PowerPermissionError(
-            f"cannot read {path}: permission denied. Run as root, or make it readable "
-            f"(for example: sudo chmod o+r {path})"
-        ) from None
     except OSError as err:
-        raise PowerError(f"cannot read {path}: {err.strerror or err}") from None
+        raise _unreadable(path, err, "read") from None
     try:
         return float(text.split()[0])
     except (IndexError, ValueError):
@@ -151,13 +154,8 @@ class AttributeReader:
         self.path = path
         try:
             self._fd = os.open(path, os.O_RDONLY)
-        except PermissionError:
-            raise PowerPermissionError(
-                f"cannot read {path}: permission denied. Run as root, or make it readable "
-                f"(for example: sudo chmod o+r {path})"
-            ) from None
         except OSError as err:
-            raise PowerError(f"cannot open {path}: {err.strerror or err}") from None
+            raise _unreadable(path, err, "open") from None
 
     def read(self) -> float:
         try:
