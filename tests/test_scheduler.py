@@ -280,9 +280,9 @@ def test_the_online_factor_plans_shallower_on_a_slow_device(bundle) -> None:
 
 
 def test_a_lone_slow_stage_does_not_move_the_load_factor() -> None:
-    from kdedge.runtime.scheduler import _Load
+    from kdedge.runtime.scheduler import _server_load
 
-    load = _Load(16)  # the 3rd largest ratio of the last 16 stages
+    load = _server_load(16)  # the 3rd largest ratio of the last 16 stages
     for _ in range(16):
         load.observe(0.5, 1.0)
     assert load.factor() == 1.0  # faster than planned: the plan stays the profile's

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from kdedge.bundle.combine import COMBINE_RULES  # re-exported: the rule names have one home
 from kdedge.bundle.errors import BundleError
 
 __all__ = ["COMBINE_RULES", "FORMAT", "INPUT", "LOGITS_DTYPES", "MANIFEST", "MAX_RANK", "MAX_SAMPLE_ELEMENTS",
@@ -34,8 +35,6 @@ MAX_RANK = 8                       # dimensions of a tensor
 MAX_SAMPLE_ELEMENTS = 1 << 28      # elements of one sample of one tensor (1 GiB of float32)
 LOGITS_DTYPES = ("float32", "float16")
 
-
-from kdedge.bundle.combine import COMBINE_RULES  # noqa: E402 - one home for the rule names
 
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 _BINDING = re.compile(r"^stage(0|[1-9][0-9]*):(.+)$")

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kdedge.targets.calibration import spread_indices  # noqa: F401 - numpy only; also used by Spread
+from kdedge.targets.calibration import spread_indices  # numpy only
 from kdedge.train.labels import IGNORE_INDEX  # noqa: E402 - the one definition
 
 

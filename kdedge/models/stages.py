@@ -29,8 +29,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-INPUT = "input"
-COMBINE_RULES = ("mean_logits", "mean_probs", "last")
+from kdedge.bundle.combine import COMBINE_RULES  # the rule names have one home (the torch twin is below)
+from kdedge.bundle.names import INPUT
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def _positive(v: Any, what: str, integer: bool = False, upper: float = math.inf)
     return int(v) if integer else float(v)
 
 
-def _Load(window: int) -> LoadEstimate:
+def _server_load(window: int) -> LoadEstimate:
     """The server's online load factor: :class:`~kdedge.runtime.online.LoadEstimate` taking the
     ``1 + window // 8``-th largest ratio (robust to a lone preempted stage; see its ``rank``)."""
     return LoadEstimate(window, rank=min(window, 1 + window // 8))
@@ -221,7 +221,7 @@ class Scheduler:
         self._costs = costs if costs is not None else self._profile_costs(stat)
         self.clock: Callable[[], float] = clock or time.perf_counter
         self._clock = self.clock
-        self._load = _Load(online) if online else None
+        self._load = _server_load(online) if online else None
         # cumulative stage costs per depth and batch size, before the load factor (seconds)
         self._cum: list[list[float]] | None = None
         if self._costs is not None and stages is None:
