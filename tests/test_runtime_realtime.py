@@ -41,6 +41,30 @@ FIFO = _fifo_allowed()
 needs_fifo = pytest.mark.skipif(FIFO is not None, reason=FIFO or "")
 
 
+def _cpu_latency_allowed() -> str | None:
+    try:
+        rt.CpuLatencyHold(rt._MAX_CPU_LATENCY_US - 1).close()  # asks for nothing stricter than now
+    except rt.RealtimeError as e:
+        return str(e)
+    return None
+
+
+QOS = _cpu_latency_allowed()
+needs_qos = pytest.mark.skipif(QOS is not None, reason=QOS or "")
+
+
+def _latency_fds() -> list[str]:
+    """This process's open files that are the PM QoS device."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == rt.CPU_LATENCY_DEVICE:
+                out.append(fd)
+        except OSError:
+            pass
+    return out
+
+
 def _in_thread(fn):
     """Run ``fn`` in a fresh thread (so the test runner's own thread keeps ordinary scheduling)."""
     out: dict[str, object] = {}
@@ -81,6 +105,17 @@ def test_config_is_validated() -> None:
         rt.Realtime(priority=0)
     with pytest.raises(ValueError, match="unknown real-time policy 'deadline'"):
         rt.Realtime(policy="deadline")
+    with pytest.raises(ValueError, match="CPU wake-up latency"):
+        rt.Realtime(cpu_latency_us=-1)
+    with pytest.raises(ValueError, match="CPU wake-up latency"):
+        rt.Realtime(cpu_latency_us=True)  # type: ignore[arg-type]
+    assert rt.Realtime().cpu_latency_us == 0 and rt.Realtime().to_dict()["cpu_latency_us"] == 0
+    assert rt.parse_cpu_latency("off") is None and rt.parse_cpu_latency(" 50 ") == 50
+    for bad in ("-1", "fast", "1.5"):
+        with pytest.raises(ValueError, match="--cpu-latency takes microseconds"):
+            rt.parse_cpu_latency(bad)
+    # not part of the profile key, like the CPU set
+    assert rt.Realtime(cpu_latency_us=None).key() == rt.Realtime().key() == "rtfifo50"
 
 
 def test_cpu_sets_parse_and_are_checked() -> None:
@@ -230,7 +265,7 @@ def test_runner_gives_every_request_thread_the_policy(bundle) -> None:
 
     def body():
         tid = threading.get_native_id()
-        cfg = rt.Realtime(priority=6, lock_memory=False)
+        cfg = rt.Realtime(priority=6, lock_memory=False, cpu_latency_us=None)
         with Runner(bundle, threads=2, realtime=cfg) as r:
             assert r.run_key == "rtfifo6"
             r.warmup()
@@ -260,7 +295,8 @@ def test_runner_pins_request_threads_to_cpus(bundle) -> None:
 
     def body():
         before = rt.thread_cpus(threading.get_native_id())
-        with Runner(bundle, threads=1, realtime=rt.Realtime(priority=2, cpus=(cpu,), lock_memory=False)) as r:
+        with Runner(bundle, threads=1, realtime=rt.Realtime(priority=2, cpus=(cpu,), lock_memory=False,
+                                                                 cpu_latency_us=None)) as r:
             r.run(_x())
             pinned = [c for *_, c in r.realtime_threads]
         return before, pinned, rt.thread_cpus(threading.get_native_id())
@@ -319,22 +355,27 @@ def test_cli_profile_and_run_in_real_time(bundle, tmp_path) -> None:
         return subprocess.run([sys.executable, "-m", "kdedge.cli.main", *args], capture_output=True, text=True,
                               env=env, timeout=300)
 
+    qos = [] if QOS is None else ["--cpu-latency", "off"]  # the device is root's: tested below where allowed
     res = cli("profile", str(b), "--threads", "1", "--runs", "5", "--warmup", "1", "--quiet", "--no-plot",
-              "--realtime", "--rt-priority", "3", "--no-mlock")
+              "--realtime", "--rt-priority", "3", "--no-mlock", *qos)
     assert res.returncode == 0, res.stderr
     stored = [p.name for p in (b / "profiles").glob("*.json")]
     assert len(stored) == 1 and stored[0].endswith("-rtfifo3.json")
     prof = json.loads((b / "profiles" / stored[0]).read_text())
     assert prof["realtime"] == {"policy": "SCHED_FIFO", "priority": 3, "cpus": None, "lock_memory": False,
-                                "freeze_gc": True} and prof["run_key"] == "rtfifo3"
+                                "freeze_gc": True, "cpu_latency_us": None if qos else 0} and prof["run_key"] == "rtfifo3"
     res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--threads", "1", "--deadline-ms", "1000",
-              "--realtime", "--rt-priority", "3", "--no-mlock", "--json")
+              "--realtime", "--rt-priority", "3", "--no-mlock", "--json", *qos)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["realtime"]["priority"] == 3
     res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--threads", "1", "--deadline-ms", "1000")
     assert res.returncode == 2 and "no latency profile" in res.stderr  # ordinary runs need an ordinary profile
     res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--rt-priority", "3")
     assert res.returncode == 2 and "apply with --realtime" in res.stderr
+    res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--cpu-latency", "0")
+    assert res.returncode == 2 and "apply with --realtime" in res.stderr
+    res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--realtime", "--cpu-latency", "soon")
+    assert res.returncode == 2 and res.stderr.strip() == "error: --cpu-latency takes microseconds >= 0 or off, got 'soon'"
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv to drop CAP_SYS_NICE")
@@ -355,3 +396,74 @@ def test_cli_refusal_without_the_capability(bundle, tmp_path) -> None:
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: the OS refused SCHED_FIFO at priority 50")
     assert "Traceback" not in res.stderr
+
+
+@needs_qos
+def test_cpu_latency_hold_is_a_kernel_request_while_open() -> None:
+    """The kernel applies the smallest of all requests: while held, the limit in force is at
+    most ours; the request is this process's open file and is gone when it is closed."""
+    before = set(_latency_fds())
+    with rt.CpuLatencyHold(7) as hold:
+        assert hold.held
+        limit = rt.cpu_latency_limit()
+        assert limit is not None and limit <= 7
+        assert len(set(_latency_fds()) - before) == 1
+    assert not hold.held and set(_latency_fds()) == before
+    hold.close()  # twice is fine
+
+
+def test_cpu_latency_refusals_say_what_to_do(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(rt.RealtimeError) as e:
+        rt.CpuLatencyHold(0, device=str(tmp_path / "no-such-device"))
+    text = str(e.value)
+    assert "does not exist" in text and "--device" in text and "--cpu-latency off" in text and "\n" not in text
+
+    real_open = os.open
+
+    def deny(path, *a, **k):  # what a user without write access to the root-only device gets
+        if str(path).endswith("cpu_dma_latency"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", deny)
+    with pytest.raises(rt.RealtimeError) as e:
+        rt.CpuLatencyHold(0)
+    text = str(e.value)
+    assert "was refused (Permission denied; only root may write it)" in text and "--cpu-latency off" in text
+
+
+@needs_fifo
+@needs_qos
+def test_runner_holds_the_cpu_latency_while_open(bundle) -> None:
+    from kdedge.runtime import Runner
+
+    def body():
+        before = set(_latency_fds())
+        with Runner(bundle, threads=1, realtime=rt.Realtime(priority=2, lock_memory=False)) as r:
+            r.run(_x())
+            during = set(_latency_fds()) - before
+            limit = rt.cpu_latency_limit()
+        return during, limit, set(_latency_fds()) - before
+
+    during, limit, after = _in_thread(body)
+    assert len(during) == 1 and limit == 0 and not after
+
+
+@needs_fifo
+def test_runner_refused_cpu_latency_leaves_nothing_behind(bundle, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdedge.runtime import Runner
+
+    monkeypatch.setattr(rt, "CPU_LATENCY_DEVICE", str(tmp_path / "absent"))
+
+    def body():
+        tid = threading.get_native_id()
+        before = set(rt.thread_ids())
+        try:
+            Runner(bundle, threads=2, realtime=rt.Realtime(priority=2, lock_memory=False))
+        except rt.RealtimeError as e:
+            return str(e), rt.thread_policy(tid), set(rt.thread_ids()) <= before
+        return None, None, None
+
+    msg, policy, no_threads = _in_thread(body)
+    assert msg is not None and "--cpu-latency off" in msg
+    assert policy == ("SCHED_OTHER", 0) and no_threads  # policy given back, no session left open

@@ -83,17 +83,18 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def realtime_options(realtime: bool, priority: int, policy: str, cpus: str | None, mlock: bool) -> Any:
+def realtime_options(realtime: bool, priority: int, policy: str, cpus: str | None, mlock: bool,
+                     cpu_latency: str | None = None) -> Any:
     """The :class:`~kdedge.runtime.realtime.Realtime` that ``--realtime --rt-priority --rt-policy
-    --cpus --mlock/--no-mlock`` ask for, or None without ``--realtime``."""
-    from kdedge.runtime.realtime import Realtime, parse_cpus
+    --cpus --mlock/--no-mlock --cpu-latency`` ask for, or None without ``--realtime``."""
+    from kdedge.runtime.realtime import Realtime, parse_cpu_latency, parse_cpus
 
     if not realtime:
-        if cpus is not None or priority != 50 or policy != "fifo":
-            raise ValueError("--rt-priority, --rt-policy and --cpus apply with --realtime")
+        if cpus is not None or priority != 50 or policy != "fifo" or cpu_latency is not None:
+            raise ValueError("--rt-priority, --rt-policy, --cpus and --cpu-latency apply with --realtime")
         return None
     return Realtime(priority=priority, policy=policy, cpus=parse_cpus(cpus) if cpus is not None else None,
-                    lock_memory=mlock)
+                    lock_memory=mlock, cpu_latency_us=0 if cpu_latency is None else parse_cpu_latency(cpu_latency))
 
 
 REALTIME_HELP = {
@@ -104,4 +105,6 @@ REALTIME_HELP = {
     "rt_policy": "With --realtime: fifo (SCHED_FIFO) or rr (SCHED_RR).",
     "cpus": "With --realtime: the CPUs the request threads run on, e.g. 0,1 or 1-3.",
     "mlock": "With --realtime: lock the process's memory (mlockall).",
+    "cpu_latency": "With --realtime: keep idle CPUs able to wake within US microseconds while it runs "
+                   "(/dev/cpu_dma_latency; default 0: they poll, which costs idle power); off: leave it alone.",
 }

@@ -126,13 +126,14 @@ def command(
     rt_policy: str = typer.Option("fifo", "--rt-policy", help=REALTIME_HELP["rt_policy"]),
     cpus: Optional[str] = typer.Option(None, "--cpus", help=REALTIME_HELP["cpus"]),
     mlock: bool = typer.Option(True, "--mlock/--no-mlock", help=REALTIME_HELP["mlock"]),
+    cpu_latency: Optional[str] = typer.Option(None, "--cpu-latency", metavar="US|off", help=REALTIME_HELP["cpu_latency"]),
     json_out: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     thread_counts = parse_threads(threads)
     for t in thread_counts:
         batches = check_arguments(batch, runs, warmup, t, meter_period_ms)
-    rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock)
+    rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock, cpu_latency)
     if len(thread_counts) > 1 and power_mode is not None:
         raise ValueError("measure several --threads settings or several --power-mode modes, not both at once")
     power_meter = None

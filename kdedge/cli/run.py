@@ -169,6 +169,7 @@ def command(
     rt_policy: str = typer.Option("fifo", "--rt-policy", help=REALTIME_HELP["rt_policy"]),
     cpus: Optional[str] = typer.Option(None, "--cpus", help=REALTIME_HELP["cpus"]),
     mlock: bool = typer.Option(True, "--mlock/--no-mlock", help=REALTIME_HELP["mlock"]),
+    cpu_latency: Optional[str] = typer.Option(None, "--cpu-latency", metavar="US|off", help=REALTIME_HELP["cpu_latency"]),
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     from kdedge.runtime import Runner
@@ -190,7 +191,7 @@ def command(
         raise ValueError("--online applies to --deadline-ms")
     policy = _policy(deadline_ms, confidence, stages, fused, margin_ms, stat, measure, energy_mj, online)
     mode = _mode_follower(nvpmodel_exe, nvpmodel_conf) if follow_power_mode else None
-    rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock)
+    rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock, cpu_latency)
     with Runner(bundle, target=target, threads=threads, combine=combine,
                 profile=str(profile) if profile is not None else "auto", mode=mode, device=device,
                 cuda_graphs=cuda_graphs, realtime=rt, shared_pool=shared_pool) as runner:

@@ -71,6 +71,7 @@ def command(
     rt_policy: str = typer.Option("fifo", "--rt-policy", help=REALTIME_HELP["rt_policy"]),
     cpus: Optional[str] = typer.Option(None, "--cpus", help=REALTIME_HELP["cpus"]),
     mlock: bool = typer.Option(True, "--mlock/--no-mlock", help=REALTIME_HELP["mlock"]),
+    cpu_latency: Optional[str] = typer.Option(None, "--cpu-latency", metavar="US|off", help=REALTIME_HELP["cpu_latency"]),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn's log level (info shows each "
                                   "connection)."),
 ) -> None:
@@ -92,7 +93,7 @@ def command(
         raise ValueError(f"--limit-concurrency must be 1 … 1000000, got {limit_concurrency}")
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise ValueError(f"--log-level must be critical, error, warning, info or debug, got {log_level!r}")
-    rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock)
+    rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock, cpu_latency)
     sock = bind(host, port)  # before the model loads: a port in use fails at once
     try:
         runner, sched = build(bundle, target=target, threads=threads, device=device, realtime=rt,

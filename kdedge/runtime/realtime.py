@@ -14,6 +14,13 @@ does not rely on that: :class:`ThreadAdopter` lists the process's threads (``/pr
 before sessions open and sets the policy on every thread that appeared, then reads every policy
 back from ``/proc`` and refuses to go on if one thread escaped.
 
+CPU wake-up latency: a CPU that has nothing to run goes idle, and the deeper its idle state the
+longer it takes to wake when a request arrives (on a virtual machine an idle vCPU may even be
+handed back to the host). Under ``--realtime`` the runner asks the kernel's PM QoS interface
+(``/dev/cpu_dma_latency``) for a wake-up latency of at most ``cpu_latency_us`` (default 0 µs:
+idle CPUs poll instead of sleeping) for as long as it is open, as ``cyclictest`` and tuned's
+``latency-performance`` profile do. It costs idle power: ``--cpu-latency off`` leaves it alone.
+
 Where the OS refuses (no ``CAP_SYS_NICE``, ``RLIMIT_RTPRIO`` 0 for a user, a container without
 the capability, not Linux), :class:`RealtimeError` says in one line what to grant; there is no
 silent fallback to ordinary scheduling.
@@ -27,6 +34,7 @@ import errno
 import gc
 import os
 import resource
+import struct
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -44,6 +52,8 @@ MAX_PRIORITY = 98       # 99 is the kernel's watchdog/migration threads' level; 
 _POLICY_NUMBERS = {0: "SCHED_OTHER", 1: "SCHED_FIFO", 2: "SCHED_RR", 3: "SCHED_BATCH", 5: "SCHED_IDLE",
                    6: "SCHED_DEADLINE"}
 _MCL_CURRENT, _MCL_FUTURE = 1, 2
+CPU_LATENCY_DEVICE = "/dev/cpu_dma_latency"  # Linux PM QoS: the system-wide CPU wake-up latency limit
+_MAX_CPU_LATENCY_US = 2_000_000_000         # the kernel's "no limit" (PM_QOS_DEFAULT_VALUE)
 
 
 class RealtimeError(PermissionError):
@@ -68,6 +78,12 @@ class Realtime:
             during a request (refused: an error, unless ``lock_memory`` is False).
         freeze_gc: move everything allocated before the first request into the permanent
             generation (``gc.freeze``) and keep collections out of requests.
+        cpu_latency_us: while the runner is open, ask the kernel (``/dev/cpu_dma_latency``)
+            to keep idle CPUs able to wake within this many microseconds (0: they poll; None:
+            leave the limit alone). Refused: an error that says what to grant.
+
+    Like the CPU set, memory locking and gc, ``cpu_latency_us`` is not part of the profile key:
+    it trims the tail, it does not change what a stage costs.
     """
 
     priority: int = DEFAULT_PRIORITY
@@ -75,6 +91,7 @@ class Realtime:
     cpus: tuple[int, ...] | None = None
     lock_memory: bool = True
     freeze_gc: bool = True
+    cpu_latency_us: int | None = 0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -84,6 +101,9 @@ class Realtime:
             raise ValueError(f"real-time priority must be an integer in 1..{MAX_PRIORITY}, got {self.priority!r}")
         if self.cpus is not None:
             check_cpus(self.cpus)
+        us = self.cpu_latency_us
+        if us is not None and (isinstance(us, bool) or not isinstance(us, int) or not 0 <= us < _MAX_CPU_LATENCY_US):
+            raise ValueError(f"the CPU wake-up latency must be an integer number of microseconds >= 0 (or off), got {us!r}")
 
     @property
     def policy_name(self) -> str:
@@ -96,7 +116,21 @@ class Realtime:
     def to_dict(self) -> dict[str, object]:
         return {"policy": self.policy_name, "priority": self.priority,
                 "cpus": list(self.cpus) if self.cpus is not None else None,
-                "lock_memory": self.lock_memory, "freeze_gc": self.freeze_gc}
+                "lock_memory": self.lock_memory, "freeze_gc": self.freeze_gc, "cpu_latency_us": self.cpu_latency_us}
+
+
+def parse_cpu_latency(text: str) -> int | None:
+    """``--cpu-latency``: ``off`` -> None, ``0`` / ``50`` -> microseconds; one-line error otherwise."""
+    t = text.strip().lower()
+    if t in ("off", "none"):
+        return None
+    try:
+        us = int(t)
+    except ValueError:
+        us = -1
+    if not 0 <= us < _MAX_CPU_LATENCY_US:
+        raise ValueError(f"--cpu-latency takes microseconds >= 0 or off, got {text!r}")
+    return us
 
 
 def realtime_key(base: str, cfg: Realtime | None) -> str:
@@ -220,6 +254,75 @@ def lock_memory() -> None:
 def unlock_memory() -> None:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.munlockall()
+
+
+class CpuLatencyHold:
+    """A request to the kernel's PM QoS: idle CPUs wake within ``us`` microseconds, for as long
+    as this object is open (the kernel drops the request when the file is closed, also when the
+    process dies). Several holds may coexist; the kernel applies the smallest.
+
+    Example::
+
+        with CpuLatencyHold(0):    # what Runner(realtime=Realtime()) does while it is open
+            ...
+    """
+
+    def __init__(self, us: int = 0, device: str | None = None) -> None:
+        device = CPU_LATENCY_DEVICE if device is None else device
+        self.us, self.device = us, device
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(device, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise RealtimeError(f"cannot limit the CPU wake-up latency: {device} does not exist (a kernel without "
+                                "PM QoS, or a container without the device: docker --device "
+                                f"{device}); or run without it (--cpu-latency off)") from None
+        except OSError as e:
+            raise RealtimeError(f"cannot limit the CPU wake-up latency: opening {device} was refused "
+                                f"({os.strerror(e.errno or errno.EACCES)}; only root may write it): run as root, "
+                                "let the service's group write it (a udev rule), or run without it "
+                                "(--cpu-latency off)") from None
+        try:
+            os.write(self._fd, struct.pack("i", us))
+        except OSError as e:
+            self.close()
+            raise RealtimeError(f"cannot limit the CPU wake-up latency: writing {us} to {device} failed "
+                                f"({os.strerror(e.errno or errno.EINVAL)}); run without it (--cpu-latency off)") from None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> "CpuLatencyHold":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def cpu_latency_limit(device: str | None = None) -> int | None:
+    """The system-wide CPU wake-up latency limit in force now (µs; 2000000000: none), or None
+    where it cannot be read."""
+    device = CPU_LATENCY_DEVICE if device is None else device
+    try:
+        fd = os.open(device, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, 4)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return struct.unpack("i", raw)[0] if len(raw) == 4 else None
 
 
 @dataclass

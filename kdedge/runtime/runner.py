@@ -42,6 +42,7 @@ from kdedge.runtime.policies import Context, Full, Policy
 from kdedge.runtime.results import OutputError, Result, Results, _finite, _logits_error
 from kdedge.runtime.realtime import (
     MAX_PRIORITY,
+    CpuLatencyHold,
     GcGuard,
     Realtime,
     RealtimeError,
@@ -206,6 +207,7 @@ class Runner:
         self._gc = GcGuard()
         self._rt_restore: tuple[int, int, Any, Any] | None = None
         self._rt_locked = False
+        self._rt_latency: CpuLatencyHold | None = None
         self._rt_threads: list[int] = []
         self._local = threading.local()
         try:
@@ -312,6 +314,8 @@ class Runner:
         if cfg.lock_memory:
             lock_memory()
             self._rt_locked = True
+        if cfg.cpu_latency_us is not None:
+            self._rt_latency = CpuLatencyHold(cfg.cpu_latency_us)
 
     def _leave_realtime(self) -> None:
         import os
@@ -328,6 +332,10 @@ class Runner:
         if getattr(self, "_rt_locked", False):
             unlock_memory()
             self._rt_locked = False
+        hold = getattr(self, "_rt_latency", None)
+        if hold is not None:
+            hold.close()
+            self._rt_latency = None
 
     @contextlib.contextmanager
     def _adopting(self) -> Iterator[None]:
