@@ -13,14 +13,19 @@ For each model (the demo HNE trained on mnist5k, and the paper-size CIFAR HNE, `
    here, each bounded in time) the rows run request by request, interleaved, so that they see
    the same machine;
 4. rows: ``--threads N`` with every CPU (the default before it became 1); the default (1
-   thread); ``--realtime``; ``--realtime --online``; and the plain alternative: one onnxruntime
+   thread); ``--realtime --cpu-latency off``; ``--realtime`` (which holds the CPU wake-up
+   latency request; the benchmark holds it only while such a row runs, since it is
+   system-wide); ``--realtime --online``; and the plain alternative: one onnxruntime
    session of the fused model at the deepest depth whose profiled median fits the deadline (no
    anytime stop; every CPU, as onnxruntime's own default).
 
 Rows take turns in blocks of ``--block`` requests. Columns: misses (all requests / counted:
 deadlines at least the row's own stage-0 p99, which a request can meet at all), accuracy (demo
 only), mean stage, share of requests that reached the deepest feasible stage (the deepest whose
-cumulative p99 in the row's own quiet profile, plus the margin, fits), latency p50/p99.
+cumulative p99 in the row's own quiet profile, plus the margin, fits), latency p50/p99. Counted
+misses are split by cause: stage 0 alone was late (it always runs), or the answer was late after
+the policy went on to a later stage; and how many fell among a block's first ``--switch-in``
+requests, which run on caches the other rows' blocks left cold.
 
     .venv/bin/python bench/bench_contention.py --json /tmp/contention.json
     .venv/bin/python bench/bench_contention.py --models demo --requests 2000      # quicker
@@ -29,6 +34,7 @@ cumulative p99 in the row's own quiet profile, plus the margin, fits), latency p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -129,19 +135,30 @@ class Row:
     threads: int
     realtime: bool = False
     online: bool = False
+    cpu_latency: bool = True  # with realtime: the PM QoS wake-up latency request (--cpu-latency 0)
 
 
-def _rt(priority: int) -> Any:
+def _rt(priority: int, cpu_latency: bool = True) -> Any:
     from kdedge.runtime.realtime import Realtime
 
-    return Realtime(priority=priority)
+    return Realtime(priority=priority, cpu_latency_us=0 if cpu_latency else None)
+
+
+def _latency_hold(row: Any) -> Any:
+    """The wake-up latency request is system-wide: the rows' runners are opened without it and
+    the benchmark holds it only while a row that asks for it runs (and while it is profiled)."""
+    from kdedge.runtime.realtime import CpuLatencyHold
+
+    if isinstance(row, Row) and row.realtime and row.cpu_latency:
+        return CpuLatencyHold(0)
+    return contextlib.nullcontext()
 
 
 def profile_row(bundle: Path, row: Row, runs: int, priority: int) -> Any:
     from kdedge.profile.latency import measure_profile
 
     return measure_profile(bundle, batches=(1,), runs=runs, warmup=50, threads=row.threads,
-                           realtime=_rt(priority) if row.realtime else None)
+                           realtime=_rt(priority, row.cpu_latency) if row.realtime else None)
 
 
 def _stats(prof: Any, graphs: list[str], stat: str) -> np.ndarray:
@@ -160,7 +177,7 @@ def run_condition(bundle: Path, x: np.ndarray, y: np.ndarray | None, rows: list[
     runners = {}
     for row in rows:
         runners[row.name] = Runner(bundle, threads=row.threads, profile=profiles[row.name],
-                                   realtime=_rt(priority) if row.realtime else None)
+                                   realtime=_rt(priority, cpu_latency=False) if row.realtime else None)
         set_normal(0)  # the next row's runner is created by an ordinary thread
     policies = {row.name: Deadline(1.0, margin_ms=margin_ms, online=row.online) for row in rows}
     for row in rows:
@@ -187,7 +204,8 @@ def run_condition(bundle: Path, x: np.ndarray, y: np.ndarray | None, rows: list[
     N = len(deadlines)
     out: dict[str, dict[str, np.ndarray]] = {}
     for name in [*runners, "fused", "fused1"]:
-        out[name] = {"stage": np.zeros(N, np.int64), "total": np.zeros(N), "correct": np.zeros(N, bool)}
+        out[name] = {"stage": np.zeros(N, np.int64), "total": np.zeros(N), "correct": np.zeros(N, bool),
+                     "went_on": np.zeros(N, bool)}
     rt_cfg = {row.name: runners[row.name].realtime for row in rows}
 
     def one(row: Row | str, i: int) -> None:
@@ -201,6 +219,7 @@ def run_condition(bundle: Path, x: np.ndarray, y: np.ndarray | None, rows: list[
             o = out[row]
             o["total"][i] = (time.perf_counter() - t0) * 1e3
             o["stage"][i] = b.prefixes[j].last_stage
+            o["went_on"][i] = j > 0
             if y is not None:
                 o["correct"][i] = int(lg.argmax()) == y[i % len(y)]
             return
@@ -209,6 +228,7 @@ def run_condition(bundle: Path, x: np.ndarray, y: np.ndarray | None, rows: list[
         res = runners[row.name].run(xi, pol)
         o = out[row.name]
         o["stage"][i], o["total"][i] = res.stage[0], res.total_ms[0]
+        o["went_on"][i] = len(res.graphs) > 1 or res.aborted is not None  # ran (or started) a stage after 0
         if y is not None:
             o["correct"][i] = res.labels[0] == y[i % len(y)]
 
@@ -220,8 +240,9 @@ def run_condition(bundle: Path, x: np.ndarray, y: np.ndarray | None, rows: list[
             cfg = rt_cfg[row.name] if isinstance(row, Row) else None
             if cfg is not None:
                 set_thread(0, cfg)
-            for i in range(start, min(start + block, N)):
-                one(row, i)
+            with _latency_hold(row):
+                for i in range(start, min(start + block, N)):
+                    one(row, i)
             if cfg is not None:
                 set_normal(0)
             time.sleep(gap_s)  # the pools of the row just run stop spinning before the next row
@@ -233,7 +254,7 @@ def run_condition(bundle: Path, x: np.ndarray, y: np.ndarray | None, rows: list[
 
 def summarize(out: dict[str, dict[str, np.ndarray]], deadlines: np.ndarray, profiles: dict[str, Any],
               stage_names: list[str], has_labels: bool, margin_ms: float,
-              answer_p99: dict[str, float]) -> dict[str, Any]:
+              answer_p99: dict[str, float], block: int, switch_in: int) -> dict[str, Any]:
     rows = {}
     default = list(profiles)[1]
     for name, o in out.items():
@@ -247,6 +268,10 @@ def summarize(out: dict[str, dict[str, np.ndarray]], deadlines: np.ndarray, prof
         # the deepest stage the row's own quiet profile says fits (cumulative p99 + margin)
         deepest = np.array([int(np.flatnonzero(cum <= d).max()) if (cum <= d).any() else 0 for d in deadlines])
         miss = o["total"] > deadlines
+        # a block's first requests run on caches that the other rows' blocks (and the idle gap)
+        # left cold: what a device running one model does not see
+        first = np.arange(len(deadlines)) % block < switch_in
+        cm = miss & counted
         rows[name] = {
             "miss_all": float(miss.mean()), "miss_counted": float(miss[counted].mean()) if counted.any() else None,
             "counted": int(counted.sum()),
@@ -255,6 +280,14 @@ def summarize(out: dict[str, dict[str, np.ndarray]], deadlines: np.ndarray, prof
             "at_deepest_feasible": float((o["stage"] >= deepest).mean()),
             "p50_ms": float(np.median(o["total"])),
             "p99_ms": float(np.percentile(o["total"], 99, method="inverted_cdf")),
+            # counted misses by cause: stage 0 alone was late (it always runs: no stop rule can
+            # help), or a stage the policy chose to run made the answer late; and how many of
+            # them were among a block's first requests
+            "counted_misses": int(cm.sum()),
+            "counted_misses_stage0": int((cm & (o["stage"] == 0) & ~o["went_on"]).sum()),
+            "counted_misses_went_on": int((cm & ((o["stage"] > 0) | o["went_on"])).sum()),
+            "counted_misses_switch_in": int((cm & first).sum()),
+            "switch_in_requests": int(first.sum()),
         }
     return rows
 
@@ -265,7 +298,8 @@ def stage0_answer_p99(bundle: Path, x: np.ndarray, row: Row, prof: Any, priority
     from kdedge.runtime import Fixed, Runner
     from kdedge.runtime.realtime import set_normal
 
-    with Runner(bundle, threads=row.threads, profile=prof, realtime=_rt(priority) if row.realtime else None) as r:
+    with Runner(bundle, threads=row.threads, profile=prof,
+                realtime=_rt(priority, row.cpu_latency) if row.realtime else None) as r:
         r.warmup()
         t = [r.run(x[i % len(x): i % len(x) + 1], Fixed(1, fused=False)).total_ms[0] for i in range(runs)]
     set_normal(0)
@@ -327,6 +361,8 @@ def bench_model(name: str, bundle: Path, x: np.ndarray, y: np.ndarray | None, re
 
     nd, ncpu = default_threads(), usable_cpus()
     rows = [Row(f"--threads {ncpu} (all CPUs, the old default)", ncpu), Row(f"default ({nd} thread)", nd),
+            Row(f"--realtime --cpu-latency off ({args.rt_threads} thread)", args.rt_threads, realtime=True,
+                cpu_latency=False),
             Row(f"--realtime ({args.rt_threads} thread)", args.rt_threads, realtime=True),
             Row(f"--realtime --online ({args.rt_threads} thread)", args.rt_threads, realtime=True, online=True)]
     b = open_bundle(bundle)
@@ -335,8 +371,8 @@ def bench_model(name: str, bundle: Path, x: np.ndarray, y: np.ndarray | None, re
     t0 = time.perf_counter()
     ncpu = usable_cpus()
     for row in rows:
-        key = (row.threads, row.realtime)
-        same = next((n for n, r in zip(profiles, rows) if (r.threads, r.realtime) == key), None)
+        key = (row.threads, row.realtime, row.cpu_latency)
+        same = next((n for n, r in zip(profiles, rows) if (r.threads, r.realtime, r.cpu_latency) == key), None)
         profiles[row.name] = profiles[same] if same else profile_row(bundle, row, args.profile_runs, args.priority)
     profiles["fused"] = plain_medians(bundle, x, ncpu)  # every CPU, as onnxruntime does by default
     profiles["fused1"] = plain_medians(bundle, x, 1)
@@ -360,7 +396,7 @@ def bench_model(name: str, bundle: Path, x: np.ndarray, y: np.ndarray | None, re
         else:
             out = run_condition(bundle, x, y, rows, profiles, deadlines, margin, args.priority, ncpu, args.block)
         result["conditions"][cond] = summarize(out, deadlines, profiles, stage_names, y is not None, margin,
-                                               answer_p99)
+                                               answer_p99, args.block, args.switch_in)
         result["conditions"][cond]["_seconds"] = time.perf_counter() - t0
         print(format_table(name, cond, result["conditions"][cond], requests, (lo, hi)), flush=True)
     return result
@@ -368,8 +404,10 @@ def bench_model(name: str, bundle: Path, x: np.ndarray, y: np.ndarray | None, re
 
 def format_table(model: str, cond: str, rows: dict[str, Any], n: int, rng: tuple[float, float]) -> str:
     lines = [f"{model}, {cond}: {n} batch-1 requests, deadlines {rng[0]:.3f}-{rng[1]:.3f} ms",
-             "| row | misses all | misses counted | accuracy | mean stage | at deepest feasible | p50 ms | p99 ms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | misses all | misses counted | counted: stage 0 alone / went on / in a block's first requests "
+             "| accuracy "
+             "| mean stage | at deepest feasible | p50 ms | p99 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if name.startswith("_"):
             continue
@@ -378,7 +416,8 @@ def format_table(model: str, cond: str, rows: dict[str, Any], n: int, rng: tuple
         label = {"fused": "plain fused session, every CPU (median fits)",
                  "fused1": "plain fused session, 1 thread (median fits)"}.get(name, name)
         feas = "—" if name.startswith("fused") else f"{100 * r['at_deepest_feasible']:.1f} %"
-        lines.append(f"| {label} | {100 * r['miss_all']:.2f} % | {mc} | {acc} | {r['mean_stage']:.2f} | "
+        why = f"{r['counted_misses_stage0']} / {r['counted_misses_went_on']} / {r['counted_misses_switch_in']}"
+        lines.append(f"| {label} | {100 * r['miss_all']:.2f} % | {mc} | {why} | {acc} | {r['mean_stage']:.2f} | "
                      f"{feas} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} |")
     return "\n".join(lines)
 
@@ -419,7 +458,8 @@ def main() -> None:
     ap.add_argument("--profile-runs", type=int, default=500)
     ap.add_argument("--margin-ms", type=float, default=0.1, help="deadline margin, CIFAR HNE (the policy's default)")
     ap.add_argument("--demo-margin-ms", type=float, default=0.1, help="deadline margin, demo HNE")
-    ap.add_argument("--block", type=int, default=100, help="requests per row before the next row's turn")
+    ap.add_argument("--block", type=int, default=500, help="requests per row before the next row's turn")
+    ap.add_argument("--switch-in", type=int, default=10, help="a block's first requests, counted apart in the table")
     ap.add_argument("--priority", type=int, default=50)
     ap.add_argument("--rt-threads", type=int, default=1, help="threads of the real-time rows")
     ap.add_argument("--hog-procs", type=int, default=os.cpu_count() or 1)

@@ -158,3 +158,37 @@ def test_profile_files_are_validated_on_load(profiled, tmp_path: Path) -> None:
     p.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match=r"x.json: stage1 batch 3 p99 must be a finite number > 0 \(ms\), got null"):
         LatencyProfile.load(p)
+
+
+def test_idle_ms_sleeps_before_every_timed_call_and_is_recorded(profiled, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kdedge profile --idle-ms 33``: every timed chain and prefix call comes after that much
+    idle time (warm-up calls do not), and the batch's ``measured`` record says so."""
+    import kdedge.profile.latency as lat
+
+    dst = tmp_path / "copy.kdedge"
+    shutil.copytree(profiled[0], dst)
+    slept: list[float] = []
+    monkeypatch.setattr(lat.time, "sleep", slept.append)
+    prof, path, _ = profile_bundle(dst, batches=(2,), runs=3, warmup=2, threads=1, plot=False, idle_ms=33)
+    assert slept == [0.033] * (3 * (1 + 3))  # 3 rounds of the chain and the 3 prefixes
+    data = json.loads(path.read_text())
+    assert data["measured"]["2"]["idle_ms"] == 33.0
+    assert "idle_ms" not in data["measured"]["1"]  # the kept batches were measured back to back
+    LatencyProfile(data)  # valid under the schema
+    for bad in (-1, 10_001, float("nan"), True, "33"):
+        with pytest.raises(ValueError, match="idle time before each measured call"):
+            lat.check_idle_ms(bad)
+
+
+def test_cli_idle_ms_is_checked_before_measuring(profiled, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("KDEDGE_DEBUG", None)
+    res = subprocess.run([sys.executable, "-m", "kdedge.cli.main", "profile", str(profiled[0]), "--idle-ms", "-5",
+                          "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("error: the idle time before each measured call must be")

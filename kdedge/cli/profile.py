@@ -104,6 +104,9 @@ def command(
     runs: int = typer.Option(200, help="Timed rounds per batch size (each runs the chain and every prefix "
                              "once); 1 to 100000."),
     warmup: int = typer.Option(20, help="Untimed rounds first; 0 to 100000."),
+    idle_ms: float = typer.Option(0.0, "--idle-ms", help="Idle this long before every timed call, to measure "
+                                  "requests as they arrive at a steady rate (33 at 30 fps: caches go cold between "
+                                  "frames); 0 to 10000. Default 0: back to back."),
     threads: Optional[str] = typer.Option(None, help="CPU threads per session, or several comma-separated (1,2: "
                                           "one profile each, for kdedge run --threads auto); default 1 (docs/"
                                           "runtime.md, Threads); at most 4 x the CPUs."),
@@ -134,6 +137,9 @@ def command(
     for t in thread_counts:
         batches = check_arguments(batch, runs, warmup, t, meter_period_ms)
     rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock, cpu_latency)
+    from kdedge.profile.latency import check_idle_ms
+
+    idle_ms = check_idle_ms(idle_ms)
     if len(thread_counts) > 1 and power_mode is not None:
         raise ValueError("measure several --threads settings or several --power-mode modes, not both at once")
     power_meter = None
@@ -158,7 +164,7 @@ def command(
         if modes is None:  # one profile per thread count (the count is part of its key)
             results = [_measure(bundle, target, batches, runs, warmup, t, optimization, plot, json_out or quiet,
                                 power_meter, device=device, cuda_graphs=cuda_graphs, realtime=rt,
-                                shared_pool=shared_pool)
+                                shared_pool=shared_pool, idle_ms=idle_ms)
                        for t in thread_counts]
         else:
             from kdedge.profile.modes import Nvpmodel
@@ -166,7 +172,8 @@ def command(
             nv = Nvpmodel(conf=nvpmodel_conf, nvpmodel=nvpmodel_exe, jetson_clocks=jetson_clocks_exe or None)
             results = _measure(bundle, target, batches, runs, warmup, thread_counts[0], optimization, plot,
                                json_out or quiet, power_meter, modes=modes, nvpmodel=nv, lock_clocks=lock_clocks,
-                               device=device, cuda_graphs=cuda_graphs, realtime=rt, shared_pool=shared_pool)
+                               device=device, cuda_graphs=cuda_graphs, realtime=rt, shared_pool=shared_pool,
+                               idle_ms=idle_ms)
     finally:
         if power_meter is not None:
             power_meter.close()
@@ -191,7 +198,7 @@ def parse_threads(text: Optional[str]) -> list[Optional[int]]:
 def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: int, threads: Optional[int],
              optimization: str, plot: bool, silent: bool, meter: object, modes: Optional[list[str]] = None,
              nvpmodel: object = None, lock_clocks: bool = False, device: Optional[str] = None,
-             cuda_graphs: bool = False, realtime: Any = None, shared_pool: bool = False) -> Any:
+             cuda_graphs: bool = False, realtime: Any = None, shared_pool: bool = False, idle_ms: float = 0.0) -> Any:
     """One (profile, path, png) without ``modes``; a list of them, one per mode, with."""
     from kdedge.profile.latency import open_target_bundle, profile_bundle, profile_power_modes
     from kdedge.targets import RunSpec, get_target
@@ -202,7 +209,8 @@ def _measure(bundle: Path, target: str, batches: list[int], runs: int, warmup: i
     bundle = opened
     kw: dict[str, Any] = dict(target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
                               optimization=optimization, plot=plot, meter=meter, device=device,
-                              cuda_graphs=cuda_graphs, report=_note, realtime=realtime, shared_pool=shared_pool)
+                              cuda_graphs=cuda_graphs, report=_note, realtime=realtime, shared_pool=shared_pool,
+                              idle_ms=idle_ms)
 
     def go(progress: Any) -> Any:
         if modes is None:

@@ -88,6 +88,18 @@ MAX_BATCH = 65_536
 MAX_INPUT_BYTES = 4 << 30
 
 
+MAX_IDLE_MS = 10_000.0
+
+
+def check_idle_ms(idle_ms: Any) -> float:
+    """``--idle-ms``: a finite number of milliseconds from 0 to 10000."""
+    if isinstance(idle_ms, bool) or not isinstance(idle_ms, (int, float, np.integer, np.floating)) or \
+            not 0 <= float(idle_ms) <= MAX_IDLE_MS:
+        raise ValueError(f"the idle time before each measured call must be a number of ms from 0 to {MAX_IDLE_MS:g}, "
+                         f"got {idle_ms!r}")
+    return float(idle_ms)
+
+
 def check_measure_args(batches: Sequence[int], runs: int, warmup: int, threads: int | None) -> list[int]:
     """The sorted, distinct batch sizes, after checking every measurement argument.
 
@@ -161,7 +173,7 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
                     seed: int = 0, meter: Any | None = None, nvpmodel: Any | None = None,
                     device: str | None = None, cuda_graphs: bool = False,
                     clock: Callable[[], float] | None = None, realtime: Any = None,
-                    shared_pool: bool = False) -> LatencyProfile:
+                    shared_pool: bool = False, idle_ms: float = 0.0) -> LatencyProfile:
     """Measure every stage (inside the runner's stage loop), every fused prefix and the full chain.
 
     Args:
@@ -186,6 +198,11 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
             one). Times below :func:`timer_resolution_ms` are recorded as that resolution.
         realtime: measure in real time (:class:`kdedge.runtime.realtime.Realtime`); part of the
             profile's key, so that a real-time run plans with a real-time profile.
+        idle_ms: sleep this long before every timed call (each chain and each prefix), so that
+            each is measured as a request that arrives after the device idled, as frames from a
+            camera do (33 ms at 30 fps). Back to back (0, the default), caches stay warm and a
+            small model measures faster than it runs at a steady rate (docs/runtime.md,
+            "Requests after idle time"). Recorded per batch in ``measured``; not part of the key.
 
     Returns:
         the :class:`LatencyProfile` (not yet written; see :func:`store_profile`).
@@ -198,6 +215,8 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
     from kdedge.runtime.runner import Runner
 
     batches = check_measure_args(list(batches), runs, warmup, threads)
+    idle_ms = check_idle_ms(idle_ms)
+    idle_s = idle_ms / 1e3
     rng = np.random.default_rng(seed)
     floor = timer_resolution_ms()
     with Runner(bundle, target=target, threads=threads, optimization=optimization, providers=providers,
@@ -215,13 +234,17 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
         for n in batches:
             x = rng.standard_normal((n, *runner.input_shape)).astype(np.float32)
             for r in range(warmup + runs):
-                res = runner.run(x, full)
                 timed = r >= warmup
+                if timed and idle_s:
+                    time.sleep(idle_s)
+                res = runner.run(x, full)
                 if timed:
                     for g, ms in zip(res.graphs, res.stage_ms):
                         samples.setdefault(g, {}).setdefault(n, []).append(_at_least(ms, floor))
                     samples.setdefault(CHAIN, {}).setdefault(n, []).append(_at_least(float(res.total_ms[0]), floor))
                 for pol in fixed:
+                    if timed and idle_s:
+                        time.sleep(idle_s)
                     res = runner.run(x, pol)
                     if timed:
                         ms = _at_least(res.stage_ms[0], floor)
@@ -264,7 +287,8 @@ def measure_profile(bundle: Any, *, target: str = "onnx", batches: Sequence[int]
             "runs": int(runs),
             "warmup": int(warmup),
             "batches": batches,
-            "measured": {str(n): {"created": created, "runs": int(runs), "warmup": int(warmup)} for n in batches},
+            "measured": {str(n): {"created": created, "runs": int(runs), "warmup": int(warmup),
+                                  **({"idle_ms": idle_ms} if idle_ms else {})} for n in batches},
             "graphs": graphs,
         }
         if energy is not None:
@@ -441,7 +465,7 @@ def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: S
                    progress: Progress | None = None, meter: Any | None = None, nvpmodel: Any | None = None,
                    device: str | None = None, cuda_graphs: bool = False,
                    report: Callable[[str], None] | None = None, realtime: Any = None,
-                   shared_pool: bool = False) -> tuple[LatencyProfile, Path, Path | None]:
+                   shared_pool: bool = False, idle_ms: float = 0.0) -> tuple[LatencyProfile, Path, Path | None]:
     """Measure a bundle on this device and store the profile in the bundle, with its CSV and PNGs
     (:func:`write_reports`: ``<profile>.csv``, ``<profile>.png``, ``<profile>-energy.png``).
 
@@ -459,7 +483,7 @@ def profile_bundle(bundle: str | Path | Any, *, target: str = "onnx", batches: S
     prof = measure_profile(b, target=target, batches=batches, runs=runs, warmup=warmup, threads=threads,
                            optimization=optimization, providers=providers, progress=progress, meter=meter,
                            nvpmodel=nvpmodel, device=device, cuda_graphs=cuda_graphs, realtime=realtime,
-                           shared_pool=shared_pool)
+                           shared_pool=shared_pool, idle_ms=idle_ms)
     prof = store_profile(b, prof, report=report)
     path = prof.path
     assert path is not None
