@@ -13,9 +13,9 @@ For each model (the demo HNE trained on mnist5k, and the paper-size CIFAR HNE, `
    here, each bounded in time) the rows run request by request, interleaved, so that they see
    the same machine;
 4. rows: ``--threads N`` with every CPU (the default before it became 1); the default (1
-   thread); ``--realtime --cpu-latency off``; ``--realtime`` (which holds the CPU wake-up
-   latency request; the benchmark holds it only while such a row runs, since it is
-   system-wide); ``--realtime --online``; and the plain alternative: one onnxruntime
+   thread); ``--realtime``; ``--realtime --cpu-latency 0`` (the CPU wake-up latency request;
+   the benchmark holds it only while such a row runs, since it is system-wide);
+   ``--realtime --cpu-latency 0 --online``; and the plain alternative: one onnxruntime
    session of the fused model at the deepest depth whose profiled median fits the deadline (no
    anytime stop; every CPU, as onnxruntime's own default).
 
@@ -135,10 +135,10 @@ class Row:
     threads: int
     realtime: bool = False
     online: bool = False
-    cpu_latency: bool = True  # with realtime: the PM QoS wake-up latency request (--cpu-latency 0)
+    cpu_latency: bool = False  # with realtime: the PM QoS wake-up latency request (--cpu-latency 0)
 
 
-def _rt(priority: int, cpu_latency: bool = True) -> Any:
+def _rt(priority: int, cpu_latency: bool = False) -> Any:
     from kdedge.runtime.realtime import Realtime
 
     return Realtime(priority=priority, cpu_latency_us=0 if cpu_latency else None)
@@ -361,10 +361,11 @@ def bench_model(name: str, bundle: Path, x: np.ndarray, y: np.ndarray | None, re
 
     nd, ncpu = default_threads(), usable_cpus()
     rows = [Row(f"--threads {ncpu} (all CPUs, the old default)", ncpu), Row(f"default ({nd} thread)", nd),
-            Row(f"--realtime --cpu-latency off ({args.rt_threads} thread)", args.rt_threads, realtime=True,
-                cpu_latency=False),
             Row(f"--realtime ({args.rt_threads} thread)", args.rt_threads, realtime=True),
-            Row(f"--realtime --online ({args.rt_threads} thread)", args.rt_threads, realtime=True, online=True)]
+            Row(f"--realtime --cpu-latency 0 ({args.rt_threads} thread)", args.rt_threads, realtime=True,
+                cpu_latency=True),
+            Row(f"--realtime --cpu-latency 0 --online ({args.rt_threads} thread)", args.rt_threads, realtime=True,
+                online=True, cpu_latency=True)]
     b = open_bundle(bundle)
     stage_names = [s.name for s in b.stages]
     profiles: dict[str, Any] = {}

@@ -109,7 +109,7 @@ def test_config_is_validated() -> None:
         rt.Realtime(cpu_latency_us=-1)
     with pytest.raises(ValueError, match="CPU wake-up latency"):
         rt.Realtime(cpu_latency_us=True)  # type: ignore[arg-type]
-    assert rt.Realtime().cpu_latency_us == 0 and rt.Realtime().to_dict()["cpu_latency_us"] == 0
+    assert rt.Realtime().cpu_latency_us is None and rt.Realtime(cpu_latency_us=0).to_dict()["cpu_latency_us"] == 0
     assert rt.parse_cpu_latency("off") is None and rt.parse_cpu_latency(" 50 ") == 50
     for bad in ("-1", "fast", "1.5"):
         with pytest.raises(ValueError, match="--cpu-latency takes microseconds"):
@@ -265,7 +265,7 @@ def test_runner_gives_every_request_thread_the_policy(bundle) -> None:
 
     def body():
         tid = threading.get_native_id()
-        cfg = rt.Realtime(priority=6, lock_memory=False, cpu_latency_us=None)
+        cfg = rt.Realtime(priority=6, lock_memory=False)
         with Runner(bundle, threads=2, realtime=cfg) as r:
             assert r.run_key == "rtfifo6"
             r.warmup()
@@ -295,8 +295,7 @@ def test_runner_pins_request_threads_to_cpus(bundle) -> None:
 
     def body():
         before = rt.thread_cpus(threading.get_native_id())
-        with Runner(bundle, threads=1, realtime=rt.Realtime(priority=2, cpus=(cpu,), lock_memory=False,
-                                                                 cpu_latency_us=None)) as r:
+        with Runner(bundle, threads=1, realtime=rt.Realtime(priority=2, cpus=(cpu,), lock_memory=False)) as r:
             r.run(_x())
             pinned = [c for *_, c in r.realtime_threads]
         return before, pinned, rt.thread_cpus(threading.get_native_id())
@@ -355,7 +354,7 @@ def test_cli_profile_and_run_in_real_time(bundle, tmp_path) -> None:
         return subprocess.run([sys.executable, "-m", "kdedge.cli.main", *args], capture_output=True, text=True,
                               env=env, timeout=300)
 
-    qos = [] if QOS is None else ["--cpu-latency", "off"]  # the device is root's: tested below where allowed
+    qos = ["--cpu-latency", "0"] if QOS is None else []  # the device is root's: where allowed, ask for it
     res = cli("profile", str(b), "--threads", "1", "--runs", "5", "--warmup", "1", "--quiet", "--no-plot",
               "--realtime", "--rt-priority", "3", "--no-mlock", *qos)
     assert res.returncode == 0, res.stderr
@@ -363,7 +362,7 @@ def test_cli_profile_and_run_in_real_time(bundle, tmp_path) -> None:
     assert len(stored) == 1 and stored[0].endswith("-rtfifo3.json")
     prof = json.loads((b / "profiles" / stored[0]).read_text())
     assert prof["realtime"] == {"policy": "SCHED_FIFO", "priority": 3, "cpus": None, "lock_memory": False,
-                                "freeze_gc": True, "cpu_latency_us": None if qos else 0} and prof["run_key"] == "rtfifo3"
+                                "freeze_gc": True, "cpu_latency_us": 0 if qos else None} and prof["run_key"] == "rtfifo3"
     res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--threads", "1", "--deadline-ms", "1000",
               "--realtime", "--rt-priority", "3", "--no-mlock", "--json", *qos)
     assert res.returncode == 0, res.stderr
@@ -439,7 +438,7 @@ def test_runner_holds_the_cpu_latency_while_open(bundle) -> None:
 
     def body():
         before = set(_latency_fds())
-        with Runner(bundle, threads=1, realtime=rt.Realtime(priority=2, lock_memory=False)) as r:
+        with Runner(bundle, threads=1, realtime=rt.Realtime(priority=2, lock_memory=False, cpu_latency_us=0)) as r:
             r.run(_x())
             during = set(_latency_fds()) - before
             limit = rt.cpu_latency_limit()
@@ -459,7 +458,7 @@ def test_runner_refused_cpu_latency_leaves_nothing_behind(bundle, tmp_path, monk
         tid = threading.get_native_id()
         before = set(rt.thread_ids())
         try:
-            Runner(bundle, threads=2, realtime=rt.Realtime(priority=2, lock_memory=False))
+            Runner(bundle, threads=2, realtime=rt.Realtime(priority=2, lock_memory=False, cpu_latency_us=0))
         except rt.RealtimeError as e:
             return str(e), rt.thread_policy(tid), set(rt.thread_ids()) <= before
         return None, None, None

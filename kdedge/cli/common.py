@@ -94,7 +94,7 @@ def realtime_options(realtime: bool, priority: int, policy: str, cpus: str | Non
             raise ValueError("--rt-priority, --rt-policy, --cpus and --cpu-latency apply with --realtime")
         return None
     return Realtime(priority=priority, policy=policy, cpus=parse_cpus(cpus) if cpus is not None else None,
-                    lock_memory=mlock, cpu_latency_us=0 if cpu_latency is None else parse_cpu_latency(cpu_latency))
+                    lock_memory=mlock, cpu_latency_us=None if cpu_latency is None else parse_cpu_latency(cpu_latency))
 
 
 REALTIME_HELP = {
@@ -106,5 +106,5 @@ REALTIME_HELP = {
     "cpus": "With --realtime: the CPUs the request threads run on, e.g. 0,1 or 1-3.",
     "mlock": "With --realtime: lock the process's memory (mlockall).",
     "cpu_latency": "With --realtime: keep idle CPUs able to wake within US microseconds while it runs "
-                   "(/dev/cpu_dma_latency; default 0: they poll, which costs idle power); off: leave it alone.",
+                   "(/dev/cpu_dma_latency, root only; 0: they poll, which costs idle power); default off.",
 }

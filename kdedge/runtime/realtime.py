@@ -16,10 +16,12 @@ back from ``/proc`` and refuses to go on if one thread escaped.
 
 CPU wake-up latency: a CPU that has nothing to run goes idle, and the deeper its idle state the
 longer it takes to wake when a request arrives (on a virtual machine an idle vCPU may even be
-handed back to the host). Under ``--realtime`` the runner asks the kernel's PM QoS interface
-(``/dev/cpu_dma_latency``) for a wake-up latency of at most ``cpu_latency_us`` (default 0 µs:
+handed back to the host). With ``--realtime --cpu-latency US`` the runner asks the kernel's PM
+QoS interface (``/dev/cpu_dma_latency``) for a wake-up latency of at most ``US`` microseconds (0:
 idle CPUs poll instead of sleeping) for as long as it is open, as ``cyclictest`` and tuned's
-``latency-performance`` profile do. It costs idle power: ``--cpu-latency off`` leaves it alone.
+``latency-performance`` profile do. It costs idle power and is off by default: on the machines
+measured it trimmed the tail of requests after idle time a little and changed no miss rate
+(docs/runtime.md).
 
 Where the OS refuses (no ``CAP_SYS_NICE``, ``RLIMIT_RTPRIO`` 0 for a user, a container without
 the capability, not Linux), :class:`RealtimeError` says in one line what to grant; there is no
@@ -79,8 +81,8 @@ class Realtime:
         freeze_gc: move everything allocated before the first request into the permanent
             generation (``gc.freeze``) and keep collections out of requests.
         cpu_latency_us: while the runner is open, ask the kernel (``/dev/cpu_dma_latency``)
-            to keep idle CPUs able to wake within this many microseconds (0: they poll; None:
-            leave the limit alone). Refused: an error that says what to grant.
+            to keep idle CPUs able to wake within this many microseconds (0: they poll; None,
+            the default: leave the limit alone). Refused: an error that says what to grant.
 
     Like the CPU set, memory locking and gc, ``cpu_latency_us`` is not part of the profile key:
     it trims the tail, it does not change what a stage costs.
@@ -91,7 +93,7 @@ class Realtime:
     cpus: tuple[int, ...] | None = None
     lock_memory: bool = True
     freeze_gc: bool = True
-    cpu_latency_us: int | None = 0
+    cpu_latency_us: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -263,7 +265,7 @@ class CpuLatencyHold:
 
     Example::
 
-        with CpuLatencyHold(0):    # what Runner(realtime=Realtime()) does while it is open
+        with CpuLatencyHold(0):    # what Runner(realtime=Realtime(cpu_latency_us=0)) does while open
             ...
     """
 
