@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from typer.testing import CliRunner
 
 from helpers_runtime import toy_bundle
 from kdedge.cli.main import app
-from kdedge.profile.latency import LatencyProfile, ProfileError, current_key, profile_filename, profile_power_modes
+from kdedge.profile.latency import LatencyProfile, current_key, profile_filename, profile_power_modes
 from kdedge.profile.meters import NoneMeter
 from kdedge.profile.modes import ModeError, Nvpmodel
 
