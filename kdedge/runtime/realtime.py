@@ -278,18 +278,17 @@ class CpuLatencyHold:
         except FileNotFoundError:
             raise RealtimeError(f"cannot limit the CPU wake-up latency: {device} does not exist (a kernel without "
                                 "PM QoS, or a container without the device: docker --device "
-                                f"{device}); or run without it (--cpu-latency off)") from None
+                                f"{device}); or run without --cpu-latency") from None
         except OSError as e:
             raise RealtimeError(f"cannot limit the CPU wake-up latency: opening {device} was refused "
                                 f"({os.strerror(e.errno or errno.EACCES)}; only root may write it): run as root, "
-                                "let the service's group write it (a udev rule), or run without it "
-                                "(--cpu-latency off)") from None
+                                "let the service's group write it (a udev rule), or run without --cpu-latency") from None
         try:
             os.write(self._fd, struct.pack("i", us))
         except OSError as e:
             self.close()
             raise RealtimeError(f"cannot limit the CPU wake-up latency: writing {us} to {device} failed "
-                                f"({os.strerror(e.errno or errno.EINVAL)}); run without it (--cpu-latency off)") from None
+                                f"({os.strerror(e.errno or errno.EINVAL)}); run without --cpu-latency") from None
 
     @property
     def held(self) -> bool:
