@@ -49,6 +49,9 @@ def command(
     max_batch: int = typer.Option(64, help="Largest batch the target's files accept."),
     opset: int = typer.Option(18, help="ONNX opset."),
     simplify: bool = typer.Option(False, help="Simplify stage graphs with onnxsim."),
+    pad_channels: int = typer.Option(16, help="Zero-pad the channels per group of grouped convolutions to multiples of "
+                                              "this (0, 8, 16, 32; 0: off), so that onnxruntime runs them in its "
+                                              "blocked layout (docs/performance.md)."),
     split: str = typer.Option("val", help="Split that verifies the export and gives the manifest's accuracies."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the run's dataset lives now."),
     val_limit: Optional[int] = typer.Option(None, help="Verify on at most this many images."),
@@ -70,7 +73,8 @@ def command(
             err.print(f"[dim]{msg}[/]", highlight=False)
 
     path = export_run(run_dir, out_path, data_root=data_root, split=split, calib_size=calib_size, val_limit=val_limit,
-                      target=target, precision=precision, opset=opset, simplify=simplify, int8_max_drop=int8_max_drop,
+                      target=target, precision=precision, opset=opset, simplify=simplify, pad_channels=pad_channels,
+                      int8_max_drop=int8_max_drop,
                       int8_keep_fp32=int8_keep_fp32, int8_scheme=int8_scheme, device=device, max_batch=max_batch, atol=atol, rtol=rtol, force=force, progress=progress)
     summary = inspect_bundle(path)
     if json_out:

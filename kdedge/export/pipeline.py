@@ -24,6 +24,7 @@ from kdedge.export.data import Batches
 from kdedge.export.errors import ExportError
 from kdedge.export.graphs import Graph, ModelPlan, graph_example_inputs, plan_model, run_torch, shapes_of
 from kdedge.export.onnx import EXPORTERS, check_opset, dtype_name, export_graph
+from kdedge.export.pad import PAD_BLOCKS
 from kdedge.export.ortrun import OrtChain, RunGraph
 from kdedge.export.verify import Tolerances, check, summary, verify
 
@@ -98,7 +99,7 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
            force: bool = False, progress: Progress | None = None, atol: float = 1e-4, rtol: float = 1e-3,
            min_top1_agreement: float = 0.99, exporter: str = "auto", batch_size: int = 64,
            calib_size: int | None = None, int8_scheme: str = "u8s7", device: str | None = None,
-           max_batch: int = 64, target_options: dict[str, Any] | None = None) -> Path:
+           max_batch: int = 64, target_options: dict[str, Any] | None = None, pad_channels: int = 16) -> Path:
     """Export a trained model to a verified bundle directory.
 
     Args:
@@ -133,6 +134,11 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
             without VNNI (``kdedge.export.quantize``).
         device, max_batch, target_options: the target's compile spec
             (:class:`kdedge.targets.CompileSpec`); ignored for ``onnx``.
+        pad_channels: zero-pad the channels per group of grouped convolutions to multiples of
+            this (16: onnxruntime's NCHWc block with AVX-512, a multiple of AVX2's 8; 0: do
+            not), so that onnxruntime runs them in its blocked layout
+            (:mod:`kdedge.export.pad`). Outputs are unchanged; the padded layers compute up to
+            ``round_up(c, 16) / c`` times their MACs where the CPU has no such layout.
 
     Returns:
         the bundle path.
@@ -151,7 +157,7 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
                        int8_keep_fp32=int8_keep_fp32, provenance=provenance, force=force, progress=progress,
                        tol=(atol, rtol, min_top1_agreement), exporter=exporter, batch_size=batch_size,
                        calib_size=calib_size, int8_scheme=int8_scheme,
-                       tspec=(device, max_batch, dict(target_options or {})))
+                       tspec=(device, max_batch, dict(target_options or {})), pad_channels=pad_channels)
     finally:  # export runs in eval mode; give the caller's model back as it was
         for m, was in flags:
             m.training = was
@@ -173,6 +179,7 @@ class _Request:
     int8_max_drop: float
     int8_keep_fp32: bool
     int8_scheme: str
+    pad_channels: int          # block the grouped channels are padded to (0: not padded)
     info: dict[str, Any]
     provenance: dict[str, Any]
     say: Progress
@@ -181,7 +188,7 @@ class _Request:
 def _check_request(out: Path, *, info: Any, target: str, precision: str, opset: int, simplify: bool,
                    int8_max_drop: float, int8_keep_fp32: bool, provenance: dict[str, Any] | None, force: bool,
                    progress: Progress | None, tol: tuple[float, float, float], exporter: str, int8_scheme: str,
-                   tspec: tuple[str | None, int, dict[str, Any]]) -> _Request:
+                   tspec: tuple[str | None, int, dict[str, Any]], pad_channels: int = 16) -> _Request:
     """Step 1: refuse what cannot be exported before anything is computed or written."""
     from kdedge.export.quantize import check_scheme
     from kdedge.registry import suggest
@@ -212,13 +219,17 @@ def _check_request(out: Path, *, info: Any, target: str, precision: str, opset: 
     if not (isinstance(int8_max_drop, (int, float)) and math.isfinite(int8_max_drop) and int8_max_drop >= 0):
         raise ExportError(f"int8_max_drop must be a number of points >= 0, got {int8_max_drop!r}")
     check_scheme(int8_scheme)
+    if isinstance(pad_channels, bool) or not isinstance(pad_channels, int) or pad_channels not in PAD_BLOCKS:
+        raise ExportError(f"pad_channels must be one of {', '.join(map(str, PAD_BLOCKS))} (0: no padding), "
+                          f"got {pad_channels!r}")
     tolerances = Tolerances(*tol)
     if out.absolute().parent.is_dir():
         mf.recover(out.absolute())
     mf.check_destination(out.absolute(), force)
     return _Request(out=out, force=force, target=target, compile_spec=compile_spec, precision=precision, opset=opset,
                     exporter=exporter, simplify=simplify, tolerances=tolerances, int8_max_drop=float(int8_max_drop),
-                    int8_keep_fp32=int8_keep_fp32, int8_scheme=int8_scheme, info=normalise_info(info),
+                    int8_keep_fp32=int8_keep_fp32, int8_scheme=int8_scheme, pad_channels=pad_channels,
+                    info=normalise_info(info),
                     provenance=dict(provenance or {}), say=progress or (lambda _m: None))
 
 
@@ -277,6 +288,7 @@ def _trace(model: nn.Module, req: _Request, ex: np.ndarray) -> _Traced:
 def _write_onnx(req: _Request, tr: _Traced, work: Path) -> tuple[dict[str, dict[str, Any]], dict[str, RunGraph]]:
     """Step 4: every graph to ONNX under ``work`` (progress per graph); their export records and run views."""
     from kdedge.export.fold import fold_batchnorm
+    from kdedge.export.pad import pad_file
 
     meta: dict[str, dict[str, Any]] = {}
     for i, g in enumerate(tr.plan.graphs):
@@ -285,6 +297,8 @@ def _write_onnx(req: _Request, tr: _Traced, work: Path) -> tuple[dict[str, dict[
         meta[g.name] = export_graph(module, tr.examples[g.name], work / f"{g.name}.onnx", inputs=g.inputs,
                                     outputs=g.outputs, opset=req.opset, exporter=req.exporter, simplify=req.simplify)
         meta[g.name]["folded_batchnorm"] = folded
+        if req.pad_channels:  # zero channels so that onnxruntime's blocked layout takes grouped layers
+            meta[g.name]["padded_convs"] = pad_file(work / f"{g.name}.onnx", req.pad_channels)
         del module  # one folded copy at a time
     fp32 = {g.name: RunGraph(g.name, work / f"{g.name}.onnx", tuple(g.inputs), tuple(g.outputs), g.logits_tensor,
                              g.spec.members) for g in tr.plan.graphs}
@@ -416,7 +430,8 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
             opset: int, simplify: bool, int8_max_drop: float, int8_keep_fp32: bool,
             provenance: dict[str, Any] | None, force: bool, progress: Progress | None,
             tol: tuple[float, float, float], exporter: str, batch_size: int, calib_size: int | None,
-            int8_scheme: str = "u8s7", tspec: tuple[str | None, int, dict[str, Any]] = (None, 64, {})) -> Path:
+            int8_scheme: str = "u8s7", tspec: tuple[str | None, int, dict[str, Any]] = (None, 64, {}),
+            pad_channels: int = 16) -> Path:
     """The export, as named steps: check the request, read the data, trace in torch, write ONNX,
     verify, quantize (INT8), place the files, write the manifest, add a further target, commit."""
     from kdedge.targets import get_target
@@ -424,7 +439,7 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
     req = _check_request(out, info=info, target=target, precision=precision, opset=opset, simplify=simplify,
                          int8_max_drop=int8_max_drop, int8_keep_fp32=int8_keep_fp32, provenance=provenance,
                          force=force, progress=progress, tol=tol, exporter=exporter, int8_scheme=int8_scheme,
-                         tspec=tspec)
+                         tspec=tspec, pad_channels=pad_channels)
     val, ex, calib = _read_data(req, val_data, calib_data, batch_size, calib_size)
     tr = _trace(model, req, ex)
     ref = get_target("onnx")  # the reference: folder, suffix, name
