@@ -25,6 +25,9 @@ For each model:
    ``mobilenet_v2`` ×1.4 (0.58 G, depth-wise separable like the HNE members) exported to ONNX
    and run the same way, same threads and batch, all graphs in interleaved rounds.
    GFLOP/s = 2 · MACs · batch / median time;
+   With ``--unpadded``, models whose export padded grouped channels with zeros
+   (``kdedge.export.pad``) are exported a second time with ``pad_channels=0``, and those graphs
+   are timed in the same rounds (rows ``<graph> unpadded``);
 5. **where the time goes**: the largest graph under onnxruntime's profiler, its kernel time per
    kind of operator (convolutions inside or outside onnxruntime's blocked NCHWc layout, layout
    conversions, concatenations, ...).
@@ -32,6 +35,7 @@ For each model:
     .venv/bin/python bench/bench_paper_size.py                       # all models (exports: ~10 min)
     .venv/bin/python bench/bench_paper_size.py --models cifar-hne --quick   # smoke run, < 2 min once exported
     .venv/bin/python bench/bench_paper_size.py --json /tmp/paper-size.json
+    .venv/bin/python bench/bench_paper_size.py --models mbv2-hne --unpadded --reexport   # padding's effect
 """
 
 from __future__ import annotations
@@ -84,8 +88,15 @@ def _info(m: Model) -> dict[str, Any]:
             "class_names": [str(i) for i in range(m.classes)], "resize": None}
 
 
-def bundle_path(work: Path, name: str) -> Path:
-    return work / f"{name}.kdedge"
+def bundle_path(work: Path, name: str, padded: bool = True) -> Path:
+    """The bundle of ``name``; ``padded=False``: the same model exported with ``pad_channels=0``."""
+    return work / (f"{name}.kdedge" if padded else f"{name}-unpadded.kdedge")
+
+
+def padded_graphs(path: Path) -> list[str]:
+    """Graphs of a bundle whose file export widened with zero channels (``padded_convs``)."""
+    man = json.loads((path / "manifest.json").read_text())
+    return [e["name"] for e in [*man["stages"], *man.get("prefixes", [])] if e["files"]["onnx"].get("padded_convs")]
 
 
 def _inputs(m: Model, n: int, seed: int = 0) -> np.ndarray:
@@ -117,16 +128,16 @@ def calibrate_bn(model: Any, x: np.ndarray, batch: int = 16) -> None:
     model.eval()
 
 
-def child_export(name: str, work: Path) -> dict[str, Any]:
+def child_export(name: str, work: Path, padded: bool = True) -> dict[str, Any]:
     """Export one model here (a fresh process): seconds (torch's import included, as a user's
-    ``kdedge export`` pays it) and peak RSS."""
+    ``kdedge export`` pays it) and peak RSS. ``padded=False``: with ``pad_channels=0``."""
     import resource
 
     t0 = time.perf_counter()
     import torch
 
-    path = bundle_path(work, name)
-    if name == "cifar-hne":
+    path = bundle_path(work, name, padded)
+    if name == "cifar-hne" and padded:
         from bench_contention import cifar_bundle  # the same bundle the contention benchmark uses
 
         got, _, _ = cifar_bundle(work)
@@ -142,7 +153,7 @@ def child_export(name: str, work: Path) -> dict[str, Any]:
         x = _inputs(m, m.val)
         calibrate_bn(model, _inputs(m, m.val, seed=5))
         export(model, path, info=_info(m), val_data=(x, np.zeros(m.val, np.int64)), force=True,
-               progress=lambda msg: print(f"  [{name}] {msg}", file=sys.stderr, flush=True))
+               pad_channels=16 if padded else 0, progress=lambda msg: print(f"  [{name}] {msg}", file=sys.stderr, flush=True))
     return {"export_s": time.perf_counter() - t0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -283,9 +294,19 @@ def child_time(name: str, work: Path, threads: int, batches: list[int], quick: b
     graphs = [*b.stages, *b.prefixes[-1:]]  # the stages and the fused full graph
     sess = {e.name: ort.InferenceSession(str(b.file(e, "onnx")), so, providers=["CPUExecutionProvider"])
             for e in graphs}
+    # the same graphs exported without zero-padded channels, where export padded them (--unpadded)
+    plain = bundle_path(work, name, padded=False)
+    unpadded = {}
+    if plain.is_dir():
+        pb = open_bundle(plain)
+        wanted = set(padded_graphs(b.path))
+        unpadded = {e.name: e for e in [*pb.stages, *pb.prefixes[-1:]] if e.name in wanted}
+        for g, e in unpadded.items():
+            sess[f"{g} unpadded"] = ort.InferenceSession(str(pb.file(e, "onnx")), so, providers=["CPUExecutionProvider"])
     refs = {r: reference_onnx(work, r) for r in REFERENCES}
     ref_sess = {r: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for r, (p, _) in refs.items()}
-    macs = {e.name: e.macs for e in graphs} | {r: mac for r, (_, mac) in refs.items()}
+    macs = {e.name: e.macs for e in graphs} | {r: mac for r, (_, mac) in refs.items()} | \
+        {f"{g} unpadded": e.macs for g, e in unpadded.items()}
     for batch in batches:
         x = _inputs(m, batch, seed=2)
         carried: dict[str, np.ndarray] = {"input": x}
@@ -294,6 +315,8 @@ def child_time(name: str, work: Path, threads: int, batches: list[int], quick: b
             feeds[e.name] = {i.tensor: carried[i.tensor] for i in e.inputs}
             if e in b.stages:
                 carried.update(zip([o.tensor for o in e.outputs], sess[e.name].run(None, feeds[e.name])))
+        for g in unpadded:
+            feeds[f"{g} unpadded"] = feeds[g]
         xr = np.random.default_rng(3).standard_normal((batch, 3, 224, 224)).astype(np.float32)
         calls = {g: (lambda s=s, f=feeds[g]: s.run(None, f)) for g, s in sess.items()}
         for r, rs in ref_sess.items():
@@ -348,6 +371,18 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         exp = json.loads(record.read_text())
         exp["cached"] = True
     out: dict[str, Any] = {"model": name, "about": MODELS[name].about, "export": exp}
+    plain = bundle_path(work, name, padded=False)
+    if args.unpadded and padded_graphs(path) and (args.reexport or not plain.is_dir()):
+        if plain.exists():
+            import shutil
+
+            shutil.rmtree(plain)
+        print(f"exporting {name} again without padded channels ...", file=sys.stderr, flush=True)
+        _child("export-unpadded", name, args)
+    elif not args.unpadded and plain.is_dir():
+        import shutil
+
+        shutil.rmtree(plain)  # compared only when asked
     opens = [_child("open", name, args) for _ in range(1 if args.quick else 3)]
     out["open"] = {k: float(np.median([o[k] for o in opens])) for k in opens[0]}
     out["timing"] = {}
@@ -398,8 +433,9 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
                 for g, v in graphs.items():
                     print(f"| {r['model']} | {t} | {batch} | {g} | {v['macs'] / 1e6:.1f} | {v['ms']:.2f} | "
                           f"{v['gflops']:.1f} | {100 * v['gflops'] / ref:.0f} % |")
-                s_sum = sum(v["ms"] for g, v in graphs.items() if g.startswith("stage"))
-                full = [v["ms"] for g, v in graphs.items() if g.startswith("prefix")]
+                mine = {g: v for g, v in graphs.items() if not g.endswith(" unpadded")}
+                s_sum = sum(v["ms"] for g, v in mine.items() if g.startswith("stage"))
+                full = [v["ms"] for g, v in mine.items() if g.startswith("prefix")]
                 if full:
                     print(f"| {r['model']} | {t} | {batch} | *sum of stages / fused* | | {s_sum:.2f} / {full[0]:.2f} | "
                           f"| {s_sum / full[0]:.2f} |")
@@ -424,6 +460,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer and shorter repetitions (a smoke run)")
     ap.add_argument("--reexport", action="store_true", help="export again even where a bundle is kept")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
+    ap.add_argument("--unpadded", action="store_true", help="also export the models whose graphs export padded "
+                    "with zero channels without it (pad_channels=0) and time those graphs beside the padded ones")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement here
     args = ap.parse_args()
     names = [n for n in args.models.split(",") if n]
@@ -443,6 +481,8 @@ def main() -> None:
         name = names[0]
         if args.child == "export":
             res = child_export(name, args.work)
+        elif args.child == "export-unpadded":
+            res = child_export(name, args.work, padded=False)
         elif args.child == "open":
             res = child_open(name, args.work)
         else:
