@@ -112,9 +112,10 @@ def test_images(bundle: Path, limit: int) -> tuple[list[bytes], np.ndarray, str]
     return bodies, labels, what
 
 
-def profile(bundle: Path, max_batch: int, threads: int, runs: int) -> None:
+def profile(bundle: Path, max_batch: int, threads: int, runs: int, *flags: str) -> None:
     cmd = [sys.executable, "-m", "kdedge.cli.main", "profile", str(bundle), "--batch",
-           ",".join(str(b) for b in sorted({1, 8, max_batch})), "--threads", str(threads), "--runs", str(runs)]
+           ",".join(str(b) for b in sorted({1, 8, max_batch})), "--threads", str(threads), "--runs", str(runs),
+           *flags]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 

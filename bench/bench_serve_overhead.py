@@ -1,0 +1,228 @@
+"""Where a served request's time goes besides the model (results in docs/serving.md). Not a
+test: it times things.
+
+One request at a time at a low rate (the worker is idle when each arrives), on the anytime
+server of ``kdedge serve``:
+
+1. **In process, no HTTP**: a :class:`~kdedge.runtime.scheduler.Scheduler` over a
+   :class:`~kdedge.runtime.Runner`, fed from an asyncio loop the way the server feeds it
+   (``submit`` with a callback that resolves a future through ``loop.call_soon_threadsafe``),
+   against a plain thread waiting on the ticket, against ``Runner.run`` called directly:
+   submit to answer minus ``compute_ms`` is what the queue and the two thread hand-offs cost.
+2. **Over HTTP**, ``kdedge serve`` in a subprocess on a loopback port, as it starts by default
+   and with ``--realtime --cpu-latency 0`` (the CPUs held out of deep idle states, which a
+   request at a low rate otherwise wakes them from), in alternating blocks; two clients in
+   alternation on two keep-alive connections: ``http.client`` (the standard library's client,
+   which parses headers in Python) and a raw socket that sends prebuilt request bytes and reads
+   the response by its ``Content-Length``. Per request: end-to-end at the client, minus the
+   server's ``compute_ms`` (the overhead), split into ``total_ms − compute_ms`` (in the server,
+   from the handler's start: body, decode, queue, hand-off) and the rest (HTTP parsing and
+   writing on both sides, the loop's wake-up with the answer, the client).
+
+    .venv/bin/python bench/bench_serve_overhead.py                     # the demo HNE (trained once)
+    .venv/bin/python bench/bench_serve_overhead.py --bundle B --requests 2000 --json /tmp/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_serve import ServerProcess, demo_bundle, profile, test_images  # noqa: E402
+
+GAP_S = 0.002  # between requests: the worker is idle when each arrives
+
+
+def _p(v: list[float], q: float = 50) -> float:
+    return float(np.percentile(np.asarray(v), q))
+
+
+def in_process(bundle: Path, n: int, threads: int) -> dict[str, Any]:
+    """Rows of part 1: direct runner calls, a thread waiting on the ticket, the asyncio path."""
+    from kdedge.runtime import Full, Runner
+    from kdedge.runtime.scheduler import Scheduler
+
+    with Runner(bundle, threads=threads) as runner:
+        x = np.zeros((1, *runner.input_shape), np.float32)
+        runner.warmup((1,))
+        sched = Scheduler(runner, deadline_ms=1000.0, max_batch=8)
+        sched.wait_ready(120)
+        out: dict[str, list[float]] = {"runner.run": [], "thread: submit to answer": [],
+                                       "thread: minus compute_ms": [], "asyncio: submit to answer": [],
+                                       "asyncio: minus compute_ms": []}
+        loop = asyncio.new_event_loop()
+
+        async def one_async() -> tuple[float, float]:
+            fut = loop.create_future()
+
+            def done(answer: Any) -> None:
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(answer))
+
+            t0 = time.perf_counter()
+            sched.submit(x, arrival=sched.clock(), callback=done)
+            a = await fut
+            return (time.perf_counter() - t0) * 1e3, a.compute_ms
+
+        try:
+            for i in range(n + 50):  # interleaved, one of each per round
+                t0 = time.perf_counter()
+                runner.run(x, Full())
+                t_run = (time.perf_counter() - t0) * 1e3
+                time.sleep(GAP_S)
+                t0 = time.perf_counter()
+                a = sched.submit(x).result(30)
+                t_thread = (time.perf_counter() - t0) * 1e3
+                time.sleep(GAP_S)
+                t_async, comp_async = loop.run_until_complete(one_async())
+                time.sleep(GAP_S)
+                if i >= 50:
+                    out["runner.run"].append(t_run)
+                    out["thread: submit to answer"].append(t_thread)
+                    out["thread: minus compute_ms"].append(t_thread - a.compute_ms)
+                    out["asyncio: submit to answer"].append(t_async)
+                    out["asyncio: minus compute_ms"].append(t_async - comp_async)
+        finally:
+            loop.close()
+            sched.close()
+    return {k: {"p50_ms": _p(v), "p90_ms": _p(v, 90), "n": len(v)} for k, v in out.items()}
+
+
+class RawClient:
+    """Prebuilt HTTP/1.1 requests on one keep-alive socket; the response read by Content-Length."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def request(self, body: bytes) -> tuple[int, bytes]:
+        head = (f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Deadline-Ms: 1000\r\n"
+                f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        self.sock.sendall(head + body)
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self._recv()
+        header, _, rest = self.buf.partition(b"\r\n\r\n")
+        m = re.search(rb"(?i)content-length:\s*(\d+)", header)
+        if m is None:
+            raise ConnectionError(f"a response without Content-Length: {header[:200]!r}")
+        size = int(m.group(1))
+        while len(rest) < size:
+            rest += self._recv()
+        self.buf = rest[size:]
+        return int(header.split(b" ", 2)[1]), rest[:size]
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def over_http(bundle: Path, bodies: list[bytes], n: int, threads: int, variants: dict[str, list[str]],
+              rounds: int) -> dict[str, Any]:
+    """Rows of part 2: per server variant and client, in ``rounds`` rounds that start each
+    variant's server in turn (the variants alternate block by block; a server holding the CPUs
+    out of idle states with ``--cpu-latency`` holds the whole machine, so no two run at once)."""
+    import http.client
+
+    clients = ("http.client", "raw socket")
+    rows = {(v, c): {"e2e": [], "overhead": [], "in_server": [], "outside": []} for v in variants for c in clients}
+    per_block = max(1, n // rounds)
+    for _ in range(rounds):
+        for vname, flags in variants.items():
+            srv = ServerProcess(bundle, ["--deadline-ms", "1000", "--max-batch", "8", "--threads", str(threads),
+                                         *flags])
+            try:
+                std = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+                raw = RawClient(srv.port)
+                for i in range(per_block + 20):  # the first 20 of a block warm the new server up
+                    body = bodies[i % len(bodies)]
+                    for c in clients:
+                        t0 = time.perf_counter()
+                        if c == "http.client":
+                            std.request("POST", "/v1/classify", body=body, headers={"X-Deadline-Ms": "1000"})
+                            r = std.getresponse()
+                            status, data = r.status, r.read()
+                        else:
+                            status, data = raw.request(body)
+                        e2e = (time.perf_counter() - t0) * 1e3
+                        d = json.loads(data)
+                        if i >= 20 and status == 200:
+                            v = rows[(vname, c)]
+                            v["e2e"].append(e2e)
+                            v["overhead"].append(e2e - d["compute_ms"])
+                            v["in_server"].append(d["total_ms"] - d["compute_ms"])
+                            v["outside"].append(e2e - d["total_ms"])
+                        time.sleep(GAP_S)
+                std.close()
+                raw.close()
+            finally:
+                srv.stop()
+    return {f"{v} / {c}": {k: {"p50_ms": _p(x), "p90_ms": _p(x, 90)} for k, x in r.items()} | {"n": len(r["e2e"])}
+            for (v, c), r in rows.items()}
+
+
+VARIANTS = {"default": [], "--realtime --cpu-latency 0": ["--realtime", "--cpu-latency", "0"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/kdedge-bench-serve"))
+    ap.add_argument("--bundle", type=Path, default=None, help="default: the demo HNE, trained and exported once")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=1000, help="per path (after 50 warm-up requests)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="blocks per server variant, alternating")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.requests < 1:
+        ap.error("--requests must be positive")
+    args.work.mkdir(parents=True, exist_ok=True)
+    bundle = args.bundle or demo_bundle(args.work, 1.0, args.epochs)
+    profile(bundle, 8, args.threads, 50)  # the scheduler plans from the bundle's latency profile
+    profile(bundle, 8, args.threads, 50, "--realtime")  # and the real-time server from its own
+    bodies, _, _ = test_images(bundle, 200)
+    t0 = time.perf_counter()
+    part1 = in_process(bundle, args.requests, args.threads)
+    part2 = over_http(bundle, bodies, args.requests, args.threads, VARIANTS, args.rounds)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor())
+    print(f"\n{cpu}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.requests} requests per path, "
+          f"one at a time, {GAP_S * 1e3:g} ms apart; p50 (p90) ms\n")
+    print("| in process, no HTTP | p50 | p90 |\n|---|---|---|")
+    for k, v in part1.items():
+        print(f"| {k} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} |")
+    print("\n| over HTTP: server / client | end-to-end | overhead (e2e − compute_ms) | in the server before the batch "
+          "(total − compute) | outside the handler (e2e − total) |\n|---|---|---|---|---|")
+    for c, r in part2.items():
+        cells = " | ".join(f"{r[k]['p50_ms']:.3f} ({r[k]['p90_ms']:.3f})" for k in ("e2e", "overhead", "in_server",
+                                                                                    "outside"))
+        print(f"| {c} | {cells} |")
+    print(f"\n({time.perf_counter() - t0:.0f} s)")
+    if args.json is not None:
+        from kdedge.io import atomic_write_text, dumps_strict
+
+        atomic_write_text(args.json, dumps_strict({"cpu": cpu, "cpus": os.cpu_count(), "bundle": str(bundle),
+                                                   "requests": args.requests, "in_process": part1,
+                                                   "over_http": part2}))
+
+
+if __name__ == "__main__":
+    main()
