@@ -18,6 +18,11 @@ server of ``kdedge serve``:
    server's ``compute_ms`` (the overhead), split into ``total_ms − compute_ms`` (in the server,
    from the handler's start: body, decode, queue, hand-off) and the rest (HTTP parsing and
    writing on both sides, the loop's wake-up with the answer, the client).
+3. **HTTP alone**: a Starlette endpoint answering a constant under the same uvicorn, in its own
+   process, and the raw client.
+4. **Inside the server**: the real application in this process (uvicorn on a thread), the raw
+   client in a child process, timestamps taken by wrapping what the handler calls: reading the
+   body, decoding, submitting, the worker's wake-up, the loop's wake-up, the answer's JSON.
 
     .venv/bin/python bench/bench_serve_overhead.py                     # the demo HNE (trained once)
     .venv/bin/python bench/bench_serve_overhead.py --bundle B --requests 2000 --json /tmp/overhead.json
@@ -182,6 +187,133 @@ def over_http(bundle: Path, bodies: list[bytes], n: int, threads: int, variants:
 VARIANTS = {"default": [], "--realtime --cpu-latency 0": ["--realtime", "--cpu-latency", "0"]}
 
 
+def floor_server() -> None:
+    """(a child) A Starlette endpoint that reads the body and answers a constant, under uvicorn
+    as ``kdedge serve`` runs it: the HTTP layer's own cost. Prints its port, serves until SIGINT."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from kdedge.serve.server import bind, run_server
+
+    async def classify(request: Any) -> Any:
+        await request.body()
+        return Response(b'{"compute_ms": 0.0, "total_ms": 0.0}', media_type="application/json")
+
+    sock = bind("127.0.0.1", 0)
+    print(f"http://127.0.0.1:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
+    run_server(Starlette(routes=[Route("/v1/classify", classify, methods=["POST"])]), sock)
+
+
+def http_floor(bodies: list[bytes], n: int) -> dict[str, Any]:
+    """Part 3: the raw client against :func:`floor_server` in its own process."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, __file__, "--floor-server"], stderr=subprocess.PIPE, text=True)
+    try:
+        m = re.search(r":(\d+)$", proc.stderr.readline().strip())
+        if m is None:
+            raise RuntimeError("the floor server did not start")
+        end = time.monotonic() + 30
+        while True:
+            try:
+                c = RawClient(int(m.group(1)))
+                break
+            except OSError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+        e2e = []
+        for i in range(n + 50):
+            t0 = time.perf_counter()
+            c.request(bodies[i % len(bodies)])
+            if i >= 50:
+                e2e.append((time.perf_counter() - t0) * 1e3)
+            time.sleep(GAP_S)
+        c.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"p50_ms": _p(e2e), "p90_ms": _p(e2e, 90), "n": len(e2e)}
+
+
+def breakdown(bundle: Path, n: int, threads: int) -> dict[str, Any]:
+    """Part 4: the real application in this process (uvicorn on a thread), the raw client in
+    another process; timestamps taken inside the handler by wrapping the functions it calls
+    (these wrappers add a few microseconds to what they time)."""
+    import subprocess
+
+    import kdedge.serve.app as app_mod
+    from kdedge.serve.server import BackgroundServer, build
+
+    pc = time.perf_counter
+    cur: dict[str, float] = {}
+    rec: dict[str, list[float]] = {}
+    saved = (app_mod._deadline, app_mod.decode_body, app_mod._json)
+
+    def deadline(request: Any) -> Any:  # the handler's first call after taking the arrival time
+        cur.clear()
+        cur["arrival"] = pc()
+        return saved[0](request)
+
+    def decode(body: bytes, b: Any) -> Any:
+        cur["decode"] = pc()
+        x = saved[1](body, b)
+        cur["decoded"] = pc()
+        return x
+
+    def as_json(obj: Any, *a: Any, **k: Any) -> Any:
+        r = saved[2](obj, *a, **k)
+        if "compute_ms" in obj and len(cur) == 7:
+            cur["json"] = pc()
+            for key, v in cur.items():
+                rec.setdefault(key, []).append(v)
+        return r
+
+    app_mod._deadline, app_mod.decode_body, app_mod._json = deadline, decode, as_json
+    runner, sched = build(bundle, threads=threads, deadline_ms=1000.0, max_batch=8)
+    try:
+        submit = sched.submit
+
+        def timed_submit(x: Any, d: Any = None, *, arrival: Any = None, callback: Any = None) -> Any:
+            cur["submit"] = pc()
+
+            def cb(a: Any) -> None:
+                cur["callback"] = pc()
+                cur["batch"] = cur["callback"] - a.compute_ms / 1e3
+                callback(a)
+
+            return submit(x, d, arrival=arrival, callback=cb)
+
+        sched.submit = timed_submit
+        app = app_mod.create_app(runner, sched)
+        answered = app.state.metrics.answered
+
+        def timed_answered(a: Any) -> None:
+            cur["resumed"] = pc()
+            answered(a)
+
+        app.state.metrics.answered = timed_answered
+        sched.wait_ready(120)
+        with BackgroundServer(app) as srv:
+            code = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'bench')!r})\n"
+                    f"from bench_serve import test_images\nfrom bench_serve_overhead import RawClient, GAP_S\n"
+                    f"bodies, _, _ = test_images({str(bundle)!r}, 200)\nc = RawClient({srv.port})\n"
+                    f"for i in range({n + 50}):\n    c.request(bodies[i % len(bodies)]); time.sleep(GAP_S)\n")
+            subprocess.run([sys.executable, "-c", code], check=True)
+    finally:
+        app_mod._deadline, app_mod.decode_body, app_mod._json = saved
+        sched.close()
+        runner.close()
+    a = {k: np.asarray(v[50:]) for k, v in rec.items()}
+    steps = [("arrival", "decode", "read the body, precheck"), ("decode", "decoded", "decode the image"),
+             ("decoded", "submit", "submit"), ("submit", "batch", "queue: the worker wakes and takes it"),
+             ("callback", "resumed", "the event loop wakes with the answer"),
+             ("resumed", "json", "metrics, top-k, the answer's JSON")]
+    return {what: {"p50_ms": _p(list((a[y] - a[x]) * 1e3)), "p90_ms": _p(list((a[y] - a[x]) * 1e3), 90)}
+            for x, y, what in steps} | {"n": int(len(a["json"]))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/kdedge-bench-serve"))
@@ -191,7 +323,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="blocks per server variant, alternating")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)  # internal: part 3's server
     args = ap.parse_args()
+    if args.floor_server:
+        floor_server()
+        return
     if args.requests < 1:
         ap.error("--requests must be positive")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -202,6 +338,8 @@ def main() -> None:
     t0 = time.perf_counter()
     part1 = in_process(bundle, args.requests, args.threads)
     part2 = over_http(bundle, bodies, args.requests, args.threads, VARIANTS, args.rounds)
+    part3 = http_floor(bodies, args.requests)
+    part4 = breakdown(bundle, args.requests, args.threads)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor())
     print(f"\n{cpu}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.requests} requests per path, "
@@ -215,13 +353,20 @@ def main() -> None:
         cells = " | ".join(f"{r[k]['p50_ms']:.3f} ({r[k]['p90_ms']:.3f})" for k in ("e2e", "overhead", "in_server",
                                                                                     "outside"))
         print(f"| {c} | {cells} |")
+    print(f"\nHTTP alone (a constant Starlette endpoint under the same uvicorn, raw socket): "
+          f"{part3['p50_ms']:.3f} ({part3['p90_ms']:.3f})\n")
+    print("| inside the default server, one request | p50 | p90 |\n|---|---|---|")
+    for k, v in part4.items():
+        if k != "n":
+            print(f"| {k} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} |")
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     if args.json is not None:
         from kdedge.io import atomic_write_text, dumps_strict
 
         atomic_write_text(args.json, dumps_strict({"cpu": cpu, "cpus": os.cpu_count(), "bundle": str(bundle),
                                                    "requests": args.requests, "in_process": part1,
-                                                   "over_http": part2}))
+                                                   "over_http": part2, "http_floor": part3,
+                                                   "inside_server": part4}))
 
 
 if __name__ == "__main__":
