@@ -1,0 +1,123 @@
+"""Where a chain of stages loses time against the fused full graph, at batch 1 (results in
+docs/performance.md). Not a test: it times things.
+
+On one bundle with a fused full graph (default: the paper-size CIFAR HNE that
+``bench/bench_paper_size.py`` exports), in one process, the paths in interleaved rounds:
+
+- the runner's chain (``Full()``) and its fused graph (``Fixed(S, fused=True)``): the whole
+  request, the time spent inside onnxruntime's calls (the bound run wrapped with a timer), and
+  the rest (the runner's own Python: policy, checks, combining);
+- each stage graph inside the chain (the runner's ``stage_ms``) against the same graph run
+  alone, over and over with its own inputs (its weights and activations stay in the caches).
+
+    .venv/bin/python bench/bench_chain_gap.py                      # the CIFAR HNE of bench_paper_size
+    .venv/bin/python bench/bench_chain_gap.py --bundle B --threads 1 --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_paper_size import DEFAULT_WORK, bundle_path  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, default=None, help="default: cifar-hne of bench_paper_size.py")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--per-round", type=int, default=30, help="requests per path per round")
+    args = ap.parse_args()
+    path = args.bundle or bundle_path(DEFAULT_WORK, "cifar-hne")
+    if not path.is_dir():
+        raise SystemExit(f"no bundle at {path}: run bench/bench_paper_size.py --models cifar-hne first, or pass "
+                         "--bundle")
+
+    import onnxruntime as ort
+
+    from kdedge.runtime import Fixed, Full, Runner
+    from kdedge.targets import ort_session
+    from kdedge.targets.ort_session import OrtOptions
+
+    inside = [0.0]
+    bound_call = ort_session._OrtBound.__call__
+
+    def timed(self: Any, abort: Any = None) -> None:
+        t = time.perf_counter()
+        try:
+            bound_call(self, abort)
+        finally:
+            inside[0] += time.perf_counter() - t
+
+    ort_session._OrtBound.__call__ = timed  # type: ignore[method-assign]
+    r = Runner(path, threads=args.threads)
+    if r.num_prefixes != r.num_stages:
+        raise SystemExit(f"{path} has no fused full graph")
+    x = np.random.default_rng(0).standard_normal((1, *r.input_shape)).astype(np.float32)
+    r.warmup((1,))
+    S = r.num_stages
+    policies = {"chain": Full(), "fused": Fixed(S, fused=True)}
+
+    so = OrtOptions(threads=args.threads).session_options()
+    alone = [ort.InferenceSession(str(r.bundle.file(e, "onnx")), so, providers=["CPUExecutionProvider"])
+             for e in r.bundle.stages]
+    carried: dict[str, np.ndarray] = {"input": x}
+    feeds = []
+    for e, s in zip(r.bundle.stages, alone):
+        feeds.append({i.tensor: carried[i.tensor] for i in e.inputs})
+        carried.update(zip([o.tensor for o in e.outputs], s.run(None, feeds[-1])))
+
+    rows: dict[str, dict[str, list[float]]] = {k: {"total": [], "ort": []} for k in policies}
+    in_chain: list[list[float]] = []
+    by_itself: list[list[float]] = [[] for _ in range(S)]
+    for _ in range(args.rounds):
+        for name, pol in policies.items():
+            for _ in range(args.per_round):
+                inside[0] = 0.0
+                t0 = time.perf_counter()
+                res = r.run(x, pol)
+                rows[name]["total"].append((time.perf_counter() - t0) * 1e3)
+                rows[name]["ort"].append(inside[0] * 1e3)
+                if name == "chain":
+                    in_chain.append(list(res.stage_ms))
+        for k, (s, f) in enumerate(zip(alone, feeds)):
+            s.run(None, f)
+            for _ in range(args.per_round):
+                t0 = time.perf_counter()
+                s.run(None, f)
+                by_itself[k].append((time.perf_counter() - t0) * 1e3)
+    r.close()
+
+    med = lambda v: float(np.median(v))  # noqa: E731
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor())
+    print(f"\n{path.name}, {cpu}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; threads {args.threads}, "
+          f"batch 1; {args.rounds} rounds x {args.per_round} requests per path; medians (ms)\n")
+    print("| path | request | inside onnxruntime | the runner's own |\n|---|---|---|---|")
+    for name, v in rows.items():
+        t, o = np.asarray(v["total"]), np.asarray(v["ort"])
+        print(f"| {name} | {med(t):.3f} | {med(o):.3f} | {med(t - o):.3f} |")
+    ratio = med(rows["chain"]["total"]) / med(rows["fused"]["total"])
+    print(f"\nchain / fused: {ratio:.3f}\n")
+    print("| stage | in the chain | alone, repeated | ratio |\n|---|---|---|---|")
+    chain_ms = np.median(np.asarray(in_chain), axis=0)
+    for k in range(S):
+        a = med(by_itself[k])
+        print(f"| stage{k} | {chain_ms[k]:.3f} | {a:.3f} | {chain_ms[k] / a:.2f} |")
+    sa = sum(med(v) for v in by_itself)
+    print(f"| sum | {chain_ms.sum():.3f} | {sa:.3f} | {chain_ms.sum() / sa:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
