@@ -8,7 +8,10 @@ On one bundle with a fused full graph (default: the paper-size CIFAR HNE that
   request, the time spent inside onnxruntime's calls (the bound run wrapped with a timer), and
   the rest (the runner's own Python: policy, checks, combining);
 - each stage graph inside the chain (the runner's ``stage_ms``) against the same graph run
-  alone, over and over with its own inputs (its weights and activations stay in the caches).
+  alone, over and over with its own inputs (its weights and activations stay in the caches);
+- the chain through a runner with ``bind=False`` (numpy feeds instead of bound buffers), and
+  through plain sessions (numpy feeds), each session with its own memory arena (as the
+  runner's) against one arena shared by all of them (onnxruntime's ``session.use_env_allocators``).
 
     .venv/bin/python bench/bench_chain_gap.py                      # the CIFAR HNE of bench_paper_size
     .venv/bin/python bench/bench_chain_gap.py --bundle B --threads 1 --rounds 20
@@ -62,16 +65,33 @@ def main() -> None:
 
     ort_session._OrtBound.__call__ = timed  # type: ignore[method-assign]
     r = Runner(path, threads=args.threads)
+    unbound = Runner(path, threads=args.threads, bind=False)
     if r.num_prefixes != r.num_stages:
         raise SystemExit(f"{path} has no fused full graph")
     x = np.random.default_rng(0).standard_normal((1, *r.input_shape)).astype(np.float32)
     r.warmup((1,))
+    unbound.warmup((1,))
     S = r.num_stages
     policies = {"chain": Full(), "fused": Fixed(S, fused=True)}
 
     so = OrtOptions(threads=args.threads).session_options()
     alone = [ort.InferenceSession(str(r.bundle.file(e, "onnx")), so, providers=["CPUExecutionProvider"])
              for e in r.bundle.stages]
+    ort.create_and_register_allocator(ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                                        ort.OrtMemType.DEFAULT), ort.OrtArenaCfg(0, -1, -1, -1))
+    so_env = OrtOptions(threads=args.threads, config=(("session.use_env_allocators", "1"),)).session_options()
+    shared = [ort.InferenceSession(str(r.bundle.file(e, "onnx")), so_env, providers=["CPUExecutionProvider"])
+              for e in r.bundle.stages]
+
+    def plain_chain(sessions: list[Any]) -> None:
+        c: dict[str, np.ndarray] = {"input": x}
+        for e, s in zip(r.bundle.stages, sessions):
+            c.update(zip([o.tensor for o in e.outputs], s.run(None, {i.tensor: c[i.tensor] for i in e.inputs})))
+
+    plain = {"the runner, bind=False (numpy feeds)": lambda: unbound.run(x, Full()),
+             "plain sessions, an arena each": lambda: plain_chain(alone),
+             "plain sessions, one shared arena": lambda: plain_chain(shared)}
+    plain_ms: dict[str, list[float]] = {k: [] for k in plain}
     carried: dict[str, np.ndarray] = {"input": x}
     feeds = []
     for e, s in zip(r.bundle.stages, alone):
@@ -91,6 +111,12 @@ def main() -> None:
                 rows[name]["ort"].append(inside[0] * 1e3)
                 if name == "chain":
                     in_chain.append(list(res.stage_ms))
+        for name, fn in plain.items():
+            fn()
+            for _ in range(args.per_round):
+                t0 = time.perf_counter()
+                fn()
+                plain_ms[name].append((time.perf_counter() - t0) * 1e3)
         for k, (s, f) in enumerate(zip(alone, feeds)):
             s.run(None, f)
             for _ in range(args.per_round):
@@ -98,6 +124,7 @@ def main() -> None:
                 s.run(None, f)
                 by_itself[k].append((time.perf_counter() - t0) * 1e3)
     r.close()
+    unbound.close()
 
     med = lambda v: float(np.median(v))  # noqa: E731
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
@@ -108,6 +135,8 @@ def main() -> None:
     for name, v in rows.items():
         t, o = np.asarray(v["total"]), np.asarray(v["ort"])
         print(f"| {name} | {med(t):.3f} | {med(o):.3f} | {med(t - o):.3f} |")
+    for name, v in plain_ms.items():
+        print(f"| chain: {name} | {med(v):.3f} | | |")
     ratio = med(rows["chain"]["total"]) / med(rows["fused"]["total"])
     print(f"\nchain / fused: {ratio:.3f}\n")
     print("| stage | in the chain | alone, repeated | ratio |\n|---|---|---|---|")
