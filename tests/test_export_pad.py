@@ -233,3 +233,24 @@ def test_export_pads_an_hne_of_odd_widths_and_verifies_it(tmp_path: Path) -> Non
         chain = r.run(xs, Full())
         fused = r.run(xs, Fixed(r.num_stages, fused=True))
     np.testing.assert_allclose(fused.probs, chain.probs, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_quantization_of_a_padded_graph_matches_the_unpadded_one(tmp_path: Path) -> None:
+    """Zero filter rows must not upset per-channel weight scales (a zero range) in static INT8."""
+    import copy
+
+    from kdedge.export.quantize import quantize_file
+
+    plain = _model(*_members())
+    padded = copy.deepcopy(plain)
+    assert pad_grouped_channels(padded, 16) == 5
+    rng = np.random.default_rng(1)
+    feeds = [{"input": rng.standard_normal((2, 4, 6, 6)).astype(np.float32)} for _ in range(8)]
+    outs = []
+    for name, m in (("plain", plain), ("padded", padded)):
+        src, dst = tmp_path / f"{name}.onnx", tmp_path / f"{name}8.onnx"
+        onnx.save(m, str(src))
+        quantize_file(src, dst, feeds)
+        outs.append(_run(onnx.load(str(dst)), feeds[0]["input"]))
+    assert np.isfinite(outs[1]).all()
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)
