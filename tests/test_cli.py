@@ -110,6 +110,11 @@ def test_export_inspect_and_eval_bundle_agree_with_the_run(tmp_path: Path) -> No
     assert json.loads(res.stdout)["verification"]["passed"] is True
     res = invoke("export", str(run), "--out", str(bundle))
     assert res.exit_code == 2 and "--force" in res.output  # never overwritten silently
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert all(isinstance(e["files"]["onnx"]["padded_convs"], int) for e in manifest["stages"])
+    res = invoke("export", str(run), "--out", str(tmp_path / "c.kdedge"), "--pad-channels", "12")
+    assert res.exit_code == 2 and "pad_channels must be one of 0, 8, 16, 32" in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "c.kdedge").exists()
     res = invoke("inspect", str(bundle), "--json")
     assert res.exit_code == 0, res.output
     res = invoke("eval", str(bundle), "--json")
