@@ -254,3 +254,13 @@ def test_int8_quantization_of_a_padded_graph_matches_the_unpadded_one(tmp_path: 
         outs.append(_run(onnx.load(str(dst)), feeds[0]["input"]))
     assert np.isfinite(outs[1]).all()
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_graph_with_control_flow_is_left_alone() -> None:
+    nodes, inits = _members()
+    branch = helper.make_graph([helper.make_node("Identity", ["s2"], ["y"])], "then", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    inits.append(numpy_helper.from_array(np.array(True), "cond"))
+    nodes.append(helper.make_node("If", ["cond"], ["unused"], then_branch=branch, else_branch=branch))
+    model = _model(nodes, inits)
+    assert pad_grouped_channels(model, 16) == 0

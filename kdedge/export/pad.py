@@ -20,7 +20,7 @@ A group of tensors is padded only when all of it is understood: produced by conv
 constant weights, read by convolutions, ``Relu``, ``Clip``, ``Add`` of two such tensors, depth-wise
 convolutions and spatial means that keep their dimensions, and neither a graph input nor
 output (so the carried tensors of the stage contract never change). Anything else leaves it
-as exported.
+as exported, and so does a graph with control flow (its subgraphs may read any tensor).
 
 Example:
     >>> n = pad_file(Path("prefix2.onnx"))     # convolutions whose filters were widened
@@ -230,11 +230,14 @@ def _index(g: _Group, n: int) -> np.ndarray:
 def pad_grouped_channels(model: Any, block: int = BLOCK) -> int:
     """Pad, in place, the channels per group of ``model``'s grouped tensors to multiples of
     ``block`` (see the module docstring); returns how many convolutions changed."""
+    import onnx
     from onnx import numpy_helper
 
     if block <= 1:
         return 0
     graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0  # control flow: a subgraph may read any tensor without naming it as an input
     consts = _constants(graph)
     groups = [g for g in _groups(graph, consts).values() if _plan(g, consts, block)]
     if not groups:
