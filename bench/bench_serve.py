@@ -55,12 +55,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def demo_bundle(work: Path, width: float, epochs: int) -> Path:
-    """The demo HNE (``width`` x as wide), trained and exported once into ``work``."""
+    """The demo HNE (``width`` x as wide, trained ``epochs`` epochs), trained and exported once
+    into ``work``."""
     from kdedge.config import load_config
     from kdedge.export import export_run
     from kdedge.train.engine import fit
 
-    run = work / "runs" / f"hne-w{width:g}"
+    run = work / "runs" / f"hne-w{width:g}-e{epochs}"  # a run of other epochs is another model
     status = run / "run.json"
     if not (status.is_file() and json.loads(status.read_text()).get("status") == "finished"):
         if run.exists():
@@ -69,7 +70,7 @@ def demo_bundle(work: Path, width: float, epochs: int) -> Path:
             shutil.rmtree(run)
         overrides = ["train.device=cpu", f"train.epochs={epochs}", f"model.args.width={width}"]
         fit(load_config(str(ROOT / "configs" / "hne_mnist_demo.yaml"), overrides), run)
-    path = work / f"hne-w{width:g}.kdedge"
+    path = work / f"hne-w{width:g}-e{epochs}.kdedge"
     if not path.is_dir():
         export_run(run, path, force=True)
     return path
