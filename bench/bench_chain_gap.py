@@ -2,7 +2,9 @@
 docs/performance.md). Not a test: it times things.
 
 On one bundle with a fused full graph (default: the paper-size CIFAR HNE that
-``bench/bench_paper_size.py`` exports), in one process, the paths in interleaved rounds:
+``bench/bench_paper_size.py`` exports), in one process, the paths in interleaved rounds of one
+block each, their order rotated from round to round (the first requests after a switch of
+path run slower, and a fixed order would charge that to the same path every round):
 
 - the runner's chain (``Full()``) and its fused graph (``Fixed(S, fused=True)``): the whole
   request, the time spent inside onnxruntime's calls (the bound run wrapped with a timer), and
@@ -101,28 +103,39 @@ def main() -> None:
     rows: dict[str, dict[str, list[float]]] = {k: {"total": [], "ort": []} for k in policies}
     in_chain: list[list[float]] = []
     by_itself: list[list[float]] = [[] for _ in range(S)]
-    for _ in range(args.rounds):
-        for name, pol in policies.items():
-            for _ in range(args.per_round):
-                inside[0] = 0.0
-                t0 = time.perf_counter()
-                res = r.run(x, pol)
-                rows[name]["total"].append((time.perf_counter() - t0) * 1e3)
-                rows[name]["ort"].append(inside[0] * 1e3)
-                if name == "chain":
-                    in_chain.append(list(res.stage_ms))
-        for name, fn in plain.items():
+    def runner_block(name: str) -> None:
+        pol = policies[name]
+        r.run(x, pol)
+        for _ in range(args.per_round):
+            inside[0] = 0.0
+            t0 = time.perf_counter()
+            res = r.run(x, pol)
+            rows[name]["total"].append((time.perf_counter() - t0) * 1e3)
+            rows[name]["ort"].append(inside[0] * 1e3)
+            if name == "chain":
+                in_chain.append(list(res.stage_ms))
+
+    def plain_block(name: str) -> None:
+        fn = plain[name]
+        fn()
+        for _ in range(args.per_round):
+            t0 = time.perf_counter()
             fn()
-            for _ in range(args.per_round):
-                t0 = time.perf_counter()
-                fn()
-                plain_ms[name].append((time.perf_counter() - t0) * 1e3)
-        for k, (s, f) in enumerate(zip(alone, feeds)):
+            plain_ms[name].append((time.perf_counter() - t0) * 1e3)
+
+    def alone_block(k: int) -> None:
+        s, f = alone[k], feeds[k]
+        s.run(None, f)
+        for _ in range(args.per_round):
+            t0 = time.perf_counter()
             s.run(None, f)
-            for _ in range(args.per_round):
-                t0 = time.perf_counter()
-                s.run(None, f)
-                by_itself[k].append((time.perf_counter() - t0) * 1e3)
+            by_itself[k].append((time.perf_counter() - t0) * 1e3)
+
+    blocks = [lambda n=n: runner_block(n) for n in policies] + [lambda n=n: plain_block(n) for n in plain] + \
+        [lambda k=k: alone_block(k) for k in range(S)]
+    for i in range(args.rounds):  # the order rotates: a block right after another path runs slower
+        for j in range(len(blocks)):
+            blocks[(i + j) % len(blocks)]()
     r.close()
     unbound.close()
 
