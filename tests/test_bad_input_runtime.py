@@ -394,6 +394,22 @@ def test_a_session_returning_logits_of_the_wrong_shape_is_an_error_not_an_index_
             r.run(np.zeros((1, 1, 8, 8), np.float32))
 
 
+@pytest.mark.parametrize("bad", [("stage1",), ("stage2",), ("stage1", "stage2")])
+def test_non_finite_logits_of_a_later_stage_name_the_first_such_stage(env, bad: tuple[str, ...]) -> None:
+    """The runner checks and combines the logits of consecutive stages together (after the last
+    stage, or when a policy first reads the probabilities): the error still names the first
+    stage whose logits are not finite, under every policy."""
+    clock = FakeClock()
+    logits = {f"stage{k}": np.linspace(0.0, 1.0, 10) for k in range(3)}
+    for name in bad:
+        logits[name] = np.full(10, np.nan)
+    factory = fake_factory(clock, {f"stage{k}": 1.0 for k in range(3)}, logits, [])
+    with Runner(env["bundle"], threads=1, session_factory=factory, clock=clock, profile=None) as r:
+        for policy in (Full(), Fixed(3, fused=False), Confidence(0.99)):
+            with pytest.raises(OutputError, match=rf"^{bad[0]} computed NaN or infinite logits"):
+                r.run(np.zeros((2, 1, 8, 8), np.float32), policy)
+
+
 # -- hostile .npy files
 
 

@@ -605,6 +605,24 @@ class Runner:
 
         observe = getattr(policy, "observe", None)
         running = Running(self.combine)
+        # Stages completed but not yet checked and combined: numpy's first call after a session
+        # run costs some 25 µs (its code and data are cold again), so the logits of consecutive
+        # stages are checked and added together, when a policy first reads the probabilities or
+        # at the end; each stage keeps its own logits buffer until then.
+        pending: list[tuple[int, np.ndarray]] = []
+        members = 0  # members of the completed stages, combined or pending
+
+        def combined() -> Running:
+            for j, lg in pending:
+                if lg.shape != (len(x), self._K) or not _finite(lg):
+                    raise _logits_error(self._names[j], self._logits[j], lg, x, self._K, idx)
+                running.add(lg, self._members[j])
+            pending.clear()
+            return running
+
+        def probs_so_far() -> np.ndarray:
+            return combined().probs()
+
         plan = self._plan(("stages", n), self.sessions, self.entries, n) if self._stages_bindable else None
         feeds: dict[str, np.ndarray] = {}
         if plan is not None:
@@ -621,8 +639,8 @@ class Runner:
         for k in range(S):
             abort_ms = None
             if k > 0:
-                ctx = Context(k, S, (clock() - t0) * 1e3, n if idx is None else len(idx), running.members,
-                              self._P, running.probs, self._cost)
+                ctx = Context(k, S, (clock() - t0) * 1e3, n if idx is None else len(idx), members,
+                              self._P, probs_so_far, self._cost)
                 d = policy.decide(ctx)
                 go = d.go
                 if go is False:
@@ -646,7 +664,7 @@ class Runner:
                     assert probs_now is not None
                     out_probs[where] = probs_now[leave]
                     out_stage[where] = last
-                    out_members[where] = running.members
+                    out_members[where] = members
                     out_ms[where] = (clock() - t0) * 1e3
                     running.keep(mask)
                     src = plan.buffers if plan is not None else feeds
@@ -682,23 +700,22 @@ class Runner:
             graphs.append(self._names[k])
             if observe is not None:
                 observe(self._names[k], ms, len(x), S, self._cost)
-            if logits.shape != (len(x), self._K) or not _finite(logits):
-                raise _logits_error(self._names[k], self._logits[k], logits, x, self._K, idx)
-            running.add(logits, self._members[k])
+            pending.append((k, logits))
+            members += self._members[k]
             last = k
 
-        probs = running.probs()
+        probs = combined().probs()
         now_ms = (clock() - t0) * 1e3
         if out_probs is None:
             out_probs = probs
             out_stage = np.full(n, last, np.int64)
-            out_members = np.full(n, running.members, np.int64)
+            out_members = np.full(n, members, np.int64)
             out_ms = np.full(n, now_ms)
         else:
             assert idx is not None and out_stage is not None and out_members is not None and out_ms is not None
             out_probs[idx] = probs
             out_stage[idx] = last
-            out_members[idx] = running.members
+            out_members[idx] = members
             out_ms[idx] = now_ms
         return self._results(out_probs, out_stage, out_members, out_ms, graphs, stage_ms, aborted, policy)
 
