@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kdedge.device import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -154,8 +155,7 @@ def main() -> None:
     unbound.close()
 
     med = lambda v: float(np.median(v))  # noqa: E731
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     print(f"\n{path.name}, {cpu}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; threads {args.threads}, "
           f"batch 1; {args.rounds} rounds x {args.per_round} requests per path; medians (ms)\n")
     print("| path | request | inside onnxruntime | the runner's own |\n|---|---|---|---|")

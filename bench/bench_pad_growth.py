@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kdedge.device import cpu_model
 
 
 def tiny_mbv2(work: Path) -> Path:
@@ -80,8 +81,7 @@ def main() -> None:
     sess = {k: ort.InferenceSession(v.SerializeToString(), so, providers=["CPUExecutionProvider"])
             for k, v in variants.items()}
     name = sess["unpadded"].get_inputs()[0].name
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     print(f"\n{path}, {cpu}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; 1 thread; medians (ms)\n")
     print("| variant | batch 1 | batch 32 |\n|---|---|---|")
     res: dict[str, list[float]] = {k: [] for k in sess}

@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -144,6 +145,7 @@ def child_export(name: str, work: Path, padded: bool = True) -> dict[str, Any]:
         assert got == path, (got, path)
     else:
         from kdedge.export import export
+        from kdedge.export.pad import BLOCK
         from kdedge.models import create_model
 
         m = MODELS[name]
@@ -153,7 +155,7 @@ def child_export(name: str, work: Path, padded: bool = True) -> dict[str, Any]:
         x = _inputs(m, m.val)
         calibrate_bn(model, _inputs(m, m.val, seed=5))
         export(model, path, info=_info(m), val_data=(x, np.zeros(m.val, np.int64)), force=True,
-               pad_channels=16 if padded else 0, progress=lambda msg: print(f"  [{name}] {msg}", file=sys.stderr, flush=True))
+               pad_channels=BLOCK if padded else 0, progress=lambda msg: print(f"  [{name}] {msg}", file=sys.stderr, flush=True))
     return {"export_s": time.perf_counter() - t0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -358,8 +360,6 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     path = bundle_path(work, name)
     if args.reexport or not path.is_dir() or not record.is_file():
         if path.exists():
-            import shutil
-
             shutil.rmtree(path)
         print(f"exporting {name} ({MODELS[name].about}) in a child process ...", file=sys.stderr, flush=True)
         exp = _child("export", name, args)
@@ -372,17 +372,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         exp["cached"] = True
     out: dict[str, Any] = {"model": name, "about": MODELS[name].about, "export": exp}
     plain = bundle_path(work, name, padded=False)
-    if args.unpadded and padded_graphs(path) and (args.reexport or not plain.is_dir()):
-        if plain.exists():
-            import shutil
-
-            shutil.rmtree(plain)
+    if plain.exists() and (args.reexport or not args.unpadded):  # stale, or compared only when asked
+        shutil.rmtree(plain)
+    if args.unpadded and padded_graphs(path) and not plain.is_dir():
         print(f"exporting {name} again without padded channels ...", file=sys.stderr, flush=True)
         _child("export-unpadded", name, args)
-    elif not args.unpadded and plain.is_dir():
-        import shutil
-
-        shutil.rmtree(plain)  # compared only when asked
     opens = [_child("open", name, args) for _ in range(1 if args.quick else 3)]
     out["open"] = {k: float(np.median([o[k] for o in opens])) for k in opens[0]}
     out["timing"] = {}

@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from kdedge.device import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -455,8 +457,7 @@ def main() -> None:
                 time.sleep(1.0)
         finally:
             extra.setdefault("stopped", {})[name] = srv.stop()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     meta = {"bundle": str(bundle), "stages": K, "deadline_ms": args.deadline_ms, "max_batch": args.max_batch,
             "threads": args.threads, "margin_ms": args.margin_ms, "stat": args.stat, "duration_s": args.duration,
             "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),

@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import socket
 import sys
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kdedge.device import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -264,7 +265,7 @@ def breakdown(bundle: Path, n: int, threads: int) -> dict[str, Any]:
 
     def as_json(obj: Any, *a: Any, **k: Any) -> Any:
         r = saved[2](obj, *a, **k)
-        if "compute_ms" in obj and len(cur) == 7:
+        if "compute_ms" in obj and "resumed" in cur:  # an answer, every step of it timed
             cur["json"] = pc()
             for key, v in cur.items():
                 rec.setdefault(key, []).append(v)
@@ -340,8 +341,7 @@ def main() -> None:
     part2 = over_http(bundle, bodies, args.requests, args.threads, VARIANTS, args.rounds)
     part3 = http_floor(bodies, args.requests)
     part4 = breakdown(bundle, args.requests, args.threads)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     print(f"\n{cpu}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.requests} requests per path, "
           f"one at a time, {GAP_S * 1e3:g} ms apart; p50 (p90) ms\n")
     print("| in process, no HTTP | p50 | p90 |\n|---|---|---|")

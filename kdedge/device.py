@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from kdedge.profile.modes import Nvpmodel, PowerMode
 
 __all__ = ["CPUINFO", "CPU_ROOT", "DEVICE_TREE_MODEL", "DeviceSetting", "NVPMODEL_CONF", "cpu_governors",
-           "current_setting", "device_id", "slug"]
+           "cpu_model", "current_setting", "device_id", "slug"]
 
 NVPMODEL_CONF = "/etc/nvpmodel.conf"
 CPU_ROOT = "/sys/devices/system/cpu"
@@ -149,6 +149,12 @@ def _cpu_model(cpuinfo: str) -> str | None:
     return None
 
 
+def cpu_model(cpuinfo: str = CPUINFO) -> str:
+    """The CPU's model name as the OS reports it (``Intel(R) Xeon(R) Processor``; on ARM the
+    ``Hardware`` or ``model`` line), else what ``platform`` knows, else ``cpu``."""
+    return _cpu_model(cpuinfo) or platform.processor() or platform.machine() or "cpu"
+
+
 def _gpu_names(nvml: Any = None) -> list[str]:
     if nvml is None:
         try:
@@ -188,7 +194,7 @@ def device_id(
     board = _read_text(model_path)
     if board:
         return slug(board)
-    cpu = _cpu_model(cpuinfo) or platform.processor() or platform.machine() or "cpu"
+    cpu = cpu_model(cpuinfo)
     ident = slug(f"{cpu}-{os.cpu_count() or 1}c", max_len=60)
     if include_gpu:
         gpus = _gpu_names(nvml)

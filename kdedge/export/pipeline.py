@@ -24,7 +24,7 @@ from kdedge.export.data import Batches
 from kdedge.export.errors import ExportError
 from kdedge.export.graphs import Graph, ModelPlan, graph_example_inputs, plan_model, run_torch, shapes_of
 from kdedge.export.onnx import EXPORTERS, check_opset, dtype_name, export_graph
-from kdedge.export.pad import PAD_BLOCKS
+from kdedge.export.pad import BLOCK, PAD_BLOCKS
 from kdedge.export.ortrun import OrtChain, RunGraph
 from kdedge.export.verify import Tolerances, check, summary, verify
 
@@ -99,7 +99,7 @@ def export(model: nn.Module, out: str | Path, *, info: Any, val_data: Any, calib
            force: bool = False, progress: Progress | None = None, atol: float = 1e-4, rtol: float = 1e-3,
            min_top1_agreement: float = 0.99, exporter: str = "auto", batch_size: int = 64,
            calib_size: int | None = None, int8_scheme: str = "u8s7", device: str | None = None,
-           max_batch: int = 64, target_options: dict[str, Any] | None = None, pad_channels: int = 16) -> Path:
+           max_batch: int = 64, target_options: dict[str, Any] | None = None, pad_channels: int = BLOCK) -> Path:
     """Export a trained model to a verified bundle directory.
 
     Args:
@@ -188,7 +188,7 @@ class _Request:
 def _check_request(out: Path, *, info: Any, target: str, precision: str, opset: int, simplify: bool,
                    int8_max_drop: float, int8_keep_fp32: bool, provenance: dict[str, Any] | None, force: bool,
                    progress: Progress | None, tol: tuple[float, float, float], exporter: str, int8_scheme: str,
-                   tspec: tuple[str | None, int, dict[str, Any]], pad_channels: int = 16) -> _Request:
+                   tspec: tuple[str | None, int, dict[str, Any]], pad_channels: int) -> _Request:
     """Step 1: refuse what cannot be exported before anything is computed or written."""
     from kdedge.export.quantize import check_scheme
     from kdedge.registry import suggest
@@ -430,8 +430,7 @@ def _export(model: nn.Module, out: Path, *, info: Any, val_data: Any, calib_data
             opset: int, simplify: bool, int8_max_drop: float, int8_keep_fp32: bool,
             provenance: dict[str, Any] | None, force: bool, progress: Progress | None,
             tol: tuple[float, float, float], exporter: str, batch_size: int, calib_size: int | None,
-            int8_scheme: str = "u8s7", tspec: tuple[str | None, int, dict[str, Any]] = (None, 64, {}),
-            pad_channels: int = 16) -> Path:
+            int8_scheme: str, tspec: tuple[str | None, int, dict[str, Any]], pad_channels: int) -> Path:
     """The export, as named steps: check the request, read the data, trace in torch, write ONNX,
     verify, quantize (INT8), place the files, write the manifest, add a further target, commit."""
     from kdedge.targets import get_target

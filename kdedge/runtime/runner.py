@@ -606,7 +606,7 @@ class Runner:
         observe = getattr(policy, "observe", None)
         running = Running(self.combine)
         # Stages completed but not yet checked and combined: numpy's first call after a session
-        # run costs some 25 µs (its code and data are cold again), so the logits of consecutive
+        # run costs some 20 µs (its code and data are cold again), so the logits of consecutive
         # stages are checked and added together, when a policy first reads the probabilities or
         # at the end; each stage keeps its own logits buffer until then.
         pending: list[tuple[int, np.ndarray]] = []
