@@ -2,9 +2,9 @@
 ``kdedge.export.pad.MAX_GROWTH``). Not a test: it times things.
 
 One fused HNE graph exported without padding, then padded by :mod:`kdedge.export.pad` with
-several limits on how much a group may grow (``round_up(c, 16) <= (1 + limit) * c``), all
-variants timed in plain onnxruntime sessions (one thread), in rounds whose order rotates, at
-batch 1 and 32; outputs are checked equal first.
+several limits on how much a group may grow (``round_up(c, block) <= (1 + limit) * c``, block 16
+unless ``--blocks`` says otherwise), all variants timed in plain onnxruntime sessions (one
+thread), in rounds whose order rotates, at batch 1 and 32; outputs are checked equal first.
 
 Graphs:
 
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--onnx", type=Path, default=None, help="an unpadded graph (default: export mbv2-w0.25)")
     ap.add_argument("--shape", default="3,32,32", help="its input, C,H,W")
     ap.add_argument("--limits", default="0.25,0.5,1,3", help="growth limits to compare")
+    ap.add_argument("--blocks", default="16", help="channel blocks to pad to (16: AVX-512's NCHWc block, 8: AVX2's)")
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
 
@@ -70,11 +71,14 @@ def main() -> None:
     variants: dict[str, Any] = {"unpadded": src}
     saved = pad.MAX_GROWTH
     try:
-        for limit in (float(v) for v in args.limits.split(",")):
-            pad.MAX_GROWTH = limit
-            m = copy.deepcopy(src)
-            n = pad.pad_grouped_channels(m, 16)
-            variants[f"limit {limit:g} ({n} convs padded)"] = m
+        blocks = [int(v) for v in args.blocks.split(",")]
+        for block in blocks:
+            for limit in (float(v) for v in args.limits.split(",")):
+                pad.MAX_GROWTH = limit
+                m = copy.deepcopy(src)
+                n = pad.pad_grouped_channels(m, block)
+                tag = f"block {block}, " if len(blocks) > 1 else ""
+                variants[f"{tag}limit {limit:g} ({n} convs padded)"] = m
     finally:
         pad.MAX_GROWTH = saved
     so = OrtOptions(threads=1).session_options()

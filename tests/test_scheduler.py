@@ -16,6 +16,7 @@ from helpers_runtime import FakeClock, toy_bundle
 from kdedge.runtime import InputError, Runner, open_bundle
 from kdedge.runtime.costs import _interpolate
 from kdedge.runtime.scheduler import CLOSED, FAILED, OK, QUEUE_FULL, SHED, Answer, Costs, Scheduler
+from kdedge.runtime.tickets import RANKED, rank
 
 K = 10
 # per-stage latency (ms) at batch 1 and per extra sample: stage k at batch n takes base + slope * (n - 1)
@@ -382,6 +383,33 @@ def test_answer_to_dict_and_top_k(bundle) -> None:
     d = a.to_dict()
     assert d["class"] == "b" and d["stage"] == 1 and d["budget_met"] is True and "error" not in d
     assert Answer(4, SHED, "no").to_dict()["error"] == "no"
+
+
+def test_rank_orders_by_p_then_label_on_both_paths() -> None:
+    rng = np.random.default_rng(0)
+    for n in (3, 10, 128, 129, 1000):  # the full sort up to 128 classes, a partition beyond
+        p = rng.random((6, n)).round(1)  # many ties
+        idx, val = rank(p, 5)
+        k = min(5, n)
+        for row, i, v in zip(p, idx, val):
+            ref = sorted(range(n), key=lambda j: (-row[j], j))[:k]
+            assert v.tolist() == [row[j] for j in ref]
+            if n <= 128:  # beyond, which of several tied at the cut is kept is numpy's; order still by label
+                assert i.tolist() == ref
+            assert all((-row[a], a) < (-row[b], b) for a, b in zip(i, i[1:]))
+
+
+def test_scheduler_answers_rank_like_top_k_on_demand(bundle) -> None:
+    rig = Rig(bundle)
+    ts = rig.submit(4, deadline_ms=100)
+    rig.drain()
+    classes = [str(c) for c in range(K)]
+    for a in answers(ts):
+        assert len(a.ranked) == min(RANKED, K) and a.ranked[0] == (a.label, a.confidence)
+        bare = Answer(a.id, OK, probs=a.probs)  # no ranking carried: numpy ranks on demand
+        for k in (1, 3, RANKED, K):
+            assert a.top_k(k, classes) == bare.top_k(k, classes)
+        assert a.top_k(K, classes)[:RANKED] == [{"label": i, "class": str(i), "p": p} for i, p in a.ranked]
 
 
 def test_scheduler_imports_without_torch() -> None:

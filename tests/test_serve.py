@@ -26,6 +26,7 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
+pytest.importorskip("orjson")
 
 from helpers_runtime import toy_bundle  # noqa: E402
 from kdedge.runtime import Fixed, Runner  # noqa: E402
@@ -204,6 +205,16 @@ def test_wrong_methods_and_paths_are_json_errors(served) -> None:
     assert code == 405 and "not allowed" in json.loads(data)["error"]
     code, _, data = request(url + "/v2/predict", "POST", b"x")
     assert code == 404 and "/v1/classify" in json.loads(data)["error"]
+
+
+def test_responses_are_strict_json() -> None:
+    from kdedge.serve.app import _json
+
+    r = _json({"x": float("nan"), "y": float("-inf"), "p": np.float32(0.5), "a": np.array([np.nan, 1.0]),
+               "n": np.int64(3)})
+    assert r.media_type == "application/json"
+    assert json.loads(r.body, parse_constant=lambda c: pytest.fail(f"non-strict {c}")) == {
+        "x": None, "y": None, "p": 0.5, "a": [None, 1.0], "n": 3}
 
 
 def test_health_model_and_metrics(served) -> None:

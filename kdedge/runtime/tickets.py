@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["Answer", "CLOSED", "FAILED", "OK", "QUEUE_FULL", "SHED", "STATUSES", "Ticket"]
+__all__ = ["Answer", "CLOSED", "FAILED", "OK", "QUEUE_FULL", "RANKED", "SHED", "STATUSES", "Ticket", "rank"]
 
 OK = "ok"                  # answered (``budget_met`` says whether in time)
 SHED = "shed"              # refused at once: even stage 0 cannot end before the deadline
@@ -18,6 +18,24 @@ QUEUE_FULL = "queue_full"  # refused at once: the queue holds max_queue requests
 CLOSED = "closed"          # refused: the scheduler is closing (or closed)
 FAILED = "error"           # accepted, but no answer can be given (the model computed NaN/inf for it)
 STATUSES = (OK, SHED, QUEUE_FULL, CLOSED, FAILED)
+RANKED = 5  # classes an answer carries ranked (the server's default top-k); more are ranked on demand
+_FULL_SORT = 128  # up to this many classes one stable sort per row is cheaper than a partition
+
+
+def rank(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most probable classes of every row of ``probs`` (batch, classes), most probable
+    first, equal probabilities by label: ``(labels, p)``, each (batch, k). Up to 128 classes a
+    full stable sort (fastest there); beyond, a partition first (a 32 x 1000 batch: 0.5 ms
+    instead of 2), where which of several classes tied at the k-th place is kept is numpy's."""
+    n = probs.shape[1]
+    k = max(1, min(int(k), n))
+    if n <= _FULL_SORT or k == n:
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    else:
+        top = np.sort(np.argpartition(-probs, k - 1, axis=1)[:, :k], axis=1)
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(probs, top, axis=1), axis=1, kind="stable"),
+                                 axis=1)
+    return top, np.take_along_axis(probs, top, axis=1)
 
 
 @dataclass(slots=True)
@@ -40,6 +58,8 @@ class Answer:
         total_ms: arrival to its answer.
         deadline_ms: its deadline, from arrival (None: none).
         budget_met: answered within the deadline.
+        ranked: the :data:`RANKED` most probable classes as ``(label, p)``, most probable first
+            (ranked when the answer was made; empty without an answer).
     """
 
     id: int
@@ -57,6 +77,7 @@ class Answer:
     total_ms: float = 0.0
     deadline_ms: float | None = None
     budget_met: bool = False
+    ranked: tuple[tuple[int, float], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -67,9 +88,10 @@ class Answer:
         if self.probs is None:
             return []
         k = max(1, min(int(k), len(self.probs)))
-        idx = np.argpartition(-self.probs, k - 1)[:k]
-        idx = idx[np.argsort(-self.probs[idx], kind="stable")]
-        return [{"label": int(i), "class": classes[int(i)], "p": float(self.probs[i])} for i in idx]
+        if k <= len(self.ranked):
+            return [{"label": i, "class": classes[i], "p": p} for i, p in self.ranked[:k]]
+        idx, p = rank(np.asarray(self.probs)[None], k)
+        return [{"label": i, "class": classes[i], "p": v} for i, v in zip(idx[0].tolist(), p[0].tolist())]
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "status": self.status}

@@ -36,12 +36,13 @@ DEADLINE_HEADER = "x-deadline-ms"
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
+    """A JSON response; orjson writes non-finite floats as ``null`` (strict JSON), like
+    :func:`kdedge.io.dumps_strict`, at a tenth of its cost per answer (docs/serving.md)."""
+    import orjson
     from starlette.responses import Response
 
-    from kdedge.io import dumps_strict
-
-    return Response(dumps_strict(obj, indent=None), status_code=status, media_type="application/json",
-                    headers=headers)
+    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json", headers=headers)
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
