@@ -23,6 +23,10 @@ server of ``kdedge serve``:
 4. **Inside the server**: the real application in this process (uvicorn on a thread), the raw
    client in a child process, timestamps taken by wrapping what the handler calls: reading the
    body, decoding, submitting, the worker's wake-up, the loop's wake-up, the answer's JSON.
+5. **The answer's JSON, then and now**, in process, each write after a model run (so with the
+   caches the model leaves): the answer ranked once per batch in the worker and written by
+   orjson (what the server does) against ranked per answer by numpy and written by
+   :func:`kdedge.io.dumps_strict` (what it did before), alternating.
 
     .venv/bin/python bench/bench_serve_overhead.py                     # the demo HNE (trained once)
     .venv/bin/python bench/bench_serve_overhead.py --bundle B --requests 2000 --json /tmp/overhead.json
@@ -104,6 +108,48 @@ def in_process(bundle: Path, n: int, threads: int) -> dict[str, Any]:
         finally:
             loop.close()
             sched.close()
+    return {k: {"p50_ms": _p(v), "p90_ms": _p(v, 90), "n": len(v)} for k, v in out.items()}
+
+
+def answer_json(bundle: Path, n: int, threads: int) -> dict[str, Any]:
+    """Rows of part 5: one answer's top-5 and JSON written the server's way and the old way."""
+    import orjson
+
+    from kdedge.io import dumps_strict
+    from kdedge.runtime import Full, Runner
+    from kdedge.runtime.tickets import OK, RANKED, Answer, rank
+
+    def now_way(p: np.ndarray, classes: list[str]) -> bytes:
+        top, vals = rank(p[None], RANKED)  # in the worker, once per batch (here a batch of one)
+        top, vals = top.tolist(), vals.tolist()
+        a = Answer(1, OK, probs=p, label=top[0][0], class_name=classes[top[0][0]], confidence=vals[0][0],
+                   ranked=tuple(zip(top[0], vals[0])))
+        d = a.to_dict()
+        d["top_k"] = a.top_k(RANKED, classes)
+        return orjson.dumps(d, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def old_way(p: np.ndarray, classes: list[str]) -> bytes:
+        label = int(p.argmax())
+        a = Answer(1, OK, probs=p, label=label, class_name=classes[label], confidence=float(p[label]))
+        d = a.to_dict()
+        d["top_k"] = a.top_k(RANKED, classes)  # nothing ranked: numpy ranks it here
+        return dumps_strict(d, indent=None).encode()
+
+    ways = {"ranked in the worker, orjson (now)": now_way, "ranked per answer, dumps_strict (before)": old_way}
+    out: dict[str, list[float]] = {k: [] for k in ways}
+    with Runner(bundle, threads=threads) as runner:
+        x = np.zeros((1, *runner.input_shape), np.float32)
+        runner.warmup((1,))
+        classes = list(runner.classes)
+        names = list(ways)
+        for i in range(n + 50):
+            for j in range(len(names)):
+                k = names[(i + j) % len(names)]
+                p = np.array(runner.run(x, Full()).probs[0], dtype=np.float64)
+                t0 = time.perf_counter()
+                ways[k](p, classes)
+                if i >= 50:
+                    out[k].append((time.perf_counter() - t0) * 1e3)
     return {k: {"p50_ms": _p(v), "p90_ms": _p(v, 90), "n": len(v)} for k, v in out.items()}
 
 
@@ -341,6 +387,7 @@ def main() -> None:
     part2 = over_http(bundle, bodies, args.requests, args.threads, VARIANTS, args.rounds)
     part3 = http_floor(bodies, args.requests)
     part4 = breakdown(bundle, args.requests, args.threads)
+    part5 = answer_json(bundle, args.requests, args.threads)
     cpu = cpu_model()
     print(f"\n{cpu}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.requests} requests per path, "
           f"one at a time, {GAP_S * 1e3:g} ms apart; p50 (p90) ms\n")
@@ -359,6 +406,9 @@ def main() -> None:
     for k, v in part4.items():
         if k != "n":
             print(f"| {k} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} |")
+    print("\n| one answer's top-5 and JSON, after a model run | p50 | p90 |\n|---|---|---|")
+    for k, v in part5.items():
+        print(f"| {k} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} |")
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     if args.json is not None:
         from kdedge.io import atomic_write_text, dumps_strict
@@ -366,7 +416,7 @@ def main() -> None:
         atomic_write_text(args.json, dumps_strict({"cpu": cpu, "cpus": os.cpu_count(), "bundle": str(bundle),
                                                    "requests": args.requests, "in_process": part1,
                                                    "over_http": part2, "http_floor": part3,
-                                                   "inside_server": part4}))
+                                                   "inside_server": part4, "answer_json": part5}))
 
 
 if __name__ == "__main__":
