@@ -395,7 +395,9 @@ def _macs_of(work: Path, name: str) -> list[tuple[str, int]]:
 
 
 def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+    from kdedge.device import cpu_model
+
+    print(f"\n{cpu_model()}, {os.cpu_count()} CPUs; "
           f"{'--quick, ' if args.quick else ''}medians\n")
     print("| model | stage MMACs (fused full) | export s | export peak MB | import s | open → first answer s |")
     print("|---|---|---|---|---|---|")
@@ -490,9 +492,11 @@ def main() -> None:
     print_tables(results, args)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     if args.json is not None:
+        from kdedge.device import cpu_model
         from kdedge.io import atomic_write_text, dumps_strict
 
-        atomic_write_text(args.json, dumps_strict({"machine": platform.platform(), "cpus": os.cpu_count(),
+        atomic_write_text(args.json, dumps_strict({"machine": platform.platform(), "cpu": cpu_model(),
+                                                   "cpus": os.cpu_count(),
                                                    "quick": args.quick, "results": results}))
 
 
