@@ -4,7 +4,11 @@ test_int8_emulated_cpu.py under ``qemu-x86_64 -cpu <model>`` to see what an INT8
 a CPU this machine is not (e.g. AVX2 without VNNI). numpy + onnxruntime only, no kdedge import:
 it must start fast under emulation.
 
-    python tests/int8_probe.py BUNDLE inputs.npz
+    python tests/int8_probe.py BUNDLE inputs.npz          # as onnxruntime runs it on this CPU
+    python tests/int8_probe.py BUNDLE inputs.npz exact    # no graph optimisation: the QDQ graph as
+                                                          # written, float convolutions of the
+                                                          # dequantised weights (no integer kernel,
+                                                          # so no saturation on any CPU)
 """
 
 from __future__ import annotations
@@ -16,13 +20,17 @@ import numpy as np
 import onnxruntime as ort
 
 
-def main(bundle: str, data: str) -> None:
+def main(bundle: str, data: str, mode: str = "") -> None:
     manifest = json.load(open(f"{bundle}/manifest.json"))
     arrays = np.load(data)
     x, y = arrays["x"], arrays["y"]
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
+    if mode == "exact":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif mode:
+        raise SystemExit(f"unknown mode {mode!r} (exact, or nothing)")
     feeds = {"input": x}
     acc, logits = [], []
     for st in manifest["stages"]:
@@ -37,4 +45,4 @@ def main(bundle: str, data: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
