@@ -5,6 +5,7 @@ the planned costs are given, not measured (except in the CLI test, which profile
 
 from __future__ import annotations
 
+import gc
 import http.client
 import io
 import json
@@ -245,6 +246,45 @@ def test_health_model_and_metrics(served) -> None:
     assert value("kdedge_queue_length") == 0 and value("kdedge_shed_total") == 0
     assert value("kdedge_deadline_misses_total") == s["misses"]
     assert value("kdedge_request_seconds_count") == s["ok"] and 'kdedge_batch_size_bucket{le="8.0"}' in text
+    assert value("kdedge_gc_frozen_objects") == gc.get_freeze_count()  # the process's, read when scraped
+
+    # the collector's pauses, counted while the app runs (its lifespan installed the callback)
+    before = value('kdedge_gc_pause_seconds_count{generation="2"}')
+    gc.collect()
+    text = request(url + "/metrics")[2].decode()
+    assert value('kdedge_gc_pause_seconds_count{generation="2"}') >= before + 1
+    assert value('kdedge_gc_pause_seconds_sum{generation="2"}') > 0
+    buckets = [float(v) for v in re.findall(r'^kdedge_gc_pause_seconds_bucket\{generation="2",le="[^"]+"\} (\S+)$',
+                                            text, re.M)]
+    assert len(buckets) == 10 and buckets == sorted(buckets)
+    assert buckets[-1] == value('kdedge_gc_pause_seconds_count{generation="2"}')
+
+
+def test_gc_pauses_count_only_while_installed() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kdedge.serve.metrics import GcPauses
+
+    r = CollectorRegistry()
+    g = GcPauses()
+    r.register(g)
+
+    def count() -> float:
+        m = re.search(r'^kdedge_gc_pause_seconds_count\{generation="1"\} (\S+)$', generate_latest(r).decode(), re.M)
+        assert m
+        return float(m.group(1))
+
+    gc.collect(1)
+    assert count() == 0
+    g.install()
+    g.install()  # once only
+    assert gc.callbacks.count(g._callback) == 1
+    gc.collect(1)
+    n = count()
+    assert n >= 1  # this one, and any the allocations in between triggered
+    g.remove()
+    gc.collect(1)
+    assert count() == n and g._callback not in gc.callbacks
 
 
 def test_not_ready_until_warmed_up(toy) -> None:
@@ -364,6 +404,9 @@ def test_cli_serve_profiles_planning_and_stops_cleanly_on_sigint(toy, tmp_path: 
             time.sleep(0.05)
         status, d = post(url + "/v1/classify", png(digit_images(1)[0]))
         assert status == 200 and d["status"] == "ok" and d["deadline_ms"] == 2000
+        # after the warm-up the server moved its start-up objects into the permanent generation
+        frozen = re.search(r"^kdedge_gc_frozen_objects (\S+)$", request(url + "/metrics")[2].decode(), re.M)
+        assert frozen and float(frozen.group(1)) > 10_000
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -372,6 +415,34 @@ def test_cli_serve_profiles_planning_and_stops_cleanly_on_sigint(toy, tmp_path: 
             proc.wait()
     assert proc.returncode == 0, err
     assert "stopped: 1 answered" in err and "Traceback" not in err
+
+
+def test_cli_serve_no_gc_freeze_leaves_the_collector_alone(toy) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "kdedge.cli.main", "serve", str(toy), "--port", "0",
+                             "--stages", "2", "--no-gc-freeze", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stderr.readline())
+        assert m
+        url = f"http://127.0.0.1:{m.group(1)}"
+        end = time.monotonic() + 60
+        while True:
+            try:
+                if request(url + "/v1/health", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < end and proc.poll() is None, "the server did not become ready"
+            time.sleep(0.05)
+        frozen = re.search(r"^kdedge_gc_frozen_objects (\S+)$", request(url + "/metrics")[2].decode(), re.M)
+        assert frozen and float(frozen.group(1)) == 0
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
 
 
 def test_cli_serve_refuses_bad_arguments_with_one_line(toy, tmp_path: Path) -> None:

@@ -245,10 +245,14 @@ def create_app(runner: Any, scheduler: Any, *, max_body: int = DEFAULT_MAX_BODY,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        yield
-        # uvicorn has stopped accepting and waited for the requests in flight; answer what is left
-        await asyncio.get_running_loop().run_in_executor(None, lambda: scheduler.close(drain=True,
-                                                                                      timeout=drain_timeout))
+        metrics.gc.install()
+        try:
+            yield
+            # uvicorn has stopped accepting and waited for the requests in flight; answer what is left
+            await asyncio.get_running_loop().run_in_executor(None, lambda: scheduler.close(drain=True,
+                                                                                          timeout=drain_timeout))
+        finally:
+            metrics.gc.remove()
 
     app = Starlette(routes=[Route("/v1/classify", guarded(classify), methods=["POST"]),
                             Route("/v1/health", guarded(health), methods=["GET"]),

@@ -5,14 +5,70 @@ Names (all prefixed ``kdedge_``): ``requests_total{status}`` (ok, shed, queue_fu
 starting, error, bad_request), ``answers_total{stage}``, ``deadline_misses_total`` (answered
 after the deadline), ``shed_total``, ``queue_length``, ``in_flight``, ``load_factor``, and the
 histograms ``request_seconds`` (arrival to answer), ``queue_seconds``, ``compute_seconds`` and
-``batch_size``.
+``batch_size``; and the process's garbage collector: ``gc_pause_seconds{generation}`` (each
+collection's duration, while the app runs: every request in flight waits for it) and
+``gc_frozen_objects`` (objects in the permanent generation, ``kdedge serve --gc-freeze``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import gc
+import time
+from typing import Any, Iterator
 
-__all__ = ["Metrics"]
+__all__ = ["GC_BUCKETS", "GcPauses", "Metrics"]
+
+GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # seconds
+
+
+class GcPauses:
+    """How long each collection of Python's cyclic garbage collector takes, per generation:
+    a Prometheus collector (``kdedge_gc_pause_seconds``) fed by ``gc.callbacks``.
+
+    The callback runs inside the collection, in whichever thread triggered it, so it only
+    updates plain counters (no locks: a prometheus_client metric's lock taken there could be
+    the one its thread already holds); the histogram is built from them when scraped.
+    ``install()`` / ``remove()`` bracket the time it counts.
+    """
+
+    def __init__(self) -> None:
+        self._counts = [[0] * (len(GC_BUCKETS) + 1) for _ in range(3)]  # per generation, last: +Inf
+        self._sums = [0.0, 0.0, 0.0]
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        d = time.perf_counter() - self._t0
+        g = min(max(int(info.get("generation", 2)), 0), 2)
+        i = 0
+        while i < len(GC_BUCKETS) and d > GC_BUCKETS[i]:
+            i += 1
+        self._counts[g][i] += 1
+        self._sums[g] += d
+
+    def install(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def remove(self) -> None:
+        while self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+
+        h = HistogramMetricFamily("kdedge_gc_pause_seconds", "Duration of each garbage collection, by generation.",
+                                  labels=["generation"])
+        for g in range(3):
+            counts, total, buckets = list(self._counts[g]), self._sums[g], []
+            acc = 0
+            for le, c in zip([*(f"{b:g}" for b in GC_BUCKETS), "+Inf"], counts):
+                acc += c
+                buckets.append((le, acc))
+            h.add_metric([str(g)], buckets, total)
+        yield h
 
 _STATUSES = ("ok", "shed", "queue_full", "closed", "starting", "error", "bad_request")
 # seconds: from well under a millisecond (small models) to a second (a deadline far too long)
@@ -50,6 +106,10 @@ class Metrics:
         sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_batch})
         self.batch = Histogram("kdedge_batch_size", "Samples in the micro-batch of each answer.",
                                buckets=[b for b in sizes if b <= max_batch], registry=r)
+        Gauge("kdedge_gc_frozen_objects", "Objects in the garbage collector's permanent generation.",
+              registry=r).set_function(gc.get_freeze_count)
+        self.gc = GcPauses()
+        r.register(self.gc)
         self._status = {s: self.requests.labels(status=s) for s in _STATUSES}
         self._stage = [self.answers.labels(stage=str(k)) for k in range(num_stages)]
 
