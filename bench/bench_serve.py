@@ -15,9 +15,16 @@ docs/serving.md). Not a test: it times things.
 3. Capacity: the fixed full-depth server, saturated by a closed-loop client (``2 x
    --max-batch`` requests always in flight, no deadline), answers C requests/s: the full
    model's capacity with the same batching. The rates are ``--rates`` x C.
-4. Per server and rate: requests answered in time (by the client's clock: goodput), late,
-   shed (503 at once), other refusals, lost (no answer: never expected), accuracy of the
-   answers, mean stage, p50/p99 end-to-end of the answers, p99 of the refusals.
+4. Per server and rate: requests answered in time (by the client's clock: goodput), late
+   (and late by the server's own clock, its ``total_ms``), shed (503 at once), other refusals,
+   lost (no answer: never expected), accuracy of the answers, mean stage, p50/p99 end-to-end
+   of the answers, p99 of the refusals. Where late answers' time went: the time outside the
+   handler (end-to-end minus ``total_ms``), the client's own loop lag (a 1 ms ticker), the CPU
+   both processes used, and the server's garbage collections (from its ``/metrics``). The
+   client runs with its collector frozen and off (``--client-gc``): a full collection of its
+   own records stalled it for tens of milliseconds, and what it read then looked late.
+   ``--repeat``, ``--anytime-variants`` (extra server flags, e.g. ``'|--no-gc-freeze'``),
+   ``--client-nice`` and ``--client-gc off,on`` alternate what they compare.
 5. Server overhead (HTTP + queue): on the anytime server at a low rate, one request at a time:
    end-to-end at the client minus the server's ``compute_ms``.
 
@@ -164,6 +171,11 @@ class ServerProcess:
             time.sleep(0.1)
         raise RuntimeError("the server did not become ready")
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used so far (all its threads, user + system)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> str:
         self.proc.send_signal(signal.SIGINT)
         try:
@@ -216,17 +228,26 @@ async def _load(port: int, bodies: list[bytes], rate: float | None, duration: fl
     heads = [(f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
               f"X-Deadline-Ms: {deadline_ms:g}\r\nContent-Length: {len(b)}\r\n\r\n").encode() for b in bodies]
     pool: list[tuple[Any, Any]] = []
-    rec: dict[str, list[Any]] = {k: [] for k in ("i", "t", "code", "e2e", "body")}
+    rec: dict[str, list[Any]] = {k: [] for k in ("i", "t", "code", "e2e", "body", "send_lag")}
     lost = 0
+    lags: list[float] = []  # how late the client's own loop wakes from a 1 ms sleep (ms)
+    done = False
 
     async def conn() -> tuple[Any, Any]:
         if pool:
             return pool.pop()
         return await asyncio.open_connection("127.0.0.1", port)
 
+    async def ticker() -> None:
+        while not done:
+            t = loop.time()
+            await asyncio.sleep(0.001)
+            lags.append((loop.time() - t - 0.001) * 1e3)
+
     async def one(i: int, j: int) -> None:
         nonlocal lost
         t0 = time.perf_counter()
+        lag = (loop.time() - start - times[i]) * 1e3 if rate is not None else 0.0
         try:
             reused = bool(pool)
             c = await conn()
@@ -254,12 +275,14 @@ async def _load(port: int, bodies: list[bytes], rate: float | None, duration: fl
         rec["code"].append(code)
         rec["e2e"].append(e2e)
         rec["body"].append(data)
+        rec["send_lag"].append(lag)
 
     for _ in range(min(64, inflight)):
         pool.append(await asyncio.open_connection("127.0.0.1", port))
     loop = asyncio.get_running_loop()
     start = loop.time()
     tasks = []
+    tick = asyncio.ensure_future(ticker())
     if rate is not None:
         for i, t in enumerate(times):
             delay = start + t - loop.time()
@@ -279,22 +302,60 @@ async def _load(port: int, bodies: list[bytes], rate: float | None, duration: fl
                 await one(k, int(pick[k % len(pick)]))
 
         await asyncio.gather(*[worker() for _ in range(inflight)])
+    elapsed = loop.time() - start
+    done = True
+    await tick
     for r, w in pool:
         w.close()
     return {"sent": len(times) if rate is not None else len(rec["i"]) + lost, "lost": lost, "duration": duration,
-            "elapsed": loop.time() - start, "n_max": n_max, **rec}
+            "elapsed": elapsed, "n_max": n_max, "loop_lag": lags, **rec}
 
 
-def _client(args: tuple[Any, ...], out: Any) -> None:
-    out.put(asyncio.run(_load(*args)))
+def _client(args: tuple[Any, ...], out: Any, nice: int = 0, client_gc: bool = False) -> None:
+    import gc
+
+    pauses: list[float] = []
+    t0 = [0.0]
+
+    def watch(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            t0[0] = time.perf_counter()
+        elif info["generation"] == 2:
+            pauses.append((time.perf_counter() - t0[0]) * 1e3)
+
+    gc.callbacks.append(watch)
+    if not client_gc:
+        # the instrument must not pause: a full collection of the client's own objects (its
+        # tasks, connections and records) stalled its loop for ~60 ms, and the answers it was
+        # reading then looked late. A run is bounded (--duration), so is what it keeps.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    refused = None
+    if nice:
+        try:
+            os.nice(nice)  # a negative value (a higher priority) needs root or CAP_SYS_NICE
+        except OSError as e:
+            refused = f"os.nice({nice}) refused: {e.strerror}"
+    import resource
+
+    c0 = resource.getrusage(resource.RUSAGE_SELF)
+    res = asyncio.run(_load(*args))
+    c1 = resource.getrusage(resource.RUSAGE_SELF)
+    res["nice"], res["nice_refused"] = nice, refused
+    res["cpu_s"] = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+    res["client_gc2_ms"] = pauses
+    out.put(res)
 
 
 def run_client(port: int, bodies: list[bytes], rate: float | None, duration: float, deadline_ms: float, seed: int,
-               inflight: int = 64) -> dict[str, Any]:
-    """The client in its own process (spawned: it shares nothing with this one but the bodies)."""
+               inflight: int = 64, nice: int = 0, client_gc: bool = False) -> dict[str, Any]:
+    """The client in its own process (spawned: it shares nothing with this one but the bodies),
+    at niceness ``nice`` relative to this one."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_client, args=((port, bodies, rate, duration, deadline_ms, seed, inflight), q))
+    p = ctx.Process(target=_client, args=((port, bodies, rate, duration, deadline_ms, seed, inflight), q, nice,
+                                          client_gc))
     p.start()
     res = q.get(timeout=duration + 180)
     p.join(30)
@@ -318,6 +379,14 @@ def summarize(res: dict[str, Any], labels: np.ndarray, deadline_ms: float) -> di
     in_time = ok & (e2e <= deadline_ms)
     refused = ~ok
     pct = (lambda a, q: float(np.percentile(a, q, method="inverted_cdf")) if len(a) else None)
+    # where a late answer's time went: the server's own clock (arrival at its handler to the
+    # answer) against the time outside it (the way in before the handler, the way back, the
+    # client's own loop), and how late the client itself was
+    total = np.asarray([b.get("total_ms", np.nan) for b in bodies], np.float64)
+    outside = e2e - total
+    late = ok & ~in_time
+    lag = np.asarray(res.get("loop_lag", []), np.float64)
+    send_lag = np.asarray(res.get("send_lag", []), np.float64)
     return {
         "offered_per_s": sent / res["duration"], "sent": sent,
         "in_time": int(in_time.sum()), "in_time_frac": float(in_time.sum() / max(sent, 1)),
@@ -334,7 +403,67 @@ def summarize(res: dict[str, Any], labels: np.ndarray, deadline_ms: float) -> di
         "p50_ms": pct(e2e[ok], 50), "p99_ms": pct(e2e[ok], 99),
         "refused_p99_ms": pct(e2e[refused], 99),
         "mean_batch": float(np.mean([b["batch"] for b, k in zip(bodies, ok) if k])) if ok.any() else None,
+        "late_by_server_clock": int((ok & (total > deadline_ms)).sum()),
+        "outside_p50_ms": pct(outside[ok], 50), "outside_p99_ms": pct(outside[ok], 99),
+        "late_outside_p50_ms": pct(outside[late], 50), "late_server_p50_ms": pct(total[late], 50),
+        "client_loop_lag_p50_ms": pct(lag, 50), "client_loop_lag_p99_ms": pct(lag, 99),
+        "client_loop_lag_max_ms": float(lag.max()) if len(lag) else None,
+        "client_loop_lag_over10ms_s": float(lag[lag > 10].sum() / 1e3) if len(lag) else None,
+        "client_send_lag_p99_ms": pct(send_lag, 99),
+        "client_nice": res.get("nice", 0), "client_nice_refused": res.get("nice_refused"),
+        "client_cores": res["cpu_s"] / res["elapsed"] if res.get("cpu_s") is not None else None,
+        "client_gc2_ms": res.get("client_gc2_ms", []),
     }
+
+
+def gc_pauses(port: int) -> dict[str, float]:
+    """The server's ``kdedge_gc_pause_seconds`` so far: count and sum per generation, and the
+    collections longer than 10 ms."""
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    out: dict[str, float] = {}
+    for m in re.finditer(r'^kdedge_gc_pause_seconds_(count|sum|bucket)\{generation="(\d)"(?:,le="([^"]+)")?\} (\S+)$',
+                         text, re.M):
+        kind, gen, le, v = m.groups()
+        if kind == "bucket":
+            if le == "0.01":
+                out[f"gen{gen}_le10ms"] = float(v)
+            continue
+        out[f"gen{gen}_{kind}"] = float(v)
+    for g in range(3):
+        out[f"gen{g}_over10ms"] = out.get(f"gen{g}_count", 0.0) - out.pop(f"gen{g}_le10ms", 0.0)
+    return out
+
+
+def measure(srv: ServerProcess, bodies: list[bytes], labels: np.ndarray, load: float, capacity: float,
+            args: argparse.Namespace, rep: int, nice: int, client_gc: bool, name: str,
+            variant: str) -> dict[str, Any]:
+    """One open-loop client run against ``srv``, summarised (and printed)."""
+    c0, g0 = srv.cpu_s(), gc_pauses(srv.port)
+    res = run_client(srv.port, bodies, load * capacity, args.duration, args.deadline_ms,
+                     seed=int(load * 1000) + 7919 * rep, nice=nice, client_gc=client_gc)
+    # the server idles while the client process starts and ends (outside elapsed)
+    server_cores = (srv.cpu_s() - c0) / res["elapsed"]
+    g1 = gc_pauses(srv.port)
+    s = summarize(res, labels, args.deadline_ms)
+    s.update(server=name, variant=variant, load=load, repeat=rep, server_cores=server_cores, client_gc=client_gc,
+             gc={k: g1.get(k, 0.0) - g0.get(k, 0.0) for k in g1})
+    gc2 = s["gc"]
+    print(f"{(name + ' ' + variant).strip():13s} {load:4.1f}x  offered {s['offered_per_s']:6.0f}/s  in time "
+          f"{100 * s['in_time_frac']:5.1f}%  late {s['late']:5d} (server's clock {s['late_by_server_clock']})  shed "
+          f"{100 * s['shed_frac']:5.1f}%  lost {s['lost']}  acc {100 * (s['accuracy'] or 0):5.2f}%  stage "
+          f"{s['mean_stage'] or 0:.2f}  p50 {s['p50_ms'] or 0:.1f} p99 {s['p99_ms'] or 0:.1f} ms  refused p99 "
+          f"{s['refused_p99_ms'] or 0:.1f} ms  batch {s['mean_batch'] or 0:.1f}  outside p50/p99 "
+          f"{s['outside_p50_ms'] or 0:.1f}/{s['outside_p99_ms'] or 0:.1f} ms  client nice {nice} gc "
+          f"{'on' if client_gc else 'off'} loop lag p99/max {s['client_loop_lag_p99_ms'] or 0:.1f}/"
+          f"{s['client_loop_lag_max_ms'] or 0:.1f} ms  cores: server {server_cores:.2f} client "
+          f"{s['client_cores'] or 0:.2f}  gc2 {gc2.get('gen2_count', 0):.0f} ({1e3 * gc2.get('gen2_sum', 0):.1f} ms), "
+          f"over 10 ms {sum(gc2.get(f'gen{g}_over10ms', 0) for g in range(3)):.0f}"
+          + (f"  [{s['client_nice_refused']}]" if s["client_nice_refused"] else ""), flush=True)
+    return s
 
 
 def overhead(port: int, bodies: list[bytes], n: int) -> dict[str, Any]:
@@ -371,7 +500,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, accuracy: str = "ac
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for name, style in (("anytime", "o-"), ("fixed-full", "s--"), ("fixed-shallow", "^:")):
-        rs = [r for r in rows if r["server"] == name]
+        rs = [r for r in rows if r["server"] == name and r.get("repeat", 0) == 0]
+        if rs:  # with variants or client priorities: the first of each
+            first = [rs[0].get(k) for k in ("variant", "client_nice", "client_gc")]
+            rs = [r for r in rs if [r.get(k) for k in ("variant", "client_nice", "client_gc")] == first]
         x = [r["load"] for r in rs]
         ax1.plot(x, [100 * r["in_time_frac"] for r in rs], style, label=name)
         ax2.plot(x, [100 * (r["accuracy"] or 0) for r in rs], style, label=name)
@@ -410,6 +542,17 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true", help="use the bundle's stored profile")
     ap.add_argument("--overhead-requests", type=int, default=500)
     ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--servers", default="fixed-full,anytime,fixed-shallow", help="which servers, in this order")
+    ap.add_argument("--repeat", type=int, default=1, help="run every server and rate this many times (each "
+                    "server started anew)")
+    ap.add_argument("--anytime-variants", default="", help="extra flags of the anytime server, variants separated "
+                    "by |, e.g. '|--no-gc-freeze': each variant per repeat, the order rotated")
+    ap.add_argument("--client-nice", default="0", help="niceness of the client process, e.g. 0,-10: each value "
+                    "per rate and repeat, the order rotated (negative: the client gets the CPU first, so that it "
+                    "measures the server rather than its own wait for the CPU; needs root)")
+    ap.add_argument("--client-gc", default="off", help="the client's garbage collector during a run: off (frozen "
+                    "and disabled: its full collections stalled the client's loop), on, or off,on (each per rate and "
+                    "repeat, the order rotated)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
@@ -425,38 +568,47 @@ def main() -> None:
     bodies, labels, labelled = test_images(bundle, args.images)
     common = ["--deadline-ms", f"{args.deadline_ms:g}", "--max-batch", str(args.max_batch), "--threads",
               str(args.threads), "--margin-ms", f"{args.margin_ms:g}", "--stat", args.stat]
-    servers = {"fixed-full": ["--stages", str(K)], "anytime": [], "fixed-shallow": ["--stages", str(args.shallow)]}
+    known = {"fixed-full": ["--stages", str(K)], "anytime": [], "fixed-shallow": ["--stages", str(args.shallow)]}
+    names = [v.strip() for v in args.servers.split(",") if v.strip()]
+    if not names or any(n not in known for n in names):
+        ap.error(f"--servers: choose from {', '.join(known)}")
     loads = [float(v) for v in args.rates.split(",")]
+    nices = [int(v) for v in args.client_nice.split(",")]
+    client_gcs = [v.strip() for v in args.client_gc.split(",")]
+    if any(v not in ("off", "on") for v in client_gcs):
+        ap.error("--client-gc: off, on, or off,on")
+    clients = [(n, g == "on") for n in nices for g in client_gcs]
+    variants = [v.strip() for v in args.anytime_variants.split("|")]
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
     capacity = args.capacity
-    for name, flags in servers.items():
-        srv = ServerProcess(bundle, common + flags)
+    if capacity is None:
+        srv = ServerProcess(bundle, common + known["fixed-full"])
         try:
-            if capacity is None:
-                res = run_client(srv.port, bodies, None, max(args.duration, 5.0), 60_000.0, seed=99,
-                                 inflight=2 * args.max_batch)
-                ok = np.asarray(res["code"]) == 200
-                capacity = float(ok.sum() / res["elapsed"])
-                extra["capacity_requests_per_s"] = capacity
-                print(f"capacity of the fixed full-depth server: {capacity:.0f} requests/s", flush=True)
-            if name == "anytime":
-                extra["overhead"] = overhead(srv.port, bodies, args.overhead_requests)
-                print("overhead:", json.dumps(extra["overhead"]), flush=True)
-            for load in loads:
-                res = run_client(srv.port, bodies, load * capacity, args.duration, args.deadline_ms,
-                                 seed=int(load * 1000))
-                s = summarize(res, labels, args.deadline_ms)
-                s.update(server=name, load=load)
-                rows.append(s)
-                print(f"{name:13s} {load:4.1f}x  offered {s['offered_per_s']:6.0f}/s  in time "
-                      f"{100 * s['in_time_frac']:5.1f}%  late {s['late']:5d}  shed {100 * s['shed_frac']:5.1f}%  "
-                      f"lost {s['lost']}  acc {100 * (s['accuracy'] or 0):5.2f}%  stage {s['mean_stage'] or 0:.2f}  "
-                      f"p50 {s['p50_ms'] or 0:.1f} p99 {s['p99_ms'] or 0:.1f} ms  refused p99 "
-                      f"{s['refused_p99_ms'] or 0:.1f} ms  batch {s['mean_batch'] or 0:.1f}", flush=True)
-                time.sleep(1.0)
+            res = run_client(srv.port, bodies, None, max(args.duration, 5.0), 60_000.0, seed=99,
+                             inflight=2 * args.max_batch)
         finally:
-            extra.setdefault("stopped", {})[name] = srv.stop()
+            srv.stop()
+        capacity = float((np.asarray(res["code"]) == 200).sum() / res["elapsed"])
+        extra["capacity_requests_per_s"] = capacity
+        print(f"capacity of the fixed full-depth server: {capacity:.0f} requests/s", flush=True)
+    rotate = (lambda xs, r: xs[r % len(xs):] + xs[:r % len(xs)])  # noqa: E731
+    for rep in range(args.repeat):
+        for name in names:
+            for variant in (rotate(variants, rep) if name == "anytime" else [""]):
+                flags = common + known[name] + variant.split()
+                srv = ServerProcess(bundle, flags)
+                try:
+                    if name == "anytime" and args.overhead_requests > 0 and "overhead" not in extra:
+                        extra["overhead"] = overhead(srv.port, bodies, args.overhead_requests)
+                        print("overhead:", json.dumps(extra["overhead"]), flush=True)
+                    for load in loads:
+                        for nice, client_gc in rotate(clients, rep):
+                            rows.append(measure(srv, bodies, labels, load, capacity, args, rep, nice, client_gc,
+                                                name, variant))
+                            time.sleep(1.0)
+                finally:
+                    extra.setdefault("stopped", {})[f"{name} {variant}".strip() + f" #{rep}"] = srv.stop()
     cpu = cpu_model()
     meta = {"bundle": str(bundle), "stages": K, "deadline_ms": args.deadline_ms, "max_batch": args.max_batch,
             "threads": args.threads, "margin_ms": args.margin_ms, "stat": args.stat, "duration_s": args.duration,
