@@ -76,7 +76,7 @@ def command(
     cpu_latency: Optional[str] = typer.Option(None, "--cpu-latency", metavar="US|off", help=REALTIME_HELP["cpu_latency"]),
     gc_freeze: bool = typer.Option(True, "--gc-freeze/--no-gc-freeze", help="After the warm-up, move every "
                                    "object alive then into Python's permanent gc generation, so that full "
-                                   "collections while serving stay short (40-53 ms each otherwise on 2 cores: "
+                                   "collections while serving stay short (48-58 ms each otherwise on 2 cores: "
                                    "docs/serving.md). --no-gc-freeze leaves the gc alone, with --realtime too."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn's log level (info shows each "
                                   "connection)."),

@@ -504,7 +504,7 @@ class Runner:
     def settle(self, freeze_gc: bool | None = None) -> None:
         """Call once after warm-up: every object alive now moves to the permanent generation
         (``gc.freeze``), so that later full collections only scan what was allocated since and
-        stay short (a full collection of a server's start-up objects took 40-53 ms on a 2-core
+        stay short (a full collection of a server's start-up objects took 48-58 ms on a 2-core
         machine, docs/serving.md). ``freeze_gc`` None: as ``realtime`` says (off without it: the
         generation is the process's, not the runner's)."""
         if freeze_gc is None:
