@@ -19,7 +19,8 @@ server of ``kdedge serve``:
    from the handler's start: body, decode, queue, hand-off) and the rest (HTTP parsing and
    writing on both sides, the loop's wake-up with the answer, the client).
 3. **HTTP alone**: a Starlette endpoint answering a constant under the same uvicorn, in its own
-   process, and the raw client.
+   process, and the raw client; beside it, alternating, a bare ASGI callable doing the same
+   (what Starlette's routing, request and response objects add).
 4. **Inside the server**: the real application in this process (uvicorn on a thread), the raw
    client in a child process, timestamps taken by wrapping what the handler calls: reading the
    body, decoding, submitting, the worker's wake-up, the loop's wake-up, the answer's JSON.
@@ -234,54 +235,90 @@ def over_http(bundle: Path, bodies: list[bytes], n: int, threads: int, variants:
 VARIANTS = {"default": [], "--realtime --cpu-latency 0": ["--realtime", "--cpu-latency", "0"]}
 
 
-def floor_server() -> None:
-    """(a child) A Starlette endpoint that reads the body and answers a constant, under uvicorn
-    as ``kdedge serve`` runs it: the HTTP layer's own cost. Prints its port, serves until SIGINT."""
-    from starlette.applications import Starlette
-    from starlette.responses import Response
-    from starlette.routing import Route
+_CONSTANT = b'{"compute_ms": 0.0, "total_ms": 0.0}'
 
+
+def floor_server(kind: str) -> None:
+    """(a child) An endpoint that reads the body and answers a constant, under uvicorn as
+    ``kdedge serve`` runs it: the HTTP layer's own cost. ``kind``: ``starlette`` (a route, as
+    the server has) or ``asgi`` (a bare ASGI callable). Prints its port, serves until SIGINT."""
     from kdedge.serve.server import bind, run_server
 
-    async def classify(request: Any) -> Any:
-        await request.body()
-        return Response(b'{"compute_ms": 0.0, "total_ms": 0.0}', media_type="application/json")
+    if kind == "starlette":
+        from starlette.applications import Starlette
+        from starlette.responses import Response
+        from starlette.routing import Route
+
+        async def classify(request: Any) -> Any:
+            await request.body()
+            return Response(_CONSTANT, media_type="application/json")
+
+        app: Any = Starlette(routes=[Route("/v1/classify", classify, methods=["POST"])])
+    else:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                while True:
+                    m = await receive()
+                    if m["type"] == "lifespan.startup":
+                        await send({"type": "lifespan.startup.complete"})
+                    elif m["type"] == "lifespan.shutdown":
+                        await send({"type": "lifespan.shutdown.complete"})
+                        return
+            more = True
+            while more:
+                m = await receive()
+                more = m.get("more_body", False)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(_CONSTANT)).encode())]})
+            await send({"type": "http.response.body", "body": _CONSTANT})
 
     sock = bind("127.0.0.1", 0)
     print(f"http://127.0.0.1:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
-    run_server(Starlette(routes=[Route("/v1/classify", classify, methods=["POST"])]), sock)
+    run_server(app, sock)
 
 
-def http_floor(bodies: list[bytes], n: int) -> dict[str, Any]:
-    """Part 3: the raw client against :func:`floor_server` in its own process."""
+def http_floor(bodies: list[bytes], n: int, rounds: int) -> dict[str, Any]:
+    """Part 3: the raw client against :func:`floor_server`, Starlette and bare ASGI, each in its
+    own process, in alternating blocks."""
     import subprocess
 
-    proc = subprocess.Popen([sys.executable, __file__, "--floor-server"], stderr=subprocess.PIPE, text=True)
+    kinds = ("starlette", "asgi")
+    procs = {k: subprocess.Popen([sys.executable, __file__, "--floor-server", k], stderr=subprocess.PIPE, text=True)
+             for k in kinds}
     try:
-        m = re.search(r":(\d+)$", proc.stderr.readline().strip())
-        if m is None:
-            raise RuntimeError("the floor server did not start")
-        end = time.monotonic() + 30
-        while True:
-            try:
-                c = RawClient(int(m.group(1)))
-                break
-            except OSError:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.05)
-        e2e = []
-        for i in range(n + 50):
-            t0 = time.perf_counter()
-            c.request(bodies[i % len(bodies)])
-            if i >= 50:
-                e2e.append((time.perf_counter() - t0) * 1e3)
-            time.sleep(GAP_S)
-        c.close()
+        clients = {}
+        for k, proc in procs.items():
+            m = re.search(r":(\d+)$", proc.stderr.readline().strip())
+            if m is None:
+                raise RuntimeError(f"the {k} floor server did not start")
+            end = time.monotonic() + 30
+            while True:
+                try:
+                    clients[k] = RawClient(int(m.group(1)))
+                    break
+                except OSError:
+                    if time.monotonic() > end:
+                        raise
+                    time.sleep(0.05)
+        e2e: dict[str, list[float]] = {k: [] for k in kinds}
+        block = max(1, n // rounds)
+        for r in range(rounds):
+            for k in (kinds if r % 2 == 0 else kinds[::-1]):
+                for i in range(block + 50):
+                    t0 = time.perf_counter()
+                    clients[k].request(bodies[i % len(bodies)])
+                    if i >= 50:
+                        e2e[k].append((time.perf_counter() - t0) * 1e3)
+                    time.sleep(GAP_S)
+        for c in clients.values():
+            c.close()
     finally:
-        proc.terminate()
-        proc.wait(30)
-    return {"p50_ms": _p(e2e), "p90_ms": _p(e2e, 90), "n": len(e2e)}
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(30)
+    out = {k: {"p50_ms": _p(v), "p90_ms": _p(v, 90), "n": len(v)} for k, v in e2e.items()}
+    return {**out["starlette"], "asgi": out["asgi"]}
 
 
 def breakdown(bundle: Path, n: int, threads: int) -> dict[str, Any]:
@@ -370,45 +407,60 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="blocks per server variant, alternating")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)  # internal: part 3's server
+    ap.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (e.g. 3: HTTP alone)")
+    ap.add_argument("--floor-server", choices=("starlette", "asgi"), help=argparse.SUPPRESS)  # internal: part 3
     args = ap.parse_args()
     if args.floor_server:
-        floor_server()
+        floor_server(args.floor_server)
         return
+    try:
+        parts = {int(v) for v in args.parts.split(",")}
+    except ValueError:
+        ap.error("--parts takes comma-separated numbers 1-5")
+    if not parts or not parts <= {1, 2, 3, 4, 5}:
+        ap.error("--parts takes comma-separated numbers 1-5")
     if args.requests < 1:
         ap.error("--requests must be positive")
     args.work.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or demo_bundle(args.work, 1.0, args.epochs)
-    profile(bundle, 8, args.threads, 50)  # the scheduler plans from the bundle's latency profile
-    profile(bundle, 8, args.threads, 50, "--realtime")  # and the real-time server from its own
+    if parts & {1, 2, 4, 5}:
+        profile(bundle, 8, args.threads, 50)  # the scheduler plans from the bundle's latency profile
+    if 2 in parts:
+        profile(bundle, 8, args.threads, 50, "--realtime")  # and the real-time server from its own
     bodies, _, _ = test_images(bundle, 200)
     t0 = time.perf_counter()
-    part1 = in_process(bundle, args.requests, args.threads)
-    part2 = over_http(bundle, bodies, args.requests, args.threads, VARIANTS, args.rounds)
-    part3 = http_floor(bodies, args.requests)
-    part4 = breakdown(bundle, args.requests, args.threads)
-    part5 = answer_json(bundle, args.requests, args.threads)
+    part1 = in_process(bundle, args.requests, args.threads) if 1 in parts else {}
+    part2 = over_http(bundle, bodies, args.requests, args.threads, VARIANTS, args.rounds) if 2 in parts else {}
+    part3 = http_floor(bodies, args.requests, args.rounds) if 3 in parts else None
+    part4 = breakdown(bundle, args.requests, args.threads) if 4 in parts else {}
+    part5 = answer_json(bundle, args.requests, args.threads) if 5 in parts else {}
     cpu = cpu_model()
     print(f"\n{cpu}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.requests} requests per path, "
           f"one at a time, {GAP_S * 1e3:g} ms apart; p50 (p90) ms\n")
-    print("| in process, no HTTP | p50 | p90 |\n|---|---|---|")
-    for k, v in part1.items():
-        print(f"| {k} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} |")
-    print("\n| over HTTP: server / client | end-to-end | overhead (e2e − compute_ms) | in the server before the batch "
-          "(total − compute) | outside the handler (e2e − total) |\n|---|---|---|---|---|")
-    for c, r in part2.items():
-        cells = " | ".join(f"{r[k]['p50_ms']:.3f} ({r[k]['p90_ms']:.3f})" for k in ("e2e", "overhead", "in_server",
-                                                                                    "outside"))
-        print(f"| {c} | {cells} |")
-    print(f"\nHTTP alone (a constant Starlette endpoint under the same uvicorn, raw socket): "
-          f"{part3['p50_ms']:.3f} ({part3['p90_ms']:.3f})\n")
-    print("| inside the default server, one request | p50 | p90 |\n|---|---|---|")
-    for k, v in part4.items():
-        if k != "n":
+    if part1:
+        print("| in process, no HTTP | p50 | p90 |\n|---|---|---|")
+        for k, v in part1.items():
             print(f"| {k} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} |")
-    print("\n| one answer's top-5 and JSON, after a model run | p50 | p90 |\n|---|---|---|")
-    for k, v in part5.items():
-        print(f"| {k} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} |")
+    if part2:
+        print("\n| over HTTP: server / client | end-to-end | overhead (e2e − compute_ms) | in the server before the "
+              "batch (total − compute) | outside the handler (e2e − total) |\n|---|---|---|---|---|")
+        for c, r in part2.items():
+            cells = " | ".join(f"{r[k]['p50_ms']:.3f} ({r[k]['p90_ms']:.3f})"
+                               for k in ("e2e", "overhead", "in_server", "outside"))
+            print(f"| {c} | {cells} |")
+    if part3 is not None:
+        print(f"\nHTTP alone (a constant Starlette endpoint under the same uvicorn, raw socket): "
+              f"{part3['p50_ms']:.3f} ({part3['p90_ms']:.3f}); a bare ASGI callable, alternating: "
+              f"{part3['asgi']['p50_ms']:.3f} ({part3['asgi']['p90_ms']:.3f})\n")
+    if part4:
+        print("| inside the default server, one request | p50 | p90 |\n|---|---|---|")
+        for k, v in part4.items():
+            if k != "n":
+                print(f"| {k} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} |")
+    if part5:
+        print("\n| one answer's top-5 and JSON, after a model run | p50 | p90 |\n|---|---|---|")
+        for k, v in part5.items():
+            print(f"| {k} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} |")
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     if args.json is not None:
         from kdedge.io import atomic_write_text, dumps_strict
