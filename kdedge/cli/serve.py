@@ -54,7 +54,7 @@ def command(
     margin_ms: float = typer.Option(1.0, "--margin-ms", help="Time kept free before each deadline for the "
                                     "response and jitter. Deadlines count from the handler's start: where clients "
                                     "and the HTTP layer share the model's CPUs, raise it to cover their delay at "
-                                    "the peak rate (docs/serving.md: 25 ms of 100 at 2x load on 2 cores)."),
+                                    "the peak rate (docs/serving.md: 15-25 ms of 100 at 2x load on 2 cores)."),
     stat: str = typer.Option("p99", help="Profile statistic that predicts a stage (p99, p95, median, ...)."),
     online: int = typer.Option(32, help="Window (stages) of the online load factor that scales the profile when "
                                "stages run slower than profiled (0: off)."),
