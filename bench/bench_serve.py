@@ -57,6 +57,7 @@ import numpy as np
 from kdedge.device import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ("fixed-full", "anytime", "fixed-shallow")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,6 +557,19 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
+    names = [v.strip() for v in args.servers.split(",") if v.strip()]
+    if not names or any(n not in SERVERS for n in names):
+        ap.error(f"--servers: choose from {', '.join(SERVERS)}")
+    try:
+        loads = [float(v) for v in args.rates.split(",")]
+        nices = [int(v) for v in args.client_nice.split(",")]
+    except ValueError:
+        ap.error("--rates takes comma-separated numbers, --client-nice comma-separated integers")
+    client_gcs = [v.strip() for v in args.client_gc.split(",")]
+    if any(v not in ("off", "on") for v in client_gcs):
+        ap.error("--client-gc: off, on, or off,on")
+    clients = [(n, g == "on") for n in nices for g in client_gcs]
+    variants = [v.strip() for v in args.anytime_variants.split("|")]
 
     args.work.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or demo_bundle(args.work, args.width, args.epochs)
@@ -569,16 +583,6 @@ def main() -> None:
     common = ["--deadline-ms", f"{args.deadline_ms:g}", "--max-batch", str(args.max_batch), "--threads",
               str(args.threads), "--margin-ms", f"{args.margin_ms:g}", "--stat", args.stat]
     known = {"fixed-full": ["--stages", str(K)], "anytime": [], "fixed-shallow": ["--stages", str(args.shallow)]}
-    names = [v.strip() for v in args.servers.split(",") if v.strip()]
-    if not names or any(n not in known for n in names):
-        ap.error(f"--servers: choose from {', '.join(known)}")
-    loads = [float(v) for v in args.rates.split(",")]
-    nices = [int(v) for v in args.client_nice.split(",")]
-    client_gcs = [v.strip() for v in args.client_gc.split(",")]
-    if any(v not in ("off", "on") for v in client_gcs):
-        ap.error("--client-gc: off, on, or off,on")
-    clients = [(n, g == "on") for n in nices for g in client_gcs]
-    variants = [v.strip() for v in args.anytime_variants.split("|")]
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
     capacity = args.capacity

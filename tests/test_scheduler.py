@@ -421,38 +421,18 @@ def test_scheduler_imports_without_torch() -> None:
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
 
-def test_freeze_gc_settles_the_runner_after_warm_up_and_only_when_asked(bundle) -> None:
+def test_freeze_gc_freezes_after_warm_up_and_only_when_asked(bundle) -> None:
     import gc
 
     rig = Rig(bundle)
-    calls: list[Any] = []
-    settle = rig.runner.settle
-    rig.runner.settle = lambda freeze_gc=None: calls.append(freeze_gc) or settle(freeze_gc=False)  # no real freeze
     costs = Costs.from_function(latency, list(BASE), 4)
-    sched = Scheduler(rig.runner, clock=rig.clock, max_batch=4, costs=costs, online=0, warmup=True, freeze_gc=True)
-    assert sched.wait_ready(10)
-    sched.close()
-    # the runner's own warm-up settles once as its (absent) real-time settings say; the scheduler asks once more
-    assert calls == [None, True]
-    calls.clear()
-    sched = Scheduler(rig.runner, clock=rig.clock, max_batch=4, costs=costs, online=0, warmup=True)
-    assert sched.wait_ready(10)
-    sched.close()
-    assert calls == [None]
-
-    class Bare:  # a runner-like object without settle(): the scheduler freezes the gc itself
-        num_stages, num_prefixes, classes, input_shape, profile = 1, 0, ("a", "b"), (1, 8, 8), None
-
-        def warmup(self, *a: Any, **k: Any) -> None:
-            pass
-
     gc.unfreeze()  # whatever an earlier test in this process froze
-    assert gc.get_freeze_count() == 0
     try:
-        sched = Scheduler(Bare(), costs=Costs.from_function(lambda g, n: 1.0, ["stage0"], 4), max_batch=4,
-                          freeze_gc=True)
-        assert sched.wait_ready(10)
-        sched.close()
-        assert gc.get_freeze_count() > 0
+        for freeze, frozen in ((False, False), (True, True)):
+            sched = Scheduler(rig.runner, clock=rig.clock, max_batch=4, costs=costs, online=0, warmup=True,
+                              freeze_gc=freeze)
+            assert sched.wait_ready(10)
+            sched.close()
+            assert (gc.get_freeze_count() > 0) is frozen
     finally:
         gc.unfreeze()  # this test process's objects back to the oldest generation

@@ -377,6 +377,30 @@ def _kdedge(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def _ready(proc: subprocess.Popen) -> tuple[str, str]:
+    """The URL a ``kdedge serve`` subprocess announced, once its health check answers 200 (and
+    its first stderr line)."""
+    line = proc.stderr.readline()
+    m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+    assert m, line + (proc.stderr.read() if proc.poll() is not None else "")
+    url = f"http://127.0.0.1:{m.group(1)}"
+    end = time.monotonic() + 60
+    while True:
+        try:
+            if request(url + "/v1/health", timeout=5)[0] == 200:
+                return url, line
+        except OSError:
+            pass
+        assert time.monotonic() < end and proc.poll() is None, "the server did not become ready"
+        time.sleep(0.05)
+
+
+def _frozen_objects(url: str) -> float:
+    m = re.search(r"^kdedge_gc_frozen_objects (\S+)$", request(url + "/metrics")[2].decode(), re.M)
+    assert m
+    return float(m.group(1))
+
+
 def test_cli_serve_profiles_planning_and_stops_cleanly_on_sigint(toy, tmp_path: Path) -> None:
     bundle = tmp_path / "toy.kdedge"
     shutil.copytree(toy, bundle)
@@ -388,25 +412,12 @@ def test_cli_serve_profiles_planning_and_stops_cleanly_on_sigint(toy, tmp_path: 
                              "--deadline-ms", "2000", "--max-batch", "4", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
     try:
-        line = proc.stderr.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        assert m, line + (proc.stderr.read() if proc.poll() is not None else "")
+        url, line = _ready(proc)
         assert "batches up to 4" in line and "anytime" in line
-        url = f"http://127.0.0.1:{m.group(1)}"
-        end = time.monotonic() + 60
-        while True:
-            try:
-                if request(url + "/v1/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < end and proc.poll() is None, "the server did not become ready"
-            time.sleep(0.05)
         status, d = post(url + "/v1/classify", png(digit_images(1)[0]))
         assert status == 200 and d["status"] == "ok" and d["deadline_ms"] == 2000
         # after the warm-up the server moved its start-up objects into the permanent generation
-        frozen = re.search(r"^kdedge_gc_frozen_objects (\S+)$", request(url + "/metrics")[2].decode(), re.M)
-        assert frozen and float(frozen.group(1)) > 10_000
+        assert _frozen_objects(url) > 10_000
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -422,20 +433,8 @@ def test_cli_serve_no_gc_freeze_leaves_the_collector_alone(toy) -> None:
                              "--stages", "2", "--no-gc-freeze", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        m = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stderr.readline())
-        assert m
-        url = f"http://127.0.0.1:{m.group(1)}"
-        end = time.monotonic() + 60
-        while True:
-            try:
-                if request(url + "/v1/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < end and proc.poll() is None, "the server did not become ready"
-            time.sleep(0.05)
-        frozen = re.search(r"^kdedge_gc_frozen_objects (\S+)$", request(url + "/metrics")[2].decode(), re.M)
-        assert frozen and float(frozen.group(1)) == 0
+        url, _ = _ready(proc)
+        assert _frozen_objects(url) == 0
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -501,15 +501,10 @@ class Runner:
                     self.run(x, Fixed(j + 1, fused=True))
         self.settle()
 
-    def settle(self, freeze_gc: bool | None = None) -> None:
-        """Call once after warm-up: every object alive now moves to the permanent generation
-        (``gc.freeze``), so that later full collections only scan what was allocated since and
-        stay short (a full collection of a server's start-up objects took 48-58 ms on a 2-core
-        machine, docs/serving.md). ``freeze_gc`` None: as ``realtime`` says (off without it: the
-        generation is the process's, not the runner's)."""
-        if freeze_gc is None:
-            freeze_gc = self.realtime is not None and self.realtime.freeze_gc
-        if freeze_gc:
+    def settle(self) -> None:
+        """Call once after warm-up: with ``realtime``, every object alive now moves to the
+        permanent generation (``gc.freeze``), so later collections stay short."""
+        if self.realtime is not None and self.realtime.freeze_gc:
             self._gc.freeze()
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray | None = None, policy: Policy | None = None,

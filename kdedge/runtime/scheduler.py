@@ -187,9 +187,9 @@ class Scheduler:
         warmup: the worker warms the runner up (every batch size up to ``max_batch`` that is a
             power of two, and ``max_batch``) before it takes requests; :attr:`ready` says when.
         freeze_gc: after the warm-up, move every object of the process alive then into the
-            permanent generation (``gc.freeze``, :meth:`Runner.settle`), so that full collections
-            while serving stay short; for a process that serves and does nothing else
-            (``kdedge serve``). None: as the runner's real-time settings say.
+            permanent generation (``gc.freeze``), so that full collections while serving stay
+            short; for a process that serves and does nothing else (``kdedge serve``). Off: as
+            the runner's real-time settings say (``Realtime.freeze_gc``).
 
     Raises:
         ValueError: a bound or a deadline that is not a positive number, ``stages`` out of range.
@@ -199,7 +199,7 @@ class Scheduler:
     def __init__(self, runner: Any, *, deadline_ms: float | None = None, max_batch: int = 32, max_queue: int = 1024,
                  stages: int | None = None, margin_ms: float = 0.5, stat: str = "p99", costs: Costs | None = None,
                  online: int = 32, clock: Callable[[], float] | None = None, start: bool = True,
-                 warmup: bool = True, freeze_gc: bool | None = None) -> None:
+                 warmup: bool = True, freeze_gc: bool = False) -> None:
         self.runner = runner
         self._freeze_gc = freeze_gc
         self.deadline_ms = None if deadline_ms is None else _positive(deadline_ms, "the deadline (ms)",
@@ -288,12 +288,8 @@ class Scheduler:
         """Run every batch size of :meth:`warm_sizes` through the runner (first-run allocations of
         each size cost milliseconds), then mark the scheduler ready."""
         self.runner.warmup(self.warm_sizes(), runs=2, prefixes=self.stages is not None)
-        if self._freeze_gc:  # the runner's warm-up settled as its real-time settings say
-            settle = getattr(self.runner, "settle", None)
-            if settle is not None:
-                settle(freeze_gc=True)
-            else:  # a runner-like object without one
-                GcGuard().freeze()
+        if self._freeze_gc:  # beyond what the runner's real-time settings froze in its warm-up
+            GcGuard().freeze()
         self._ready.set()
 
     # -- facts ---------------------------------------------------------------------------------
