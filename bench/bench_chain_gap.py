@@ -14,7 +14,11 @@ path run slower, and a fixed order would charge that to the same path every roun
 - numpy's first call right after a session run against its second;
 - the chain through a runner with ``bind=False`` (numpy feeds instead of bound buffers), and
   through plain sessions (numpy feeds), each session with its own memory arena (as the
-  runner's) against one arena shared by all of them (onnxruntime's ``session.use_env_allocators``).
+  runner's) against one arena shared by all of them (onnxruntime's ``session.use_env_allocators``);
+- the chain through plain sessions whose carried tensors stay in onnxruntime's blocked (NCHWc)
+  layout: each stage graph optimised by onnxruntime, then the ReorderOutput that ends a carried
+  output and the ReorderInput that starts its consumers removed (:func:`blocked_graphs`; the
+  answers are checked to be identical). What the layout conversions at the boundaries cost.
 
     .venv/bin/python bench/bench_chain_gap.py                      # the CIFAR HNE of bench_paper_size
     .venv/bin/python bench/bench_chain_gap.py --bundle B --threads 1 --rounds 20
@@ -37,6 +41,63 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_paper_size import DEFAULT_WORK, bundle_path  # noqa: E402
+
+
+def _rewire(nodes: list[Any], old: str, new: str) -> None:
+    for n in nodes:
+        for names in (n.input, n.output):
+            for i, v in enumerate(names):
+                if v == old:
+                    names[i] = new
+
+
+def blocked_graphs(bundle: Any, threads: int) -> list[bytes]:
+    """The bundle's stage graphs optimised by onnxruntime here (so for this CPU's NCHWc block), with
+    every carried tensor left in the blocked layout: a carried output made by a ReorderOutput is
+    that node's input instead, and a consumer whose carried input only feeds a ReorderInput takes
+    it directly. A tensor is kept in NCHW unless its producer and all its consumers agree and its
+    channels are a multiple of 16 (so the blocked tensor has the declared shape)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from kdedge.targets.ort_session import OrtOptions
+
+    graphs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for e in bundle.stages:
+            so = OrtOptions(threads=threads).session_options()
+            so.optimized_model_filepath = str(Path(tmp) / f"{e.name}.onnx")
+            ort.InferenceSession(str(bundle.file(e, "onnx")), so, providers=["CPUExecutionProvider"])
+            graphs.append(onnx.load(so.optimized_model_filepath))
+    attrs = lambda n: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
+    made: dict[str, Any] = {}  # carried tensor -> its producer's ReorderOutput
+    for g in graphs:
+        for n in g.graph.node:
+            if n.op_type == "ReorderOutput" and not attrs(n).get("channels_last", 0):
+                made[n.output[0]] = (g, n)
+    takes: dict[str, list[tuple[Any, Any]]] = {}  # carried tensor -> the ReorderInputs that read it
+    ok: dict[str, bool] = {}
+    for e, g in zip(bundle.stages, graphs):
+        for t in e.inputs:
+            if t.tensor not in made:
+                continue
+            readers = [n for n in g.graph.node if t.tensor in n.input]
+            good = len(readers) == 1 and readers[0].op_type == "ReorderInput" and \
+                not attrs(readers[0]).get("channels_last", 0) and len(t.shape) == 4 and t.shape[1] % 16 == 0
+            ok[t.tensor] = ok.get(t.tensor, True) and good
+            takes.setdefault(t.tensor, []).extend([(g, readers[0])] if good else [])
+    for tensor, fine in ok.items():
+        if not fine:
+            continue
+        g, n = made[tensor]
+        g.graph.node.remove(n)
+        _rewire(list(g.graph.node), n.input[0], tensor)
+        for g2, n2 in takes[tensor]:
+            g2.graph.node.remove(n2)
+            _rewire(list(g2.graph.node), n2.output[0], tensor)
+    return [g.SerializeToString() for g in graphs]
 
 
 def main() -> None:
@@ -87,14 +148,24 @@ def main() -> None:
     shared = [ort.InferenceSession(str(r.bundle.file(e, "onnx")), so_env, providers=["CPUExecutionProvider"])
               for e in r.bundle.stages]
 
-    def plain_chain(sessions: list[Any]) -> None:
+    so_pre = OrtOptions(threads=args.threads, optimization="disable").session_options()
+    blocked = [ort.InferenceSession(g, so_pre, providers=["CPUExecutionProvider"])
+               for g in blocked_graphs(r.bundle, args.threads)]
+
+    def plain_chain(sessions: list[Any]) -> list[np.ndarray]:
         c: dict[str, np.ndarray] = {"input": x}
+        logits = []
         for e, s in zip(r.bundle.stages, sessions):
             c.update(zip([o.tensor for o in e.outputs], s.run(None, {i.tensor: c[i.tensor] for i in e.inputs})))
+            logits.append(c[e.logits_tensor])
+        return logits
 
+    if not all(np.array_equal(a, b) for a, b in zip(plain_chain(alone), plain_chain(blocked))):
+        raise SystemExit("the chain with blocked carried tensors answers differently")
     plain = {"the runner, bind=False (numpy feeds)": lambda: unbound.run(x, Full()),
              "plain sessions, an arena each": lambda: plain_chain(alone),
-             "plain sessions, one shared arena": lambda: plain_chain(shared)}
+             "plain sessions, one shared arena": lambda: plain_chain(shared),
+             "plain sessions, carried tensors blocked (NCHWc)": lambda: plain_chain(blocked)}
     plain_ms: dict[str, list[float]] = {k: [] for k in plain}
     carried: dict[str, np.ndarray] = {"input": x}
     feeds = []
