@@ -19,8 +19,10 @@ server of ``kdedge serve``:
    from the handler's start: body, decode, queue, hand-off) and the rest (HTTP parsing and
    writing on both sides, the loop's wake-up with the answer, the client).
 3. **HTTP alone**: a Starlette endpoint answering a constant under the same uvicorn, in its own
-   process, and the raw client; beside it, alternating, a bare ASGI callable doing the same
-   (what Starlette's routing, request and response objects add).
+   process, and the raw client; beside it, in rotating blocks, a bare ASGI callable doing the same
+   (what Starlette's routing, request and response objects add), an asyncio protocol answering
+   without any HTTP library (the floor of Python's event loop and sockets), and the bare callable
+   under granian, a Rust HTTP server, when it is installed (``pip install granian``).
 4. **Inside the server**: the real application in this process (uvicorn on a thread), the raw
    client in a child process, timestamps taken by wrapping what the handler calls: reading the
    body, decoding, submitting, the worker's wake-up, the loop's wake-up, the answer's JSON.
@@ -238,12 +240,84 @@ VARIANTS = {"default": [], "--realtime --cpu-latency 0": ["--realtime", "--cpu-l
 _CONSTANT = b'{"compute_ms": 0.0, "total_ms": 0.0}'
 
 
+async def bare_asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A bare ASGI callable: reads the body, answers :data:`_CONSTANT` (part 3)."""
+    if scope["type"] == "lifespan":
+        while True:
+            m = await receive()
+            if m["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif m["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    more = True
+    while more:
+        m = await receive()
+        more = m.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(_CONSTANT)).encode())]})
+    await send({"type": "http.response.body", "body": _CONSTANT})
+
+
+def _protocol_server(sock: socket.socket) -> None:
+    """An asyncio protocol on the same event loop as uvicorn's, no HTTP library: it finds the
+    head's end and Content-Length with bytes methods and writes a prebuilt response. What is
+    left of HTTP in Python once parsing is as cheap as it gets."""
+    import asyncio
+
+    response = (f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(_CONSTANT)}"
+                "\r\n\r\n").encode() + _CONSTANT
+
+    class Answer(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport, self.buf = transport, b""
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+                head, size = self.buf[:end].lower(), 0
+                if (at := head.find(b"content-length:")) >= 0:
+                    stop = head.find(b"\r\n", at)
+                    size = int(head[at + 15:stop if stop >= 0 else len(head)])
+                if len(self.buf) < end + 4 + size:
+                    return
+                self.buf = self.buf[end + 4 + size:]
+                self.transport.write(response)
+
+    try:
+        import uvloop
+
+        uvloop.install()  # as uvicorn's default loop, where it is installed
+    except ImportError:
+        pass
+
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(Answer, sock=sock)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
 def floor_server(kind: str) -> None:
-    """(a child) An endpoint that reads the body and answers a constant, under uvicorn as
-    ``kdedge serve`` runs it: the HTTP layer's own cost. ``kind``: ``starlette`` (a route, as
-    the server has) or ``asgi`` (a bare ASGI callable). Prints its port, serves until SIGINT."""
+    """(a child) An endpoint that reads the body and answers a constant: the HTTP layer's own
+    cost. ``kind``: ``starlette`` (a route under uvicorn, as ``kdedge serve`` runs it), ``asgi``
+    (:func:`bare_asgi` under the same uvicorn) or ``protocol`` (:func:`_protocol_server`, no HTTP
+    library). Prints its port, serves until SIGINT or SIGTERM."""
+    import signal
+
     from kdedge.serve.server import bind, run_server
 
+    sock = bind("127.0.0.1", 0)
+    print(f"http://127.0.0.1:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
+    if kind == "protocol":
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        _protocol_server(sock)
+        return
     if kind == "starlette":
         from starlette.applications import Starlette
         from starlette.responses import Response
@@ -255,56 +329,68 @@ def floor_server(kind: str) -> None:
 
         app: Any = Starlette(routes=[Route("/v1/classify", classify, methods=["POST"])])
     else:
-        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            if scope["type"] == "lifespan":
-                while True:
-                    m = await receive()
-                    if m["type"] == "lifespan.startup":
-                        await send({"type": "lifespan.startup.complete"})
-                    elif m["type"] == "lifespan.shutdown":
-                        await send({"type": "lifespan.shutdown.complete"})
-                        return
-            more = True
-            while more:
-                m = await receive()
-                more = m.get("more_body", False)
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(_CONSTANT)).encode())]})
-            await send({"type": "http.response.body", "body": _CONSTANT})
-
-    sock = bind("127.0.0.1", 0)
-    print(f"http://127.0.0.1:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
+        app = bare_asgi
     run_server(app, sock)
 
 
+def _granian(port: int) -> list[str]:
+    """The command of :func:`bare_asgi` under granian (a Rust HTTP server running ASGI apps), one
+    worker, HTTP/1.1; [] when granian is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("granian") is None:
+        return []
+    return [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--http", "1", "--log-level", "warning", "--working-dir", str(Path(__file__).parent),
+            "bench_serve_overhead:bare_asgi"]
+
+
+FLOORS = {"starlette": "a constant Starlette endpoint under uvicorn, as the server",
+          "asgi": "a bare ASGI callable under the same uvicorn",
+          "protocol": "an asyncio protocol on the same loop, no HTTP library",
+          "granian": "the bare ASGI callable under granian (Rust HTTP), if installed"}
+
+
 def http_floor(bodies: list[bytes], n: int, rounds: int) -> dict[str, Any]:
-    """Part 3: the raw client against :func:`floor_server`, Starlette and bare ASGI, each in its
-    own process, in alternating blocks."""
+    """Part 3: the raw client against each of :data:`FLOORS`, each server in its own process,
+    in blocks whose order rotates from round to round."""
     import subprocess
 
-    kinds = ("starlette", "asgi")
-    procs = {k: subprocess.Popen([sys.executable, __file__, "--floor-server", k], stderr=subprocess.PIPE, text=True)
-             for k in kinds}
+    procs: dict[str, Any] = {}
+    ports: dict[str, int] = {}
     try:
-        clients = {}
-        for k, proc in procs.items():
-            m = re.search(r":(\d+)$", proc.stderr.readline().strip())
+        for k in FLOORS:
+            if k == "granian":
+                with socket.socket() as probe:  # a free port for granian, which binds itself
+                    probe.bind(("127.0.0.1", 0))
+                    ports[k] = probe.getsockname()[1]
+                if not (cmd := _granian(ports[k])):
+                    continue
+                procs[k] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                continue
+            procs[k] = subprocess.Popen([sys.executable, __file__, "--floor-server", k], stderr=subprocess.PIPE,
+                                        text=True)
+            m = re.search(r":(\d+)$", procs[k].stderr.readline().strip())
             if m is None:
                 raise RuntimeError(f"the {k} floor server did not start")
+            ports[k] = int(m.group(1))
+        clients = {}
+        for k in procs:
             end = time.monotonic() + 30
             while True:
                 try:
-                    clients[k] = RawClient(int(m.group(1)))
+                    clients[k] = RawClient(ports[k])
+                    clients[k].request(bodies[0])
                     break
                 except OSError:
                     if time.monotonic() > end:
                         raise
                     time.sleep(0.05)
+        kinds = list(clients)
         e2e: dict[str, list[float]] = {k: [] for k in kinds}
         block = max(1, n // rounds)
         for r in range(rounds):
-            for k in (kinds if r % 2 == 0 else kinds[::-1]):
+            for k in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
                 for i in range(block + 50):
                     t0 = time.perf_counter()
                     clients[k].request(bodies[i % len(bodies)])
@@ -317,8 +403,7 @@ def http_floor(bodies: list[bytes], n: int, rounds: int) -> dict[str, Any]:
         for proc in procs.values():
             proc.terminate()
             proc.wait(30)
-    out = {k: {"p50_ms": _p(v), "p90_ms": _p(v, 90), "n": len(v)} for k, v in e2e.items()}
-    return {**out["starlette"], "asgi": out["asgi"]}
+    return {k: {"p50_ms": _p(v), "p90_ms": _p(v, 90), "n": len(v)} for k, v in e2e.items()}
 
 
 def breakdown(bundle: Path, n: int, threads: int) -> dict[str, Any]:
@@ -408,7 +493,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="blocks per server variant, alternating")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (e.g. 3: HTTP alone)")
-    ap.add_argument("--floor-server", choices=("starlette", "asgi"), help=argparse.SUPPRESS)  # internal: part 3
+    ap.add_argument("--floor-server", choices=("starlette", "asgi", "protocol"), help=argparse.SUPPRESS)  # internal: part 3
     args = ap.parse_args()
     if args.floor_server:
         floor_server(args.floor_server)
@@ -449,9 +534,10 @@ def main() -> None:
                                for k in ("e2e", "overhead", "in_server", "outside"))
             print(f"| {c} | {cells} |")
     if part3 is not None:
-        print(f"\nHTTP alone (a constant Starlette endpoint under the same uvicorn, raw socket): "
-              f"{part3['p50_ms']:.3f} ({part3['p90_ms']:.3f}); a bare ASGI callable, alternating: "
-              f"{part3['asgi']['p50_ms']:.3f} ({part3['asgi']['p90_ms']:.3f})\n")
+        print("\n| HTTP alone, raw socket, one request at a time | p50 | p90 |\n|---|---|---|")
+        for k, v in part3.items():
+            print(f"| {FLOORS[k]} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} |")
+        print()
     if part4:
         print("| inside the default server, one request | p50 | p90 |\n|---|---|---|")
         for k, v in part4.items():

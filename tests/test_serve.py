@@ -167,6 +167,60 @@ BAD = [
 ]
 
 
+# what the file loader reads the same picture as, for a grey model and an RGB one with a resize
+_GREY = {"input": {"name": "input", "shape": [None, 1, 8, 8], "dtype": "float32", "layout": "NCHW"},
+         "preprocessing": {"dataset": "digits", "input_size": [8, 8], "resize": None, "scale": 1 / 16,
+                           "mean": [0.3], "std": [0.4], "channel_order": "L"}}
+_RGB = {"input": {"name": "input", "shape": [None, 3, 12, 12], "dtype": "float32", "layout": "NCHW"},
+        "preprocessing": {"dataset": "imagefolder", "input_size": [12, 12], "resize": 14, "scale": 1 / 255,
+                          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channel_order": "RGB"}}
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"])
+def test_a_body_decodes_as_the_same_file_does(tmp_path: Path, fmt: str) -> None:
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from kdedge.bundle.inputs import InputSpec
+    from kdedge.runtime import InputError, load_inputs
+    from kdedge.serve.decode import BodyError
+
+    rng = np.random.default_rng(0)
+    grey = (rng.random((8, 8)) * 16).astype(np.uint8)
+    colour = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
+    pictures = {  # (model, picture) for every mode a format can hold
+        "L": (_GREY, Image.fromarray(grey, "L")),
+        "grey as RGB": (_GREY, Image.fromarray(np.repeat(grey[:, :, None], 3, 2), "RGB")),
+        "LA": (_GREY, Image.fromarray(np.stack([grey, grey], 2), "LA")),
+        "1": (_GREY, Image.fromarray(grey > 7).convert("1")),
+        "RGB": (_RGB, Image.fromarray(colour, "RGB")),
+        "RGBA": (_RGB, Image.fromarray(np.concatenate([colour, colour[:, :, :1]], 2), "RGBA")),
+        "P": (_RGB, Image.fromarray(colour, "RGB").quantize(16)),
+        "L for RGB": (_RGB, Image.fromarray(colour[:, :, 0], "L")),
+    }
+    checked = 0
+    for name, (manifest, picture) in pictures.items():
+        path = tmp_path / f"{name}.{fmt.lower()}"
+        try:
+            picture.save(path, format=fmt)
+        except (OSError, ValueError, KeyError):  # a mode the format cannot hold
+            continue
+        bundle = SimpleNamespace(input_shape=tuple(manifest["input"]["shape"]), preprocessing=manifest["preprocessing"],
+                                 input_info=InputSpec.from_manifest(manifest))
+        try:
+            want = load_inputs(path, manifest).x
+        except InputError:  # e.g. a lossy format's grey picture stored as RGB is no longer grey: both refuse it
+            with pytest.raises(BodyError):
+                decode_body(path.read_bytes(), bundle)
+            continue
+        got = decode_body(path.read_bytes(), bundle)
+        np.testing.assert_array_equal(got, want, err_msg=f"{fmt} {name}")
+        assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == (1, *bundle.input_shape[1:])
+        checked += 1
+    assert checked >= 3, f"{fmt}: only {checked} modes could be saved"
+
+
 def _bad_body(name: str, body: bytes | None) -> bytes:
     good = png(digit_images(1)[0])
     if body is not None:

@@ -34,6 +34,9 @@ __all__ = ["BodyError", "MAX_IMAGE_PIXELS", "NPY_MAGIC", "decode_body"]
 NPY_MAGIC = b"\x93NUMPY"
 MAX_IMAGE_PIXELS = 64 << 20  # the runtime's bound on one image (64 Mi pixels), checked before decoding
 _FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+# a body whose first bytes name its format is opened by that format's plugin alone (Pillow
+# otherwise asks each plugin in turn); anything else, a damaged header included, by all of them
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", ("PNG",)), (b"\xff\xd8\xff", ("JPEG",)))
 
 
 class BodyError(InputError):
@@ -146,7 +149,7 @@ def _image(body: bytes, bundle: Any) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(body), formats=_FORMATS)
+            im = Image.open(io.BytesIO(body), formats=_formats(body))
         except Exception:  # Pillow raises UnidentifiedImageError, or others on damaged headers
             raise BodyError("the body is neither an image (PNG, JPEG, BMP, GIF, TIFF, WebP, PNM) nor a .npy array "
                             "(numpy.save); send the file's bytes as they are", 400) from None
@@ -172,6 +175,19 @@ def _image(body: bytes, bundle: Any) -> np.ndarray:
         raise BodyError(str(e)) from None
 
 
+def _formats(body: bytes) -> tuple[str, ...]:
+    for magic, formats in _MAGIC:
+        if body.startswith(magic):
+            return formats
+    return _FORMATS
+
+
+def _pixels(im: Any) -> np.ndarray:
+    """uint8 HWC of an 8-bit L or RGB image (one copy; ``np.asarray`` takes a slower way there)."""
+    w, h = im.size
+    return np.frombuffer(im.tobytes(), np.uint8).reshape(h, w, len(im.mode))
+
+
 def _convert(im: Any, order: str) -> np.ndarray:
     """uint8 HWC in the bundle's channel order: a grey picture stored as RGB is accepted by a grey
     model, a colour one is refused (converting colour to grey is the client's choice)."""
@@ -180,10 +196,10 @@ def _convert(im: Any, order: str) -> np.ndarray:
         raise BodyError(f"the image is {mode} (16/32-bit); the model takes 8-bit "
                         f"{'greyscale' if order == 'L' else 'RGB'} images")
     if order != "L":
-        return np.asarray(im if mode == "RGB" else im.convert("RGB"))
+        return _pixels(im if mode == "RGB" else im.convert("RGB"))
     if mode in ("L", "1", "LA"):
-        return np.asarray(im if mode == "L" else im.convert("L"))[:, :, None]
-    rgb = np.asarray(im.convert("RGB"))
+        return _pixels(im if mode == "L" else im.convert("L"))
+    rgb = _pixels(im.convert("RGB"))
     if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
         raise BodyError("the image is in colour, the model takes greyscale (1 channel); convert it first, e.g. "
                         "PIL.Image.open(p).convert('L')")
