@@ -137,9 +137,10 @@ def profile(bundle: Path, max_batch: int, threads: int, runs: int, *flags: str) 
 class ServerProcess:
     """``kdedge serve`` in a subprocess on a free loopback port; stopped with SIGINT."""
 
-    def __init__(self, bundle: Path, args: list[str]) -> None:
+    def __init__(self, bundle: Path, args: list[str], env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "kdedge.cli.main", "serve", str(bundle), "--port", "0",
-                                      *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                      *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **env} if env else None)
         line = self.proc.stderr.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         if not m:

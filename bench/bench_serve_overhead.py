@@ -25,7 +25,9 @@ server of ``kdedge serve``:
    under granian, a Rust HTTP server, when it is installed (``pip install granian``).
 4. **Inside the server**: the real application in this process (uvicorn on a thread), the raw
    client in a child process, timestamps taken by wrapping what the handler calls: reading the
-   body, decoding, submitting, the worker's wake-up, the loop's wake-up, the answer's JSON.
+   body, decoding, submitting, the worker's wake-up, the loop's wake-up, the answer's JSON; PNG
+   bodies decoded by Pillow and, where OpenCV is installed, by OpenCV, in alternating halves.
+   (Part 2 then also runs the server with ``KDEDGE_OPENCV=0``: Pillow alone.)
 5. **The answer's JSON, then and now**, in process, each write after a model run (so with the
    caches the model leaves): the answer ranked once per batch in the worker and written by
    orjson (what the server does) against ranked per answer by numpy and written by
@@ -190,8 +192,8 @@ class RawClient:
         self.sock.close()
 
 
-def over_http(bundle: Path, bodies: list[bytes], n: int, threads: int, variants: dict[str, list[str]],
-              rounds: int) -> dict[str, Any]:
+def over_http(bundle: Path, bodies: list[bytes], n: int, threads: int,
+              variants: dict[str, tuple[list[str], dict[str, str]]], rounds: int) -> dict[str, Any]:
     """Rows of part 2: per server variant and client, in ``rounds`` rounds that start each
     variant's server in turn (the variants alternate block by block; a server holding the CPUs
     out of idle states with ``--cpu-latency`` holds the whole machine, so no two run at once)."""
@@ -201,9 +203,9 @@ def over_http(bundle: Path, bodies: list[bytes], n: int, threads: int, variants:
     rows = {(v, c): {"e2e": [], "overhead": [], "in_server": [], "outside": []} for v in variants for c in clients}
     per_block = max(1, n // rounds)
     for _ in range(rounds):
-        for vname, flags in variants.items():
+        for vname, (flags, env) in variants.items():
             srv = ServerProcess(bundle, ["--deadline-ms", "1000", "--max-batch", "8", "--threads", str(threads),
-                                         *flags])
+                                         *flags], env)
             try:
                 std = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
                 raw = RawClient(srv.port)
@@ -234,7 +236,17 @@ def over_http(bundle: Path, bodies: list[bytes], n: int, threads: int, variants:
             for (v, c), r in rows.items()}
 
 
-VARIANTS = {"default": [], "--realtime --cpu-latency 0": ["--realtime", "--cpu-latency", "0"]}
+def has_opencv() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cv2") is not None
+
+
+# server variants of part 2: flags, environment
+VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "default": ([], {}), "--realtime --cpu-latency 0": (["--realtime", "--cpu-latency", "0"], {})}
+if has_opencv():  # the default then decodes PNG with OpenCV; beside it, Pillow alone
+    VARIANTS["default, KDEDGE_OPENCV=0 (Pillow)"] = ([], {"KDEDGE_OPENCV": "0"})
 
 
 _CONSTANT = b'{"compute_ms": 0.0, "total_ms": 0.0}'
@@ -406,13 +418,15 @@ def http_floor(bodies: list[bytes], n: int, rounds: int) -> dict[str, Any]:
     return {k: {"p50_ms": _p(v), "p90_ms": _p(v, 90), "n": len(v)} for k, v in e2e.items()}
 
 
-def breakdown(bundle: Path, n: int, threads: int) -> dict[str, Any]:
+def breakdown(bundle: Path, n: int, threads: int, decoder: str = "") -> dict[str, Any]:
     """Part 4: the real application in this process (uvicorn on a thread), the raw client in
     another process; timestamps taken inside the handler by wrapping the functions it calls
-    (these wrappers add a few microseconds to what they time)."""
+    (these wrappers add a few microseconds to what they time). ``decoder``: ``pillow`` or
+    ``opencv`` for PNG bodies ("": the server's choice)."""
     import subprocess
 
     import kdedge.serve.app as app_mod
+    import kdedge.serve.decode as decode_mod
     from kdedge.serve.server import BackgroundServer, build
 
     pc = time.perf_counter
@@ -440,6 +454,12 @@ def breakdown(bundle: Path, n: int, threads: int) -> dict[str, Any]:
         return r
 
     app_mod._deadline, app_mod.decode_body, app_mod._json = deadline, decode, as_json
+    looked_up = dict(decode_mod._OPENCV)
+    if decoder:
+        decode_mod._OPENCV.clear()
+        decode_mod._OPENCV["module"] = None if decoder == "pillow" else decode_mod.opencv()
+        if decoder == "opencv" and decode_mod._OPENCV["module"] is None:
+            raise SystemExit("OpenCV is not installed: pip install opencv-python-headless")
     runner, sched = build(bundle, threads=threads, deadline_ms=1000.0, max_batch=8)
     try:
         submit = sched.submit
@@ -472,6 +492,8 @@ def breakdown(bundle: Path, n: int, threads: int) -> dict[str, Any]:
             subprocess.run([sys.executable, "-c", code], check=True)
     finally:
         app_mod._deadline, app_mod.decode_body, app_mod._json = saved
+        decode_mod._OPENCV.clear()
+        decode_mod._OPENCV.update(looked_up)
         sched.close()
         runner.close()
     a = {k: np.asarray(v[50:]) for k, v in rec.items()}
@@ -479,8 +501,20 @@ def breakdown(bundle: Path, n: int, threads: int) -> dict[str, Any]:
              ("decoded", "submit", "submit"), ("submit", "batch", "queue: the worker wakes and takes it"),
              ("callback", "resumed", "the event loop wakes with the answer"),
              ("resumed", "json", "metrics, top-k, the answer's JSON")]
-    return {what: {"p50_ms": _p(list((a[y] - a[x]) * 1e3)), "p90_ms": _p(list((a[y] - a[x]) * 1e3), 90)}
-            for x, y, what in steps} | {"n": int(len(a["json"]))}
+    return {what: list((a[y] - a[x]) * 1e3) for x, y, what in steps}
+
+
+def inside_server(bundle: Path, n: int, threads: int) -> dict[str, Any]:
+    """Part 4 for each PNG decoder (Pillow, and OpenCV where installed), in alternating halves:
+    ``{decoder: {step: {p50_ms, p90_ms}}}``."""
+    decoders = ("pillow", "opencv") if has_opencv() else ("pillow",)
+    samples: dict[str, dict[str, list[float]]] = {d: {} for d in decoders}
+    for half in range(2):
+        for d in (decoders if half == 0 else decoders[::-1]):
+            for step, v in breakdown(bundle, max(1, n // 2), threads, d).items():
+                samples[d].setdefault(step, []).extend(v)
+    return {d: {step: {"p50_ms": _p(v), "p90_ms": _p(v, 90), "n": len(v)} for step, v in steps.items()}
+            for d, steps in samples.items()}
 
 
 def main() -> None:
@@ -517,7 +551,7 @@ def main() -> None:
     part1 = in_process(bundle, args.requests, args.threads) if 1 in parts else {}
     part2 = over_http(bundle, bodies, args.requests, args.threads, VARIANTS, args.rounds) if 2 in parts else {}
     part3 = http_floor(bodies, args.requests, args.rounds) if 3 in parts else None
-    part4 = breakdown(bundle, args.requests, args.threads) if 4 in parts else {}
+    part4 = inside_server(bundle, args.requests, args.threads) if 4 in parts else {}
     part5 = answer_json(bundle, args.requests, args.threads) if 5 in parts else {}
     cpu = cpu_model()
     print(f"\n{cpu}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.requests} requests per path, "
@@ -539,10 +573,12 @@ def main() -> None:
             print(f"| {FLOORS[k]} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} |")
         print()
     if part4:
-        print("| inside the default server, one request | p50 | p90 |\n|---|---|---|")
-        for k, v in part4.items():
-            if k != "n":
-                print(f"| {k} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} |")
+        decoders = list(part4)
+        print("| inside the default server, one request | " + " | ".join(f"PNG by {d}: p50 (p90)" for d in decoders)
+              + " |\n|---|" + "---|" * len(decoders))
+        for step in part4[decoders[0]]:
+            print(f"| {step} | " + " | ".join(f"{part4[d][step]['p50_ms']:.3f} ({part4[d][step]['p90_ms']:.3f})"
+                                             for d in decoders) + " |")
     if part5:
         print("\n| one answer's top-5 and JSON, after a model run | p50 | p90 |\n|---|---|---|")
         for k, v in part5.items():

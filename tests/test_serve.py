@@ -33,6 +33,7 @@ from helpers_runtime import toy_bundle  # noqa: E402
 from kdedge.runtime import Fixed, Runner  # noqa: E402
 from kdedge.runtime.scheduler import Costs, Scheduler  # noqa: E402
 from kdedge.serve import BackgroundServer, create_app, decode_body  # noqa: E402
+from kdedge.serve.decode import BodyError  # noqa: E402
 
 GRAPHS = ["stage0", "stage1", "stage2", "prefix0", "prefix1", "prefix2"]
 
@@ -176,15 +177,42 @@ _RGB = {"input": {"name": "input", "shape": [None, 3, 12, 12], "dtype": "float32
                           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channel_order": "RGB"}}
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"])
-def test_a_body_decodes_as_the_same_file_does(tmp_path: Path, fmt: str) -> None:
+def _has_opencv() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cv2") is not None
+
+
+DECODERS = ["pillow", pytest.param("opencv", marks=pytest.mark.skipif(
+    not _has_opencv(), reason="OpenCV is not installed (the opencv extra); PNG bodies are decoded by Pillow"))]
+
+
+@pytest.fixture(params=DECODERS)
+def decoder(request, monkeypatch) -> str:
+    """Bodies decoded by Pillow alone, or with OpenCV for 8-bit PNG (the server's choice when it
+    is installed)."""
+    import kdedge.serve.decode as decode_mod
+
+    monkeypatch.setattr(decode_mod, "_OPENCV", {})
+    monkeypatch.setenv("KDEDGE_OPENCV", "1" if request.param == "opencv" else "0")
+    assert (decode_mod.opencv() is not None) == (request.param == "opencv")
+    return request.param
+
+
+def _spec(manifest: dict[str, Any]) -> Any:
     from types import SimpleNamespace
 
+    from kdedge.bundle.inputs import InputSpec
+
+    return SimpleNamespace(input_shape=tuple(manifest["input"]["shape"]), preprocessing=manifest["preprocessing"],
+                           input_info=InputSpec.from_manifest(manifest))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"])
+def test_a_body_decodes_as_the_same_file_does(tmp_path: Path, fmt: str, decoder: str) -> None:
     from PIL import Image
 
-    from kdedge.bundle.inputs import InputSpec
     from kdedge.runtime import InputError, load_inputs
-    from kdedge.serve.decode import BodyError
 
     rng = np.random.default_rng(0)
     grey = (rng.random((8, 8)) * 16).astype(np.uint8)
@@ -198,6 +226,8 @@ def test_a_body_decodes_as_the_same_file_does(tmp_path: Path, fmt: str) -> None:
         "RGBA": (_RGB, Image.fromarray(np.concatenate([colour, colour[:, :, :1]], 2), "RGBA")),
         "P": (_RGB, Image.fromarray(colour, "RGB").quantize(16)),
         "L for RGB": (_RGB, Image.fromarray(colour[:, :, 0], "L")),
+        "LA for RGB": (_RGB, Image.fromarray(colour[:, :, :2], "LA")),
+        "colour for grey": (_GREY, Image.fromarray(colour[:8, :8], "RGB")),  # refused by both
     }
     checked = 0
     for name, (manifest, picture) in pictures.items():
@@ -206,8 +236,7 @@ def test_a_body_decodes_as_the_same_file_does(tmp_path: Path, fmt: str) -> None:
             picture.save(path, format=fmt)
         except (OSError, ValueError, KeyError):  # a mode the format cannot hold
             continue
-        bundle = SimpleNamespace(input_shape=tuple(manifest["input"]["shape"]), preprocessing=manifest["preprocessing"],
-                                 input_info=InputSpec.from_manifest(manifest))
+        bundle = _spec(manifest)
         try:
             want = load_inputs(path, manifest).x
         except InputError:  # e.g. a lossy format's grey picture stored as RGB is no longer grey: both refuse it
@@ -219,6 +248,33 @@ def test_a_body_decodes_as_the_same_file_does(tmp_path: Path, fmt: str) -> None:
         assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == (1, *bundle.input_shape[1:])
         checked += 1
     assert checked >= 3, f"{fmt}: only {checked} modes could be saved"
+
+
+def test_a_damaged_or_outsized_png_gets_the_same_error_from_either_decoder(decoder: str) -> None:
+    import zlib
+
+    from PIL import Image
+
+    grey = _spec(_GREY)
+    good = png(digit_images(1)[0])
+    cases = [(good[: len(good) // 2], 400, "cannot be decoded"),
+             (good[:40] + bytes(len(good) - 40), 400, "neither an image"),  # the chunks after IHDR zeroed
+             (png(np.zeros((9, 12), np.uint8)), 422, "is 9x12 (height x width), the model expects 8x8"),
+             ]
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 300, np.uint16)).save(buf, format="PNG")
+    cases.append((buf.getvalue(), 422, "16/32-bit"))
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG")
+    for side in (9000, 40000):  # an IHDR claiming 81 M pixels (below Pillow's bound), then 1.6 G (above it)
+        bomb = bytearray(buf.getvalue())
+        bomb[16:24] = side.to_bytes(4, "big") * 2
+        bomb[29:33] = zlib.crc32(bytes(bomb[12:29])).to_bytes(4, "big")
+        cases.append((bytes(bomb), 422, "more than the 64 Mi pixels"))
+    for body, status, words in cases:
+        with pytest.raises(BodyError) as info:
+            decode_body(body, grey)
+        assert info.value.status == status and words in str(info.value), (decoder, str(info.value))
 
 
 def _bad_body(name: str, body: bytes | None) -> bytes:
@@ -282,6 +338,7 @@ def test_health_model_and_metrics(served) -> None:
         "stage0", "stage1", "stage2"]
     assert m["input_shape"] == [None, 1, 8, 8] and m["num_classes"] == 10 and m["scheduler"]["mode"] == "anytime"
     assert m["scheduler"]["max_batch"] == 8 and m["scheduler"]["deadline_ms"] == 30000
+    assert m["png_decoder"] == ("opencv" if _has_opencv() and os.environ.get("KDEDGE_OPENCV", "1") != "0" else "pillow")
     post(url + "/v1/classify", png(digit_images(1)[0]))
     request(url + "/v1/classify", "POST", b"")
     code, hdrs, data = request(url + "/metrics")

@@ -26,7 +26,7 @@ import contextlib
 import math
 from typing import Any, AsyncIterator, Callable
 
-from kdedge.serve.decode import BodyError, decode_body
+from kdedge.serve.decode import BodyError, decode_body, opencv
 
 __all__ = ["DEFAULT_MAX_BODY", "DEFAULT_TOP_K", "create_app", "model_summary"]
 
@@ -51,7 +51,8 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 def model_summary(runner: Any, scheduler: Any) -> dict[str, Any]:
     """What ``GET /v1/model`` answers: the bundle's family, input, classes, stages (members,
-    MACs, validation accuracy), target and threads, and the scheduler's configuration."""
+    MACs, validation accuracy), target and threads, the scheduler's configuration, and what
+    decodes 8-bit PNG bodies (``opencv`` where installed, else ``pillow``)."""
     b = runner.bundle
     rule = runner.combine
     stages = [{"name": e.name, "members": e.members, "members_total": e.members_total, "macs": e.macs,
@@ -59,7 +60,8 @@ def model_summary(runner: Any, scheduler: Any) -> dict[str, Any]:
     return {"bundle": str(b.path.name), "family": b.family, "input_shape": list(b.input_shape),
             "preprocessing": b.preprocessing, "classes": list(b.classes), "num_classes": b.num_classes,
             "combine": rule, "stages": stages, "prefixes": len(b.prefixes), "target": runner.target,
-            "threads": runner.threads, "scheduler": scheduler.describe()}
+            "threads": runner.threads, "scheduler": scheduler.describe(),
+            "png_decoder": "opencv" if opencv() is not None else "pillow"}
 
 
 def _deadline(request: Any) -> float | None:
