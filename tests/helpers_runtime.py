@@ -16,6 +16,14 @@ from kdedge.targets.session import AbortHandle, StageAborted
 
 _CACHE: dict[str, Any] = {}
 
+# the input part of two manifests: a grey 8x8 model without a resize, an RGB 12x12 one with one
+GREY = {"input": {"name": "input", "shape": [None, 1, 8, 8], "dtype": "float32", "layout": "NCHW"},
+        "preprocessing": {"dataset": "digits", "input_size": [8, 8], "resize": None, "scale": 1 / 16,
+                          "mean": [0.3], "std": [0.4], "channel_order": "L"}}
+RGB = {"input": {"name": "input", "shape": [None, 3, 12, 12], "dtype": "float32", "layout": "NCHW"},
+       "preprocessing": {"dataset": "imagefolder", "input_size": [12, 12], "resize": 14, "scale": 1 / 255,
+                         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channel_order": "RGB"}}
+
 
 def toy_bundle(tmp_root: Path) -> tuple[Path, Any, dict[str, Any]]:
     """(bundle path, torch model, data dict) of a briefly trained ToyAnytime on digits; cached."""

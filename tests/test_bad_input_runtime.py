@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from helpers_runtime import FakeClock, fake_factory, toy_bundle
+from helpers_runtime import GREY, RGB, FakeClock, fake_factory, toy_bundle
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -48,12 +48,6 @@ from kdedge.runtime import (
 from kdedge.bundle import input_files as inputs_mod
 
 cli = CliRunner()
-GREY = {"input": {"name": "input", "shape": [None, 1, 8, 8], "dtype": "float32", "layout": "NCHW"},
-        "preprocessing": {"dataset": "digits", "input_size": [8, 8], "resize": None, "scale": 1 / 16,
-                          "mean": [0.3], "std": [0.4], "channel_order": "L"}}
-RGB = {"input": {"name": "input", "shape": [None, 3, 12, 12], "dtype": "float32", "layout": "NCHW"},
-       "preprocessing": {"dataset": "imagefolder", "input_size": [12, 12], "resize": 14, "scale": 1 / 255,
-                         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channel_order": "RGB"}}
 POSIX = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
 
 

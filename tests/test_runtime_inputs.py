@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers_runtime import GREY, RGB
 from kdedge.runtime.inputs import InputError, check_batch, load_inputs, preprocess, read_image
 
-GREY = {"input": {"name": "input", "shape": [None, 1, 8, 8], "dtype": "float32", "layout": "NCHW"},
-        "preprocessing": {"dataset": "digits", "input_size": [8, 8], "resize": None, "scale": 1 / 16,
-                          "mean": [0.3], "std": [0.4], "channel_order": "L"}}
-RGB = {"input": {"name": "input", "shape": [None, 3, 12, 12], "dtype": "float32", "layout": "NCHW"},
-       "preprocessing": {"dataset": "imagefolder", "input_size": [12, 12], "resize": 14, "scale": 1 / 255,
-                         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channel_order": "RGB"}}
 
 
 def grey_image(seed: int = 0) -> np.ndarray:

@@ -29,7 +29,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 pytest.importorskip("orjson")
 
-from helpers_runtime import toy_bundle  # noqa: E402
+from helpers_runtime import GREY, RGB, toy_bundle  # noqa: E402
 from kdedge.runtime import Fixed, Runner  # noqa: E402
 from kdedge.runtime.scheduler import Costs, Scheduler  # noqa: E402
 from kdedge.serve import BackgroundServer, create_app, decode_body  # noqa: E402
@@ -168,13 +168,6 @@ BAD = [
 ]
 
 
-# what the file loader reads the same picture as, for a grey model and an RGB one with a resize
-_GREY = {"input": {"name": "input", "shape": [None, 1, 8, 8], "dtype": "float32", "layout": "NCHW"},
-         "preprocessing": {"dataset": "digits", "input_size": [8, 8], "resize": None, "scale": 1 / 16,
-                           "mean": [0.3], "std": [0.4], "channel_order": "L"}}
-_RGB = {"input": {"name": "input", "shape": [None, 3, 12, 12], "dtype": "float32", "layout": "NCHW"},
-        "preprocessing": {"dataset": "imagefolder", "input_size": [12, 12], "resize": 14, "scale": 1 / 255,
-                          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channel_order": "RGB"}}
 
 
 def _has_opencv() -> bool:
@@ -218,16 +211,16 @@ def test_a_body_decodes_as_the_same_file_does(tmp_path: Path, fmt: str, decoder:
     grey = (rng.random((8, 8)) * 16).astype(np.uint8)
     colour = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
     pictures = {  # (model, picture) for every mode a format can hold
-        "L": (_GREY, Image.fromarray(grey, "L")),
-        "grey as RGB": (_GREY, Image.fromarray(np.repeat(grey[:, :, None], 3, 2), "RGB")),
-        "LA": (_GREY, Image.fromarray(np.stack([grey, grey], 2), "LA")),
-        "1": (_GREY, Image.fromarray(grey > 7).convert("1")),
-        "RGB": (_RGB, Image.fromarray(colour, "RGB")),
-        "RGBA": (_RGB, Image.fromarray(np.concatenate([colour, colour[:, :, :1]], 2), "RGBA")),
-        "P": (_RGB, Image.fromarray(colour, "RGB").quantize(16)),
-        "L for RGB": (_RGB, Image.fromarray(colour[:, :, 0], "L")),
-        "LA for RGB": (_RGB, Image.fromarray(colour[:, :, :2], "LA")),
-        "colour for grey": (_GREY, Image.fromarray(colour[:8, :8], "RGB")),  # refused by both
+        "L": (GREY, Image.fromarray(grey, "L")),
+        "grey as RGB": (GREY, Image.fromarray(np.repeat(grey[:, :, None], 3, 2), "RGB")),
+        "LA": (GREY, Image.fromarray(np.stack([grey, grey], 2), "LA")),
+        "1": (GREY, Image.fromarray(grey > 7).convert("1")),
+        "RGB": (RGB, Image.fromarray(colour, "RGB")),
+        "RGBA": (RGB, Image.fromarray(np.concatenate([colour, colour[:, :, :1]], 2), "RGBA")),
+        "P": (RGB, Image.fromarray(colour, "RGB").quantize(16)),
+        "L for RGB": (RGB, Image.fromarray(colour[:, :, 0], "L")),
+        "LA for RGB": (RGB, Image.fromarray(colour[:, :, :2], "LA")),
+        "colour for grey": (GREY, Image.fromarray(colour[:8, :8], "RGB")),  # refused by both
     }
     checked = 0
     for name, (manifest, picture) in pictures.items():
@@ -255,7 +248,7 @@ def test_a_damaged_or_outsized_png_gets_the_same_error_from_either_decoder(decod
 
     from PIL import Image
 
-    grey = _spec(_GREY)
+    grey = _spec(GREY)
     good = png(digit_images(1)[0])
     cases = [(good[: len(good) // 2], 400, "cannot be decoded"),
              (good[:40] + bytes(len(good) - 40), 400, "neither an image"),  # the chunks after IHDR zeroed
