@@ -15,6 +15,7 @@ path run slower, and a fixed order would charge that to the same path every roun
 - the chain through a runner with ``bind=False`` (numpy feeds instead of bound buffers), and
   through plain sessions (numpy feeds), each session with its own memory arena (as the
   runner's) against one arena shared by all of them (onnxruntime's ``session.use_env_allocators``);
+- the operators onnxruntime runs after optimising each graph, the stages' against the fused graph's;
 - the chain through plain sessions whose carried tensors stay in onnxruntime's blocked (NCHWc)
   layout: each stage graph optimised by onnxruntime, then the ReorderOutput that ends a carried
   output and the ReorderInput that starts its consumers removed (:func:`blocked_graphs`; the
@@ -51,12 +52,8 @@ def _rewire(nodes: list[Any], old: str, new: str) -> None:
                     names[i] = new
 
 
-def blocked_graphs(bundle: Any, threads: int) -> list[bytes]:
-    """The bundle's stage graphs optimised by onnxruntime here (so for this CPU's NCHWc block), with
-    every carried tensor left in the blocked layout: a carried output made by a ReorderOutput is
-    that node's input instead, and a consumer whose carried input only feeds a ReorderInput takes
-    it directly. A tensor is kept in NCHW unless its producer and all its consumers agree and its
-    channels are a multiple of 16 (so the blocked tensor has the declared shape)."""
+def optimised(bundle: Any, entries: list[Any], threads: int) -> list[Any]:
+    """The graphs of ``entries`` as onnxruntime optimises them here (ONNX models)."""
     import tempfile
 
     import onnx
@@ -66,11 +63,23 @@ def blocked_graphs(bundle: Any, threads: int) -> list[bytes]:
 
     graphs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for e in bundle.stages:
+        for e in entries:
             so = OrtOptions(threads=threads).session_options()
             so.optimized_model_filepath = str(Path(tmp) / f"{e.name}.onnx")
             ort.InferenceSession(str(bundle.file(e, "onnx")), so, providers=["CPUExecutionProvider"])
             graphs.append(onnx.load(so.optimized_model_filepath))
+    return graphs
+
+
+def blocked_graphs(bundle: Any, threads: int) -> list[bytes]:
+    """The bundle's stage graphs optimised by onnxruntime here (so for this CPU's NCHWc block), with
+    every carried tensor left in the blocked layout: a carried output made by a ReorderOutput is
+    that node's input instead, and a consumer whose carried input only feeds a ReorderInput takes
+    it directly. A tensor is kept in NCHW unless its producer and all its consumers agree and its
+    channels are a multiple of 16 (so the blocked tensor has the declared shape)."""
+    import onnx
+
+    graphs = optimised(bundle, list(bundle.stages), threads)
     attrs = lambda n: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
     made: dict[str, Any] = {}  # carried tensor -> its producer's ReorderOutput
     for g in graphs:
@@ -246,6 +255,18 @@ def main() -> None:
     print(f"| sum | {chain_ms.sum():.3f} | {sa:.3f} | {chain_ms.sum() / sa:.2f} |")
     print(f"\nnumpy right after a stage's session run: its first call (isfinite(...).all() of [1, K] logits) "
           f"{med(first):.1f} µs, the next one {med(second):.1f} µs")
+    # what onnxruntime runs: the chain repeats, stage by stage, the depths the fused graph runs once
+    # as grouped convolutions for all members
+    import collections
+
+    counts = [collections.Counter(n.op_type for n in g.graph.node)
+              for g in optimised(r.bundle, [*r.bundle.stages, r.bundle.prefixes[-1]], args.threads)]
+    ops = sorted(set().union(*counts), key=lambda op: -sum(c[op] for c in counts))
+    print("\n| operators after onnxruntime's optimisation | " + " | ".join(ops) + " |\n|---|" + "---|" * len(ops))
+    names = [e.name for e in r.bundle.stages] + [f"fused ({r.bundle.prefixes[-1].name})"]
+    for name, c in zip(names, counts):
+        print(f"| {name} | " + " | ".join(str(c[op]) for op in ops) + " |")
+    print("| chain, all stages | " + " | ".join(str(sum(c[op] for c in counts[:-1])) for op in ops) + " |")
 
 
 if __name__ == "__main__":
