@@ -404,6 +404,29 @@ def test_non_finite_logits_of_a_later_stage_name_the_first_such_stage(env, bad: 
                 r.run(np.zeros((2, 1, 8, 8), np.float32), policy)
 
 
+@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs", "last"])
+def test_infinite_logits_of_opposite_signs_name_their_stage_without_a_warning(env, rule: str) -> None:
+    """+inf in one stage and -inf in the next sum to NaN in the runner's one check of the
+    combination: still an OutputError naming the first stage, under every combine rule, and no
+    numpy RuntimeWarning beside it."""
+    import warnings
+
+    clock = FakeClock()
+    logits = {"stage0": np.linspace(0.0, 1.0, 10), "stage1": np.full(10, np.inf), "stage2": np.full(10, -np.inf)}
+    factory = fake_factory(clock, {f"stage{k}": 1.0 for k in range(3)}, logits, [])
+    with Runner(env["bundle"], threads=1, session_factory=factory, clock=clock, profile=None) as r:
+        r.combine = rule
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(OutputError, match=r"^stage1 computed NaN or infinite logits"):
+                r.run(np.zeros((2, 1, 8, 8), np.float32), Full())
+    logits["stage1"] = logits["stage2"] = np.linspace(1.0, 0.0, 10) * 1e30  # large but finite: answered
+    factory = fake_factory(clock, {f"stage{k}": 1.0 for k in range(3)}, logits, [])
+    with Runner(env["bundle"], threads=1, session_factory=factory, clock=clock, profile=None) as r:
+        r.combine = rule
+        assert np.isfinite(r.run(np.zeros((2, 1, 8, 8), np.float32), Full()).probs).all()
+
+
 # -- hostile .npy files
 
 
