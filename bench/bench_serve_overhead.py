@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_serve import ServerProcess, demo_bundle, profile, test_images  # noqa: E402
 
-GAP_S = 0.002  # between requests: the worker is idle when each arrives
+GAP_S = 0.002  # between requests (--gap-ms): the worker is idle when each arrives
 
 
 def _p(v: list[float], q: float = 50) -> float:
@@ -486,9 +486,9 @@ def breakdown(bundle: Path, n: int, threads: int, decoder: str = "") -> dict[str
         sched.wait_ready(120)
         with BackgroundServer(app) as srv:
             code = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'bench')!r})\n"
-                    f"from bench_serve import test_images\nfrom bench_serve_overhead import RawClient, GAP_S\n"
+                    f"from bench_serve import test_images\nfrom bench_serve_overhead import RawClient\n"
                     f"bodies, _, _ = test_images({str(bundle)!r}, 200)\nc = RawClient({srv.port})\n"
-                    f"for i in range({n + 50}):\n    c.request(bodies[i % len(bodies)]); time.sleep(GAP_S)\n")
+                    f"for i in range({n + 50}):\n    c.request(bodies[i % len(bodies)]); time.sleep({GAP_S!r})\n")
             subprocess.run([sys.executable, "-c", code], check=True)
     finally:
         app_mod._deadline, app_mod.decode_body, app_mod._json = saved
@@ -518,6 +518,7 @@ def inside_server(bundle: Path, n: int, threads: int) -> dict[str, Any]:
 
 
 def main() -> None:
+    global GAP_S
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/kdedge-bench-serve"))
     ap.add_argument("--bundle", type=Path, default=None, help="default: the demo HNE, trained and exported once")
@@ -526,9 +527,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="blocks per server variant, alternating")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--gap-ms", type=float, default=GAP_S * 1e3,
+                    help="pause between two requests (0: back to back, the CPUs never idle between them)")
     ap.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (e.g. 3: HTTP alone)")
     ap.add_argument("--floor-server", choices=("starlette", "asgi", "protocol"), help=argparse.SUPPRESS)  # internal: part 3
     args = ap.parse_args()
+    if not 0 <= args.gap_ms <= 1000:
+        ap.error("--gap-ms takes 0 to 1000")
+    GAP_S = args.gap_ms / 1e3
     if args.floor_server:
         floor_server(args.floor_server)
         return
@@ -588,7 +594,7 @@ def main() -> None:
         from kdedge.io import atomic_write_text, dumps_strict
 
         atomic_write_text(args.json, dumps_strict({"cpu": cpu, "cpus": os.cpu_count(), "bundle": str(bundle),
-                                                   "requests": args.requests, "in_process": part1,
+                                                   "requests": args.requests, "gap_ms": args.gap_ms, "in_process": part1,
                                                    "over_http": part2, "http_floor": part3,
                                                    "inside_server": part4, "answer_json": part5}))
 
