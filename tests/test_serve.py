@@ -243,6 +243,29 @@ def test_a_body_decodes_as_the_same_file_does(tmp_path: Path, fmt: str, decoder:
     assert checked >= 3, f"{fmt}: only {checked} modes could be saved"
 
 
+def test_png_gamma_colour_space_and_transparency_chunks_do_not_change_the_pixels(tmp_path: Path, decoder: str) -> None:
+    """Neither decoder applies a PNG's gamma (gAMA), colour space (sRGB) or significant bits
+    (sBIT), and a transparent colour (tRNS) is dropped like alpha: the pixels are the file's."""
+    import struct
+
+    from PIL import Image, PngImagePlugin
+
+    from kdedge.runtime import load_inputs
+
+    rng = np.random.default_rng(1)
+    for manifest, mode, arr in ((GREY, "L", (rng.random((8, 8)) * 16).astype(np.uint8)),
+                                (RGB, "RGB", rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))):
+        ch = 1 if mode == "L" else 3
+        for chunk, data in ((b"gAMA", struct.pack(">I", 10000)), (b"sRGB", b"\x00"), (b"sBIT", b"\x03" * ch),
+                            (b"tRNS", b"\x00\x05" * ch)):
+            info = PngImagePlugin.PngInfo()
+            info.add(chunk, data)
+            path = tmp_path / f"{mode}-{chunk.decode()}.png"
+            Image.fromarray(arr, mode).save(path, format="PNG", pnginfo=info)
+            np.testing.assert_array_equal(decode_body(path.read_bytes(), _spec(manifest)),
+                                          load_inputs(path, manifest).x, err_msg=f"{mode} {chunk!r}")
+
+
 def test_a_damaged_or_outsized_png_gets_the_same_error_from_either_decoder(decoder: str) -> None:
     import zlib
 
