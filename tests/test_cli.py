@@ -93,6 +93,13 @@ def test_doctor_json() -> None:
     assert facts["python"] and "providers" in facts["onnxruntime"]
     assert "CPUExecutionProvider" in facts["onnxruntime"]["providers"]
     assert "onnx" in facts["targets"]
+    serve = facts["serve"]
+    assert set(serve["libraries"]) == {"starlette", "uvicorn", "prometheus_client", "orjson"}
+    import importlib.util
+
+    have = all(importlib.util.find_spec(m) for m in serve["libraries"])
+    assert serve["ready"] is have and (serve["png_decoder"] in ("opencv", "pillow") if have else
+                                       serve["png_decoder"] is None)
 
 
 def test_eval_missing_path() -> None:

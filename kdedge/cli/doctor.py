@@ -14,7 +14,8 @@ import typer
 from kdedge.cli.common import handle_errors, out, print_json
 
 HELP = """Report Python, torch/CUDA, onnxruntime providers, coremltools, TensorRT, Jetson facts,
-and which export targets can compile and run here.
+whether `kdedge serve` can run (and what decodes PNG bodies), and which export targets can
+compile and run here.
 
 Example:
 
@@ -58,6 +59,7 @@ def collect() -> dict[str, Any]:
     facts["coremltools"] = {"version": v, "can_predict": ct is not None and sys.platform == "darwin"}
     trt, v = _version("tensorrt")
     facts["tensorrt"] = {"version": v}
+    facts["serve"] = _serve()
     tegra = Path("/etc/nv_tegra_release")
     model = Path("/proc/device-tree/model")
     facts["jetson"] = {
@@ -69,6 +71,25 @@ def collect() -> dict[str, Any]:
     }
     facts["targets"] = _targets(facts)
     return facts
+
+
+def _serve() -> dict[str, Any]:
+    """Whether ``kdedge serve`` can run here (the ``serve`` extra) and what decodes PNG bodies."""
+    from importlib import metadata
+
+    libs: dict[str, str] = {}
+    for name in ("starlette", "uvicorn", "prometheus_client", "orjson"):
+        try:  # the distribution's version: prometheus_client has no __version__
+            libs[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            libs[name] = "not installed"
+    ready = "not installed" not in libs.values()
+    decoder = None
+    if ready:
+        from kdedge.serve.decode import opencv
+
+        decoder = "opencv" if opencv() is not None else "pillow"
+    return {"ready": ready, "libraries": libs, "png_decoder": decoder, "opencv": _version("cv2")[1]}
 
 
 def _targets(facts: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -110,6 +131,9 @@ def command(json_out: bool = typer.Option(False, "--json", help="Print the repor
     t.add_row("onnx", str(facts["onnx"]))
     t.add_row("coremltools", f"{facts['coremltools']['version']}, can predict: {facts['coremltools']['can_predict']} (macOS only)")
     t.add_row("tensorrt", str(facts["tensorrt"]["version"]))
+    sv = facts["serve"]
+    t.add_row("kdedge serve", (f"yes, PNG bodies decoded by {sv['png_decoder']}" if sv["ready"] else
+                               "no: pip install 'kdedge[serve]'") + f" (opencv: {sv['opencv']})")
     j = facts["jetson"]
     t.add_row("jetson", f"{j['board']} ({j['l4t']}), nvpmodel: {j['nvpmodel'] or '-'}" if j["is_jetson"] else "not a Jetson")
     for name, tgt in facts["targets"].items():
