@@ -469,12 +469,32 @@ def breakdown(bundle: Path, n: int, threads: int, decoder: str = "") -> dict[str
 
             def cb(a: Any) -> None:
                 cur["callback"] = pc()
-                cur["batch"] = cur["callback"] - a.compute_ms / 1e3
                 callback(a)
 
-            return submit(x, d, arrival=arrival, callback=cb)
+            t = submit(x, d, arrival=arrival, callback=cb)
+            cur["submitted"] = pc()
+            return t
+
+        take = sched._take
+
+        def timed_take(timeout: Any) -> Any:
+            batch = take(timeout)
+            if batch:
+                cur["taken"] = pc()
+            return batch
+
+        run = runner.run
+
+        def timed_run(*a: Any, **k: Any) -> Any:
+            cur["run"] = pc()
+            try:
+                return run(*a, **k)
+            finally:
+                cur["ran"] = pc()
 
         sched.submit = timed_submit
+        sched._take = timed_take
+        runner.run = timed_run
         app = app_mod.create_app(runner, sched)
         answered = app.state.metrics.answered
 
@@ -498,7 +518,10 @@ def breakdown(bundle: Path, n: int, threads: int, decoder: str = "") -> dict[str
         runner.close()
     a = {k: np.asarray(v[50:]) for k, v in rec.items()}
     steps = [("arrival", "decode", "read the body, precheck"), ("decode", "decoded", "decode the image"),
-             ("decoded", "submit", "submit"), ("submit", "batch", "queue: the worker wakes and takes it"),
+             ("decoded", "submit", "to submit"), ("submit", "submitted", "submit: the input check, admission"),
+             ("submitted", "taken", "the worker wakes and takes it"), ("taken", "run", "to the runner's call"),
+             ("submit", "run", "queue: the three above"), ("run", "ran", "(the model: Runner.run)"),
+             ("ran", "callback", "the worker answers: top-k, the answer, counts"),
              ("callback", "resumed", "the event loop wakes with the answer"),
              ("resumed", "json", "metrics, top-k, the answer's JSON")]
     return {what: list((a[y] - a[x]) * 1e3) for x, y, what in steps}
