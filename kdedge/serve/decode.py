@@ -9,7 +9,7 @@ from its header and is bounded before it is decoded. A body holds one sample: th
 batches requests itself.
 
 Images are decoded by Pillow; an 8-bit PNG by OpenCV instead where it is installed (the
-``opencv`` extra; :func:`opencv`), which is a few tenths of a millisecond faster per request
+``opencv`` extra; :func:`opencv`), which decodes a small PNG 0.1-0.2 ms sooner per request
 and gives the same pixels.
 
 Every problem is a :class:`BodyError` (an :class:`~kdedge.runtime.InputError`) with one line
@@ -200,7 +200,7 @@ def opencv() -> Any:
     """OpenCV's module when it is installed (``pip install 'kdedge[opencv]'``) and not turned off
     (``KDEDGE_OPENCV=0``), else None. The server then decodes 8-bit PNG bodies with it: one call
     into C where Pillow runs a few dozen Python calls, which, run once per request with the
-    caches the model left, cost a few tenths of a millisecond (docs/serving.md). PNG is lossless,
+    caches the model left, cost 0.1-0.2 ms more (docs/serving.md). PNG is lossless,
     so both give the same pixels (tested); every other format, and a PNG OpenCV cannot read,
     goes to Pillow."""
     if "module" not in _OPENCV:
