@@ -459,7 +459,8 @@ def breakdown(bundle: Path, n: int, threads: int, decoder: str = "") -> dict[str
         decode_mod._OPENCV.clear()
         decode_mod._OPENCV["module"] = None if decoder == "pillow" else decode_mod.opencv()
         if decoder == "opencv" and decode_mod._OPENCV["module"] is None:
-            raise SystemExit("OpenCV is not installed: pip install opencv-python-headless")
+            raise SystemExit("OpenCV cannot decode here: it is not installed (pip install opencv-python-headless) "
+                             "or KDEDGE_OPENCV=0 is set")
     runner, sched = build(bundle, threads=threads, deadline_ms=1000.0, max_batch=8)
     try:
         submit = sched.submit
@@ -530,7 +531,9 @@ def breakdown(bundle: Path, n: int, threads: int, decoder: str = "") -> dict[str
 def inside_server(bundle: Path, n: int, threads: int) -> dict[str, Any]:
     """Part 4 for each PNG decoder (Pillow, and OpenCV where installed), in alternating halves:
     ``{decoder: {step: {p50_ms, p90_ms}}}``."""
-    decoders = ("pillow", "opencv") if has_opencv() else ("pillow",)
+    from kdedge.serve.decode import opencv
+
+    decoders = ("pillow", "opencv") if opencv() is not None else ("pillow",)
     samples: dict[str, dict[str, list[float]]] = {d: {} for d in decoders}
     for half in range(2):
         for d in (decoders if half == 0 else decoders[::-1]):

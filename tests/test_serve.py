@@ -528,6 +528,19 @@ def _frozen_objects(url: str) -> float:
     return float(m.group(1))
 
 
+def _interrupt(proc: subprocess.Popen) -> str:
+    """Stop a ``kdedge serve`` subprocess with SIGINT as a user's Ctrl-C would (killed if it does
+    not end within a minute); its stderr."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_cli_serve_profiles_planning_and_stops_cleanly_on_sigint(toy, tmp_path: Path) -> None:
     bundle = tmp_path / "toy.kdedge"
     shutil.copytree(toy, bundle)
@@ -545,12 +558,8 @@ def test_cli_serve_profiles_planning_and_stops_cleanly_on_sigint(toy, tmp_path: 
         assert status == 200 and d["status"] == "ok" and d["deadline_ms"] == 2000
         # after the warm-up the server moved its start-up objects into the permanent generation
         assert _frozen_objects(url) > 10_000
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        err = _interrupt(proc)
     assert proc.returncode == 0, err
     assert "stopped: 1 answered" in err and "Traceback" not in err
 
@@ -562,12 +571,8 @@ def test_cli_serve_no_gc_freeze_leaves_the_collector_alone(toy) -> None:
     try:
         url, _ = _ready(proc)
         assert _frozen_objects(url) == 0
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        err = _interrupt(proc)
     assert proc.returncode == 0, err
 
 

@@ -253,12 +253,7 @@ def _convert_array(arr: np.ndarray, order: str) -> np.ndarray:
     drops it."""
     if arr.ndim == 3:
         rgb = arr[:, :, 2::-1]
-        if order != "L":
-            return np.ascontiguousarray(rgb)
-        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
-            raise BodyError("the image is in colour, the model takes greyscale (1 channel); convert it first, "
-                            "e.g. PIL.Image.open(p).convert('L')")
-        return np.ascontiguousarray(rgb[:, :, :1])
+        return np.ascontiguousarray(rgb) if order != "L" else _grey(rgb)
     return arr[:, :, None] if order == "L" else np.repeat(arr[:, :, None], 3, axis=2)
 
 
@@ -286,7 +281,11 @@ def _convert(im: Any, order: str) -> np.ndarray:
         return _pixels(im if mode == "RGB" else im.convert("RGB"))
     if mode in ("L", "1", "LA"):
         return _pixels(im if mode == "L" else im.convert("L"))
-    rgb = _pixels(im.convert("RGB"))
+    return _grey(_pixels(im.convert("RGB")))
+
+
+def _grey(rgb: np.ndarray) -> np.ndarray:
+    """One channel of an HWC RGB picture for a grey model, refused when it is in colour."""
     if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
         raise BodyError("the image is in colour, the model takes greyscale (1 channel); convert it first, e.g. "
                         "PIL.Image.open(p).convert('L')")

@@ -12,6 +12,7 @@ collection's duration, while the app runs: every request in flight waits for it)
 
 from __future__ import annotations
 
+import bisect
 import gc
 import time
 from typing import Any, Iterator
@@ -42,10 +43,7 @@ class GcPauses:
             return
         d = time.perf_counter() - self._t0
         g = min(max(int(info.get("generation", 2)), 0), 2)
-        i = 0
-        while i < len(GC_BUCKETS) and d > GC_BUCKETS[i]:
-            i += 1
-        self._counts[g][i] += 1
+        self._counts[g][bisect.bisect_left(GC_BUCKETS, d)] += 1  # the first bucket with d <= its bound
         self._sums[g] += d
 
     def install(self) -> None:
