@@ -102,6 +102,21 @@ def test_doctor_json() -> None:
                                        serve["png_decoder"] is None)
 
 
+def test_doctor_says_serve_cannot_run_when_an_installed_library_fails_to_import(tmp_path: Path) -> None:
+    pytest.importorskip("starlette", reason="the serve extra is not installed")
+    (tmp_path / "starlette").mkdir()
+    (tmp_path / "starlette" / "__init__.py").write_text("raise ImportError('a broken install')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "kdedge.cli.main", "doctor", "--json"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    serve = json.loads(proc.stdout)["serve"]
+    assert serve["ready"] is False and "cannot be imported (ImportError: a broken install)" in serve["libraries"]["starlette"]
+    proc = subprocess.run([sys.executable, "-m", "kdedge.cli.main", "serve", "/nonexistent.kdedge"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "needs its serving packages (a broken install)" in proc.stderr, proc.stderr
+
+
 def test_eval_missing_path() -> None:
     res = invoke("eval", "/nonexistent/run")
     assert res.exit_code == 2

@@ -91,6 +91,8 @@ def _edited(profiled, tmp_path: Path, **changes) -> Path:
     ({"device": "nvidia-jetson-orin-nano"}, ForeignProfileError, "measured on device 'nvidia-jetson-orin-nano'"),
     ({"setting": "cpu-8t-performance"}, ForeignProfileError, "setting 'cpu-8t-performance'"),
     ({"target": "tensorrt"}, ForeignProfileError, "target 'tensorrt'"),
+    ({"options": {"optimization": "disable", "providers": ["CPUExecutionProvider"]}}, ForeignProfileError,
+     "graph optimisation 'disable', the runner's sessions use 'all'"),
     ({"version": 7}, ProfileError, "version 7 profile"),
     ({"format": "other"}, ProfileError, "not a kdedge latency profile"),
 ])
@@ -99,6 +101,15 @@ def test_stale_foreign_and_newer_profiles_are_refused(profiled, tmp_path: Path, 
     with Runner(profiled[0], threads=1, profile=p) as r:
         with pytest.raises(error, match=needle):
             r.run(np.zeros((1, 1, 8, 8), np.float32), Deadline(5.0))
+
+
+def test_a_profile_of_another_optimisation_level_serves_a_runner_of_that_level(profiled, tmp_path: Path) -> None:
+    p = _edited(profiled, tmp_path, options={"optimization": "basic", "providers": ["CPUExecutionProvider"]})
+    with Runner(profiled[0], threads=1, profile=p, optimization="basic") as r:
+        assert r.run(np.zeros((1, 1, 8, 8), np.float32), Deadline(1000.0)).stage.tolist() == [2]
+    with Runner(profiled[0], threads=1, profile=p, optimization="extended") as r:
+        with pytest.raises(ForeignProfileError, match="run `kdedge profile .* --optimization extended"):
+            r.profile  # noqa: B018
 
 
 def test_a_foreign_profile_under_this_devices_name_is_refused(profiled, tmp_path: Path) -> None:

@@ -123,11 +123,14 @@ def test_cpu_sets_parse_and_are_checked() -> None:
     assert rt.parse_cpus(str(cpus[0])) == (cpus[0],)
     if len(cpus) >= 2:
         assert rt.parse_cpus(f"{cpus[0]}-{cpus[1]}") == tuple(range(cpus[0], cpus[1] + 1))
-    for bad in ("", "a", "1-0", "-1", "0,,x"):
+    for bad in ("", "a", "1-0", "-1", "0,,x", "1_0", "0-", "+1", "0-1-2"):
         with pytest.raises(ValueError, match="--cpus takes CPU numbers"):
             rt.parse_cpus(bad)
     with pytest.raises(ValueError, match="CPU 100000 is not one this process may run on"):
         rt.parse_cpus("100000")
+    # a huge range is refused before it is expanded (it used to take seconds and gigabytes)
+    with pytest.raises(ValueError, match="CPU 10000000000000 is not one this process may run on"):
+        rt.parse_cpus(f"{cpus[0]}-10000000000000")
 
 
 def test_thread_policy_reads_proc() -> None:

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -163,9 +164,37 @@ BAD = [
     ("deadline not a number", None, {"X-Deadline-Ms": "soon"}, "", 400, "number of milliseconds"),
     ("negative deadline", None, {"X-Deadline-Ms": "-5"}, "", 400, "> 0"),
     ("NaN deadline", None, {}, "deadline_ms=nan", 400, "> 0"),
-    ("two different deadlines", None, {"X-Deadline-Ms": "5"}, "deadline_ms=6", 400, "twice"),
+    ("two different deadlines", None, {"X-Deadline-Ms": "5"}, "deadline_ms=6", 400, "given 2 times"),
+    ("two different deadline queries", None, {}, "deadline_ms=1&deadline_ms=10", 400, "given 2 times"),
+    ("empty deadline header", None, {"X-Deadline-Ms": ""}, "", 400, "got ''"),
+    ("empty deadline query", None, {}, "deadline_ms=", 400, "got ''"),
+    ("deadline with an underscore", None, {"X-Deadline-Ms": "1_0"}, "", 400, "got '1_0'"),
+    ("deadline in hex", None, {"X-Deadline-Ms": "0x10"}, "", 400, "number of milliseconds"),
     ("top_k out of range", None, {}, "top_k=11", 400, "top_k"),
+    ("top_k with an underscore", None, {}, "top_k=1_0", 400, "top_k"),
+    ("two different top_k", None, {}, "top_k=1&top_k=2", 400, "given 2 times"),
 ]
+
+
+@pytest.mark.parametrize("headers, query, want", [
+    ([(b"x-deadline-ms", b"10"), (b"x-deadline-ms", b"20")], b"", "given 2 times"),
+    ([(b"X-Deadline-Ms", b" 10 ")], b"deadline_ms=10&deadline_ms=10", 10.0),  # the same value, three times
+    ([], b"deadline_ms=2.5e1", 25.0),
+    ([], b"deadline_ms=.5", 0.5),
+    ([], b"", None),
+])
+def test_the_deadline_is_one_number_however_often_it_is_given(headers, query, want) -> None:
+    from starlette.requests import Request
+
+    from kdedge.serve.app import _deadline
+
+    req = Request({"type": "http", "method": "POST", "path": "/v1/classify", "headers": headers,
+                   "query_string": query})
+    if isinstance(want, str):
+        with pytest.raises(ValueError, match=want):
+            _deadline(req)
+    else:
+        assert _deadline(req) == want
 
 
 
@@ -590,3 +619,87 @@ def test_cli_serve_refuses_bad_arguments_with_one_line(toy, tmp_path: Path) -> N
         busy.listen()
         res = _kdedge("serve", str(toy), "--stages", "2", "--port", str(busy.getsockname()[1]))
     assert res.returncode == 2 and "cannot listen" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_beyond_the_concurrency_limit_a_classify_request_is_refused_as_json_and_counted() -> None:
+    import asyncio
+
+    from kdedge.serve.app import _Limit
+
+    counted: list[str] = []
+    gate = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:  # a request that stays in progress until the gate opens
+        await gate.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    def scope(path: str) -> dict[str, Any]:
+        return {"type": "http", "method": "POST" if path == "/v1/classify" else "GET", "path": path}
+
+    async def call(lim: _Limit, path: str) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(m: dict[str, Any]) -> None:
+            sent.append(m)
+
+        await lim(scope(path), None, send)
+        return sent
+
+    async def main() -> None:
+        lim = _Limit(app, 1, SimpleNamespace(count=counted.append))
+        first = asyncio.ensure_future(call(lim, "/v1/classify"))
+        await asyncio.sleep(0)
+        assert lim.active == 1
+        refused = await call(lim, "/v1/classify")  # answered at once, while the first is in progress
+        start, body = refused
+        assert start["status"] == 503 and (b"retry-after", b"1") in start["headers"]
+        d = json.loads(body["body"])
+        assert d["status"] == "overloaded" and "--limit-concurrency" in d["error"] and "\n" not in d["error"]
+        assert dict(start["headers"])[b"content-length"] == str(len(body["body"])).encode()
+        other = asyncio.ensure_future(call(lim, "/metrics"))  # other endpoints are not limited
+        gate.set()
+        assert (await first)[0]["status"] == 200 and (await other)[0]["status"] == 200
+        assert lim.active == 0 and (await call(lim, "/v1/classify"))[0]["status"] == 200
+
+    asyncio.run(main())
+    assert counted == ["overloaded"]
+
+
+def test_the_limit_is_part_of_the_app_only_when_asked(served) -> None:
+    from kdedge.serve.app import _Limit
+
+    _, runner, sched, app = served
+    assert not any(m.cls is _Limit for m in app.user_middleware)
+    limited = create_app(runner, sched, limit_concurrency=3)
+    assert [m.kwargs["limit"] for m in limited.user_middleware if m.cls is _Limit] == [3]
+
+
+def test_a_client_that_leaves_mid_body_is_counted_not_logged_as_an_error(toy) -> None:
+    import socket
+
+    runner = Runner(toy, threads=1)
+    sched = Scheduler(runner, deadline_ms=30_000, costs=Costs.from_function(lambda g, n: 0.05, GRAPHS, 32))
+    notes: list[str] = []
+    try:
+        assert sched.wait_ready(60)
+        app = create_app(runner, sched, log=notes.append)
+        with BackgroundServer(app) as srv:
+            u = urlsplit(srv.url)
+            with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+                s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"\x89PNG" * 25)
+
+            def left() -> bool:
+                text = request(srv.url + "/metrics")[2].decode()
+                return re.search(r'^kdedge_requests_total\{status="disconnected"\} 1\.0$', text, re.M) is not None
+
+            for _ in range(200):  # the server notices the closed connection on its own time
+                if left():
+                    break
+                time.sleep(0.05)
+            assert left()
+            assert post(srv.url + "/v1/classify", png(digit_images(1)[0]))[0] == 200
+        assert notes == []
+    finally:
+        sched.close()
+        runner.close()

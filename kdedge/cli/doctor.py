@@ -84,6 +84,15 @@ def _serve() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             libs[name] = "not installed"
     ready = "not installed" not in libs.values()
+    if ready:  # installed is not enough: a broken install fails at import, as `kdedge serve` would
+        import importlib
+
+        for name in libs:
+            try:
+                importlib.import_module(name)
+            except Exception as e:  # noqa: BLE001 - any failure to import is the answer
+                libs[name] += f", cannot be imported ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                ready = False
     decoder = None
     if ready:
         from kdedge.serve.decode import opencv
@@ -132,8 +141,9 @@ def command(json_out: bool = typer.Option(False, "--json", help="Print the repor
     t.add_row("coremltools", f"{facts['coremltools']['version']}, can predict: {facts['coremltools']['can_predict']} (macOS only)")
     t.add_row("tensorrt", str(facts["tensorrt"]["version"]))
     sv = facts["serve"]
+    broken = [f"{k} {v}" for k, v in sv["libraries"].items() if "not installed" in v or "cannot" in v]
     t.add_row("kdedge serve", (f"yes, PNG bodies decoded by {sv['png_decoder']}" if sv["ready"] else
-                               "no: pip install 'kdedge[serve]'") + f" (opencv: {sv['opencv']})")
+                               f"no ({'; '.join(broken)}): pip install 'kdedge[serve]'") + f" (opencv: {sv['opencv']})")
     j = facts["jetson"]
     t.add_row("jetson", f"{j['board']} ({j['l4t']}), nvpmodel: {j['nvpmodel'] or '-'}" if j["is_jetson"] else "not a Jetson")
     for name, tgt in facts["targets"].items():

@@ -63,9 +63,9 @@ def command(
     threads: Optional[int] = typer.Option(None, help="CPU threads per session (part of the profile's key)."),
     profile: Optional[Path] = typer.Option(None, help="A latency profile file instead of the bundle's own."),
     max_body: int = typer.Option(8 << 20, "--max-body", help="Largest request body in bytes (413 beyond)."),
-    limit_concurrency: Optional[int] = typer.Option(None, "--limit-concurrency", help="Beyond this many open "
-                                                    "connections or requests in progress, answer 503 at once before "
-                                                    "parsing (when the HTTP layer itself cannot keep up)."),
+    limit_concurrency: Optional[int] = typer.Option(None, "--limit-concurrency", help="Beyond this many classify "
+                                                    "requests in progress, answer 503 'overloaded' at once, before "
+                                                    "reading the body (when the HTTP layer itself cannot keep up)."),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="At shutdown: seconds to answer what is "
                                         "in flight and queued; what remains then is refused."),
     realtime: bool = typer.Option(False, "--realtime", help=REALTIME_HELP["realtime"]),
@@ -89,7 +89,8 @@ def command(
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"kdedge serve needs {e.name}: pip install 'kdedge[serve]'") from None
+        what = e.name or f"its serving packages ({(str(e) or 'not importable').splitlines()[0]})"
+        raise ImportError(f"kdedge serve needs {what}: pip install 'kdedge[serve]'") from None
     from kdedge.serve import bind, build, create_app, run_server
 
     if not 1 <= max_body <= 1 << 30:
@@ -117,8 +118,9 @@ def command(
     try:
         _announce(runner, sched, sock, host)
         app = create_app(runner, sched, max_body=max_body, drain_timeout=drain_timeout,
+                         limit_concurrency=limit_concurrency,
                          log=lambda line: err.print(line, highlight=False, soft_wrap=True, markup=False))
-        run_server(app, sock, log_level=log_level, graceful_s=drain_timeout, limit_concurrency=limit_concurrency)
+        run_server(app, sock, log_level=log_level, graceful_s=drain_timeout)
     finally:
         sched.close(drain=False)
         runner.close()

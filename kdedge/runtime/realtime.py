@@ -142,18 +142,21 @@ def realtime_key(base: str, cfg: Realtime | None) -> str:
 
 
 def parse_cpus(text: str) -> tuple[int, ...]:
-    """``"0,1"`` or ``"0-3,6"`` -> (0, 1) / (0, 1, 2, 3, 6); one-line error on anything else."""
+    """``"0,1"`` or ``"0-3,6"`` -> (0, 1) / (0, 1, 2, 3, 6); one-line error on anything else,
+    and on a CPU this process may not run on (found before a range is expanded: ``0-100000000``
+    is refused at once)."""
     out: list[int] = []
+    top = max(usable_cpus(), default=0)
     for part in text.split(","):
-        part = part.strip()
-        lo, sep, hi = part.partition("-")
-        try:
-            a = int(lo)
-            b = int(hi) if sep else a
-        except ValueError:
-            raise ValueError(f"--cpus takes CPU numbers like 0,1 or 0-3, got {text!r}") from None
-        if a < 0 or b < a:
+        lo, sep, hi = part.strip().partition("-")
+        if not all(p.strip().isascii() and p.strip().isdigit() for p in ((lo, hi) if sep else (lo,))):
             raise ValueError(f"--cpus takes CPU numbers like 0,1 or 0-3, got {text!r}")
+        a = int(lo)
+        b = int(hi) if sep else a
+        if b < a:
+            raise ValueError(f"--cpus takes CPU numbers like 0,1 or 0-3, got {text!r}")
+        if b > top:
+            check_cpus((b,))  # the one-line error naming the usable CPUs
         out.extend(range(a, b + 1))
     return check_cpus(tuple(sorted(set(out))))
 

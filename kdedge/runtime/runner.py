@@ -377,12 +377,13 @@ class Runner:
             if self._mode_fn is not None:
                 self._follow_mode()
                 return self._profile
-            from kdedge.bundle.profile.store import resolve_profile
+            from kdedge.bundle.profile.store import resolve_profile, session_optimization
 
             with self._lock:
                 if self._profile is None:
                     self._profile = resolve_profile(self.bundle, self._profile_arg, target=self.target,
-                                                    threads=self.threads, key=self.run_key)
+                                                    threads=self.threads, key=self.run_key,
+                                                    optimization=session_optimization(self.options))
         return self._profile
 
     @property
@@ -395,13 +396,13 @@ class Runner:
         name = str(self._mode_fn())  # type: ignore[misc]
         if name == self._mode_name and self._profile is not None:
             return
-        from kdedge.bundle.profile.store import resolve_profile
+        from kdedge.bundle.profile.store import resolve_profile, session_optimization
 
         with self._lock:
             prof = self._mode_profiles.get(name)
             if prof is None:
                 prof = resolve_profile(self.bundle, self._profile_arg, target=self.target, threads=self.threads,
-                                       setting=name, key=self.run_key)
+                                       setting=name, key=self.run_key, optimization=session_optimization(self.options))
                 self._mode_profiles[name] = prof
             self._profile = prof
             self._cost_cache = {}

@@ -12,7 +12,7 @@ Routes:
 - ``POST /v1/classify``: the body is an image file or a ``.npy`` (see :mod:`kdedge.serve.decode`);
   ``X-Deadline-Ms`` header or ``?deadline_ms=`` query: this request's deadline; ``?top_k=``
   (default 5). 200 with the answer; 503 when refused (``shed``, ``queue_full``, ``closed``,
-  ``starting``), with ``Retry-After``; 4xx for bad input; every error body is ``{"status",
+  ``starting``; ``overloaded`` beyond ``limit_concurrency``), with ``Retry-After``; 4xx for bad input; every error body is ``{"status",
   "error"}`` with one line.
 - ``GET /v1/health``: 200 ``{"status": "ready"}`` once warmed up, else 503.
 - ``GET /v1/model``: the bundle's summary and the scheduler's configuration.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 from typing import Any, AsyncIterator, Callable
 
 from kdedge.serve.decode import BodyError, decode_body, opencv
@@ -32,7 +33,7 @@ __all__ = ["DEFAULT_MAX_BODY", "DEFAULT_TOP_K", "create_app", "model_summary"]
 
 DEFAULT_MAX_BODY = 8 << 20  # bytes: a large JPEG; a request is one sample
 DEFAULT_TOP_K = 5
-DEADLINE_HEADER = "x-deadline-ms"
+DEADLINE_HEADER = "X-Deadline-Ms"  # header lookups ignore case
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
@@ -64,39 +65,44 @@ def model_summary(runner: Any, scheduler: Any) -> dict[str, Any]:
             "png_decoder": "opencv" if opencv() is not None else "pillow"}
 
 
+_NUMBER = re.compile(r"[+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _one(request: Any, query: str, what: str, header: str | None = None) -> tuple[str | None, str]:
+    """The one value given as ``?query=`` and/or the ``header`` (each repeatable), stripped, and
+    where it came from; the same value given more than once counts once, different ones are
+    refused (ValueError)."""
+    given = [(f"the {header} header", v) for v in request.headers.getlist(header)] if header else []
+    given += [(f"the {query} query parameter", v) for v in request.query_params.getlist(query)]
+    if not given:
+        return None, ""
+    values = {v.strip() for _, v in given}
+    if len(values) > 1:
+        raise ValueError(f"{what} is given {len(given)} times ({', '.join(sorted({w for w, _ in given}))}) with "
+                         f"different values; give one")
+    where, raw = given[-1]
+    return raw.strip(), where
+
+
 def _deadline(request: Any) -> float | None:
-    raw = request.headers.get(DEADLINE_HEADER)
-    where = "the X-Deadline-Ms header"
-    q = request.query_params.get("deadline_ms")
-    if q is not None:
-        if raw is not None and raw.strip() != q.strip():
-            raise ValueError("the deadline is given twice (X-Deadline-Ms header and deadline_ms query) with "
-                             "different values; give one")
-        raw, where = q, "the deadline_ms query parameter"
+    raw, where = _one(request, "deadline_ms", "the deadline", DEADLINE_HEADER)
     if raw is None:
         return None
     from kdedge.runtime.scheduler import MAX_DEADLINE_MS
 
-    try:
-        v = float(raw.strip())
-    except ValueError:
-        raise ValueError(f"{where} must be a number of milliseconds, got {raw[:40]!r}") from None
+    v = float(raw) if _NUMBER.fullmatch(raw) else math.nan
     if not (math.isfinite(v) and 0 < v <= MAX_DEADLINE_MS):
         raise ValueError(f"{where} must be a number of milliseconds > 0 and <= {MAX_DEADLINE_MS:g}, got {raw[:40]!r}")
     return v
 
 
 def _top_k(request: Any, classes: int) -> int:
-    raw = request.query_params.get("top_k")
+    raw, _ = _one(request, "top_k", "top_k")
     if raw is None:
         return min(DEFAULT_TOP_K, classes)
-    try:
-        k = int(raw)
-    except ValueError:
-        raise ValueError(f"top_k must be an integer from 1 to {classes}, got {raw[:40]!r}") from None
-    if not 1 <= k <= classes:
-        raise ValueError(f"top_k must be an integer from 1 to {classes} (the model's classes), got {k}")
-    return k
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= classes):
+        raise ValueError(f"top_k must be an integer from 1 to {classes} (the model's classes), got {raw[:40]!r}")
+    return int(raw)
 
 
 async def _read_body(request: Any, limit: int) -> bytes | None:
@@ -116,8 +122,38 @@ async def _read_body(request: Any, limit: int) -> bytes | None:
     return bytes(body)
 
 
+class _Limit:
+    """ASGI middleware: beyond ``limit`` classify requests in progress (read, decoded, queued or
+    computing), answer 503 ``overloaded`` at once, before the body is read: the guard for when
+    the HTTP layer, not the model, cannot keep up. The refusal is JSON like every error and is
+    counted; the other endpoints are not limited (health and metrics stay readable)."""
+
+    def __init__(self, app: Any, limit: int, metrics: Any) -> None:
+        import orjson
+
+        self.app, self.limit, self.metrics, self.active = app, limit, metrics, 0
+        self.body = orjson.dumps({"status": "overloaded", "error": f"more than {limit} requests are in progress "
+                                  "(--limit-concurrency); retry later"})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/classify":
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            self.metrics.count("overloaded")
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                    (b"content-length", str(len(self.body)).encode())]})
+            await send({"type": "http.response.body", "body": self.body})
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 def create_app(runner: Any, scheduler: Any, *, max_body: int = DEFAULT_MAX_BODY, drain_timeout: float = 30.0,
-               log: Callable[[str], None] | None = None) -> Any:
+               limit_concurrency: int | None = None, log: Callable[[str], None] | None = None) -> Any:
     """The Starlette application serving ``scheduler`` (over ``runner``'s bundle).
 
     Args:
@@ -125,6 +161,8 @@ def create_app(runner: Any, scheduler: Any, *, max_body: int = DEFAULT_MAX_BODY,
         scheduler: the :class:`~kdedge.runtime.scheduler.Scheduler` answering requests.
         max_body: the largest body accepted, in bytes (413 beyond).
         drain_timeout: at shutdown, seconds to answer what is still queued (then refused).
+        limit_concurrency: beyond this many classify requests in progress, answer 503
+            ``overloaded`` before reading the body (None: no limit).
         log: where one-line notes go (unexpected errors); default: nowhere.
 
     Returns:
@@ -136,6 +174,8 @@ def create_app(runner: Any, scheduler: Any, *, max_body: int = DEFAULT_MAX_BODY,
     """
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.requests import ClientDisconnect
     from starlette.responses import Response
     from starlette.routing import Route
 
@@ -174,7 +214,11 @@ def create_app(runner: Any, scheduler: Any, *, max_body: int = DEFAULT_MAX_BODY,
         except ValueError as e:
             metrics.count("bad_request")
             return _error(400, "bad_request", str(e))
-        body = await _read_body(request, max_body)
+        try:
+            body = await _read_body(request, max_body)
+        except ClientDisconnect:  # the client went away mid-body: nothing to answer, nothing wrong here
+            metrics.count("disconnected")
+            return Response(status_code=400)
         if body is None:
             metrics.count("bad_request")
             return _error(413, "bad_request", f"the body is larger than the {max_body:,} bytes this server accepts "
@@ -260,6 +304,8 @@ def create_app(runner: Any, scheduler: Any, *, max_body: int = DEFAULT_MAX_BODY,
                             Route("/v1/health", guarded(health), methods=["GET"]),
                             Route("/v1/model", guarded(model), methods=["GET"]),
                             Route("/metrics", guarded(prometheus), methods=["GET"])],
-                    exception_handlers={HTTPException: http_error, Exception: internal}, lifespan=lifespan)
+                    exception_handlers={HTTPException: http_error, Exception: internal}, lifespan=lifespan,
+                    middleware=[] if limit_concurrency is None else
+                    [Middleware(_Limit, limit=limit_concurrency, metrics=metrics)])
     app.state.metrics = metrics
     return app

@@ -68,7 +68,7 @@ class GcPauses:
             h.add_metric([str(g)], buckets, total)
         yield h
 
-_STATUSES = ("ok", "shed", "queue_full", "closed", "starting", "error", "bad_request")
+_STATUSES = ("ok", "shed", "queue_full", "closed", "starting", "error", "bad_request", "overloaded", "disconnected")
 # seconds: from well under a millisecond (small models) to a second (a deadline far too long)
 _TIME_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 

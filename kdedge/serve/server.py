@@ -90,22 +90,17 @@ def build(bundle: Any, *, target: str = "onnx", threads: Any = None, device: str
         raise
 
 
-def _config(app: Any, log_level: str, graceful_s: float | None, limit_concurrency: int | None = None) -> Any:
+def _config(app: Any, log_level: str, graceful_s: float | None) -> Any:
     import uvicorn
 
     return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
-                          timeout_graceful_shutdown=graceful_s, limit_concurrency=limit_concurrency)
+                          timeout_graceful_shutdown=graceful_s)
 
 
-def run_server(app: Any, sock: socket.socket, *, log_level: str = "warning", graceful_s: float | None = 30.0,
-               limit_concurrency: int | None = None) -> None:
+def run_server(app: Any, sock: socket.socket, *, log_level: str = "warning", graceful_s: float | None = 30.0) -> None:
     """Serve ``app`` on ``sock`` until SIGINT or SIGTERM, then shut down gracefully: stop
     accepting, let the requests in flight be answered (at most ``graceful_s`` seconds), run the
     app's shutdown (the scheduler answers what is queued), return.
-
-    ``limit_concurrency``: beyond this many connections or requests in progress, uvicorn
-    answers 503 itself, before the request is parsed into the application: the guard for when
-    the HTTP layer, not the model, is what cannot keep up (docs/serving.md).
 
     Raises:
         KeyboardInterrupt: never for SIGINT/SIGTERM: both end in a clean return.
@@ -114,7 +109,7 @@ def run_server(app: Any, sock: socket.socket, *, log_level: str = "warning", gra
 
     import uvicorn
 
-    server = uvicorn.Server(_config(app, log_level, graceful_s, limit_concurrency))
+    server = uvicorn.Server(_config(app, log_level, graceful_s))
     # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers in
     # place that ends in a clean return instead of a KeyboardInterrupt or a kill by SIGTERM
     main = threading.current_thread() is threading.main_thread()

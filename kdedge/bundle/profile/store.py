@@ -21,7 +21,8 @@ from kdedge.bundle.profile.validate import check_coverage, validate_profile
 from kdedge.io import JSONError, atomic_write_json, read_json_strict
 
 __all__ = ["LatencyProfile", "bundle_fingerprint", "check_profile", "current_key", "demo_deadlines", "profile_filename",
-           "realtime_key", "resolve_profile", "split_realtime_key", "store_profile", "thread_choice", "write_profile"]
+           "realtime_key", "resolve_profile", "session_optimization", "split_realtime_key", "store_profile",
+           "thread_choice", "write_profile"]
 
 
 def realtime_key(base: str, part: str | None) -> str:
@@ -235,10 +236,18 @@ class LatencyProfile:
         return cls(data, path)
 
 
+def session_optimization(options: Any) -> str | None:
+    """The graph optimisation level of a runner's session options (onnxruntime's
+    :class:`~kdedge.targets.ort_session.OrtOptions`, or a target's dict), None where it has none."""
+    level = options.get("optimization") if isinstance(options, dict) else getattr(options, "optimization", None)
+    return level if isinstance(level, str) else None
+
+
 def check_profile(profile: LatencyProfile, bundle: Any, target: str, device: str, setting: str,
-                  key: str = "") -> None:
+                  key: str = "", optimization: str | None = None) -> None:
     """Refuse a profile of another target, run key (run device, CUDA graphs), device or
-    setting, or of other stage files.
+    setting, of other stage files, or measured at another graph optimisation level than
+    ``optimization`` (the runner's; None: not checked).
 
     Raises:
         ForeignProfileError, StaleProfileError: with the command that makes a usable one
@@ -258,6 +267,13 @@ def check_profile(profile: LatencyProfile, bundle: Any, target: str, device: str
         raise ForeignProfileError(f"{profile.where()} was measured under setting {profile.setting!r}, this runner "
                                   f"runs under {setting!r} (threads / governor / power mode); run with the "
                                   f"profile's setting, or {redo}")
+    measured = (profile.data.get("options") or {}).get("optimization")
+    if optimization is not None and isinstance(measured, str) and measured != optimization:
+        flag = "" if optimization == "all" else f" --optimization {optimization}"
+        raise ForeignProfileError(f"{profile.where()} was measured with graph optimisation {measured!r}, the "
+                                  f"runner's sessions use {optimization!r} (its stages run at other speeds); "
+                                  f"run `kdedge profile {bundle.path} --target {target}{_run_flags(key)}{flag} "
+                                  f"--threads <N>` on this device")
     check_coverage(profile.data, bundle, profile.where())
     if profile.fingerprint != bundle_fingerprint(bundle, target):
         measured_on = str(profile.data["bundle"].get("path") or "")
@@ -291,7 +307,7 @@ def _device_flags(key: str) -> str:
 
 
 def resolve_profile(bundle: Any, arg: Any, target: str, threads: int, setting: str | None = None,
-                    key: str = "") -> LatencyProfile:
+                    key: str = "", optimization: str | None = None) -> LatencyProfile:
     """The profile a runner uses: ``arg`` is ``"auto"`` (the bundle's profile of this device and
     setting), a path, a :class:`LatencyProfile`, or None (none given).
 
@@ -299,6 +315,8 @@ def resolve_profile(bundle: Any, arg: Any, target: str, threads: int, setting: s
         setting: the setting (power mode) to use instead of reading the current one (a runner
             that follows the power mode passes what its mode callable returned).
         key: the runner's run key (:attr:`kdedge.runtime.Runner.run_key`).
+        optimization: the runner's graph optimisation level (:func:`session_optimization`);
+            a profile measured at another is foreign.
 
     Raises:
         MissingProfileError, ForeignProfileError, StaleProfileError.
@@ -325,7 +343,7 @@ def resolve_profile(bundle: Any, arg: Any, target: str, threads: int, setting: s
             raise MissingProfileError(f"bundle {bundle.path} has no latency profile for this device ({device}) and "
                                       f"setting ({setting}){runs}{others}; {how}")
         prof = LatencyProfile.load(path)
-    check_profile(prof, bundle, target, device, setting, key)
+    check_profile(prof, bundle, target, device, setting, key, optimization)
     return prof
 
 
