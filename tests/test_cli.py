@@ -144,3 +144,89 @@ def test_export_inspect_and_eval_bundle_agree_with_the_run(tmp_path: Path) -> No
     from_bundle = json.loads(res.stdout)["accuracy"]
     from_run = json.loads(invoke("eval", str(run), "--json").stdout)["accuracy"]
     assert from_bundle == pytest.approx(from_run, abs=1e-9)
+
+
+def _folder_tree(root: Path, names: tuple[str, ...]) -> None:
+    from PIL import Image
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 3)):
+        for i, name in enumerate(names):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for j in range(n):
+                Image.fromarray((rng.random((16, 16)) * 80 + 120 * i).astype(np.uint8), "L").save(d / f"{j}.png")
+
+
+def test_class_names_in_another_order_are_named() -> None:
+    from kdedge.bundle.inputs import class_mismatch
+
+    assert class_mismatch(["a", "b", "c"], ("a", "b", "c")) is None
+    assert "label 1 is 'c' in the data, 'b' in the model" in class_mismatch(["a", "c", "b"], ["a", "b", "c"])
+    assert "the data has 'd'" in class_mismatch(["a", "d"], ["a", "b"])
+
+
+def test_eval_refuses_data_whose_classes_are_not_the_models_and_a_plot_path_it_would_clobber(tmp_path: Path) -> None:
+    _folder_tree(tmp_path / "ok", ("cat", "dog"))
+    run = tmp_path / "run"
+    res = invoke("train", "--data", "imagefolder", "--data-root", str(tmp_path / "ok"), "--set", "data.image_size=16",
+                 "--epochs", "1", "--out", str(run), *TINY)
+    assert res.exit_code == 0, res.output
+    bundle = tmp_path / "b.kdedge"
+    assert invoke("export", str(run), "--out", str(bundle)).exit_code == 0
+    _folder_tree(tmp_path / "renamed", ("acat", "zdog"))
+    _folder_tree(tmp_path / "other", ("cat", "wolf"))
+    for data, why in (("renamed", "the data has 'acat', 'zdog', which the model does not"),
+                      ("other", "the data has 'wolf', which the model does not")):
+        for target in (run, bundle):
+            res = invoke("eval", str(target), "--data-root", str(tmp_path / data))
+            assert res.exit_code == 2 and why in res.output and "wrong labels" in res.output, (data, target, res.output)
+    assert invoke("eval", str(run), "--data-root", str(tmp_path / "ok")).exit_code == 0
+    # --plot never replaces what is not a plot, and is checked before the evaluation
+    weights = run / "model.safetensors"
+    before = weights.read_bytes()
+    for plot, words in ((weights, "exists and is not a PNG plot"), (tmp_path, "is a directory"),
+                        (tmp_path / "no" / "p.png", "does not exist")):
+        res = invoke("eval", str(run), "--plot", str(plot))
+        assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, res.output
+    assert weights.read_bytes() == before
+    png = tmp_path / "p.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n an earlier plot")
+    assert invoke("eval", str(run), "--plot", str(png)).exit_code == 0  # may be replaced (a baseline draws none)
+
+
+def test_an_interrupt_says_how_to_go_on_for_the_command_that_was_stopped(capsys) -> None:
+    import typer
+
+    from kdedge.cli.common import handle_errors
+
+    def stopped() -> None:
+        raise KeyboardInterrupt
+
+    for module, words in (("kdedge.cli.train", "training resumes with --resume"),
+                          ("kdedge.cli.export", "nothing half-written is left; rerun the command")):
+        stopped.__module__ = module
+        with pytest.raises((SystemExit, typer.Exit)) as e:
+            handle_errors(stopped)()
+        assert getattr(e.value, "code", getattr(e.value, "exit_code", None)) == 130
+        err = capsys.readouterr().err
+        assert words in err and "\n" == err[-1] and err.count("\n") == 1, err
+
+
+def test_inspect_json_answers_for_what_is_not_a_bundle_too(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (tmp_path / "half.kdedge").mkdir()
+    (tmp_path / "nan.kdedge").mkdir()
+    (tmp_path / "nan.kdedge" / "manifest.json").write_text('{"format": NaN}')
+    for path, words in ((run, "is a training run directory, not a bundle; make one with `kdedge export"),
+                        (tmp_path / "half.kdedge", "manifest.json is missing"),
+                        (tmp_path / "nan.kdedge", "NaN"), (tmp_path / "none", "does not exist")):
+        res = invoke("inspect", str(path), "--json")
+        assert res.exit_code == 2, res.output
+        d = json.loads(res.stdout)
+        assert d["status"] == "unreadable" and words in d["problems"][0] and d["bundle"] == str(path), d
+        assert words in res.stderr

@@ -494,6 +494,34 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         load_data(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8), 0)
 
 
+def _png_header(w: int, h: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncated", "cannot be read as an image"),
+    ("oversized", "9000x8000 pixels, more than the 67 MP kdedge decodes"),
+    ("bomb", "cannot be read as an image"),  # beyond Pillow's own limit: refused by Pillow's open
+])
+def test_a_bad_image_in_a_folder_is_named_in_one_line(tmp_path: Path, damage: str, words: str) -> None:
+    _png_tree(tmp_path, {"train": 2, "val": 1}, np.random.default_rng(0))
+    bad = tmp_path / "train" / "dog" / "1.png"
+    bad.write_bytes({"truncated": bad.read_bytes()[:60], "oversized": _png_header(9000, 8000),
+                     "bomb": _png_header(30000, 30000)}[damage])
+    s = load_data(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8), 0)
+    with pytest.raises(DataError) as e:
+        for i in range(len(s.train)):
+            s.train[i]
+    assert str(e.value).startswith(str(bad)) and words in str(e.value) and "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------- configuration errors
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,25 @@ def test_fixed_labelled_batches_train_and_resume_exactly(tmp_path: Path, monkeyp
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_final_weights_are_the_same_bytes_whatever_the_hash_seed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from kdedge.train.checkpoint import save_weights, read_tensors; "
+            "torch.manual_seed(0); m = torch.nn.Linear(3, 2); "
+            "save_weights(m, sys.argv[1], {'method': 'hne', 'kdedge': '1', 'config': 'x', 'z': 'y'}); "
+            "assert torch.equal(read_tensors(sys.argv[1])['weight'], m.weight.detach())")
+    blobs = set()
+    for seed in ("1", "2", "3", "4"):
+        out = tmp_path / f"w{seed}.safetensors"
+        proc = subprocess.run([sys.executable, "-c", code, str(out)], env={**os.environ, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        blobs.add(out.read_bytes())
+    assert len(blobs) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"method": "hne", "kdedge": "1", "config": "x", "z": "y"}

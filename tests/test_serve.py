@@ -272,6 +272,38 @@ def test_a_body_decodes_as_the_same_file_does(tmp_path: Path, fmt: str, decoder:
     assert checked >= 3, f"{fmt}: only {checked} modes could be saved"
 
 
+@pytest.mark.parametrize("fmt", ["WEBP", "JPEG"])
+def test_a_grey_picture_in_a_lossy_colour_format_is_grey_for_a_grey_model(tmp_path: Path, fmt: str) -> None:
+    """Lossy WebP has no grey mode: a grey picture comes back with its channels a step apart.
+    Both the runner's files and the server's bodies take it, as Pillow's luma of it."""
+    from PIL import Image
+
+    from kdedge.runtime import InputError, load_inputs
+
+    import copy
+
+    spec = copy.deepcopy(GREY)  # the toy grey input at 28 x 28: at 8 x 8 WebP happens to keep it exact
+    spec["input"]["shape"][2:] = spec["preprocessing"]["input_size"] = [28, 28]
+    grey = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    path = tmp_path / f"g.{fmt.lower()}"
+    Image.fromarray(np.repeat(grey[:, :, None], 3, 2), "RGB").save(path, format=fmt, quality=80)
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+        luma = np.asarray(im.convert("L"))
+    if fmt == "WEBP":
+        assert (rgb.max(2) - rgb.min(2)).max() > 0  # the case: not exactly grey any more
+    want = load_inputs(path, spec).x
+    np.testing.assert_allclose(want, (luma[None, None] / 16 - 0.3) / 0.4, rtol=1e-6)  # the toy's scale, mean, std
+    np.testing.assert_array_equal(decode_body(path.read_bytes(), _spec(spec)), want)
+    tinted = np.repeat(grey[:, :, None], 3, 2)
+    tinted[..., 0] = 255 - tinted[..., 0]  # clearly colour: still refused
+    Image.fromarray(tinted, "RGB").save(path, format=fmt, quality=80)
+    with pytest.raises(InputError, match="colour image"):
+        load_inputs(path, spec)
+    with pytest.raises(BodyError, match="in colour"):
+        decode_body(path.read_bytes(), _spec(spec))
+
+
 def test_png_gamma_colour_space_and_transparency_chunks_do_not_change_the_pixels(tmp_path: Path, decoder: str) -> None:
     """Neither decoder applies a PNG's gamma (gAMA), colour space (sRGB) or significant bits
     (sBIT), and a transparent colour (tRNS) is dropped like alpha: the pixels are the file's."""

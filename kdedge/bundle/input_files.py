@@ -57,8 +57,9 @@ from kdedge.bundle.inputs import (
     raw_layout,
 )
 
-__all__ = ["IMAGE_SUFFIXES", "InputError", "Inputs", "MAX_IMAGE_PIXELS", "MAX_INPUT_BYTES", "MAX_INPUT_FILES",
-           "check_batch", "list_images", "load_inputs", "preprocess", "read_image"]
+__all__ = ["IMAGE_SUFFIXES", "InputError", "Inputs", "LOSSY_FORMATS", "LOSSY_GREY_TOLERANCE", "MAX_IMAGE_PIXELS",
+           "MAX_INPUT_BYTES", "MAX_INPUT_FILES", "check_batch", "grey_of", "list_images", "load_inputs", "preprocess",
+           "read_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm")
 
@@ -196,11 +197,36 @@ def _convert(im: Any, path: Path, channel_order: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
     if mode in ("L", "1", "LA"):
         return np.asarray(im.convert("L"))[:, :, None]
-    rgb = np.asarray(im.convert("RGB"))
-    if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
+    grey = grey_of(np.asarray(im.convert("RGB")), im.format in LOSSY_FORMATS)
+    if grey is None:
         raise InputError(f"{path} is a colour image ({mode}, 3 channels), the bundle expects "
                          "greyscale (1 channel, L); convert it, e.g. PIL.Image.open(p).convert('L')")
-    return rgb[:, :, :1]  # a grey picture stored as colour
+    return grey  # a grey picture stored as colour
+
+
+LOSSY_FORMATS = frozenset({"JPEG", "WEBP", "MPO"})
+# how far apart a lossy file's channels may be and the picture still count as grey: lossy WebP
+# has no grey mode and rounds its subsampled chroma, so a grey picture comes back with R, G and
+# B a step or two apart
+LOSSY_GREY_TOLERANCE = 4
+
+
+def grey_of(rgb: np.ndarray, lossy: bool = False) -> np.ndarray | None:
+    """The one channel (HW1 uint8) of an HWC RGB picture for a grey model, or None when it is in
+    colour. Equal channels are grey; from a lossy format (:data:`LOSSY_FORMATS`), channels within
+    :data:`LOSSY_GREY_TOLERANCE` of each other are too, and give their luma as Pillow's
+    ``convert("L")`` computes it (ITU-R 601-2, which is the value itself for equal channels)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    if (r == g).all() and (g == b).all():
+        return np.ascontiguousarray(rgb[:, :, :1])
+    if not lossy:
+        return None
+    wide = rgb.astype(np.int32)
+    spread = wide.max(axis=2) - wide.min(axis=2)
+    if int(spread.max()) > LOSSY_GREY_TOLERANCE:
+        return None
+    luma = (wide[..., 0] * 19595 + wide[..., 1] * 38470 + wide[..., 2] * 7471 + 0x8000) >> 16
+    return luma.astype(np.uint8)[:, :, None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,6 +134,23 @@ class InputSpec:
                    class_names=tuple(str(c) for c in classes), resize=None if p.get("resize") is None else int(p["resize"]))
 
 
+def class_mismatch(data_names: Sequence[str], model_names: Sequence[str]) -> str | None:
+    """Why a dataset's classes do not label what a model predicts (None: they do): same count,
+    but other names, or the same names in another order (a folder renamed or added changes the
+    sorted order, so every label would be scored against another class)."""
+    data_names, model_names = [str(n) for n in data_names], [str(n) for n in model_names]
+    if data_names == model_names:
+        return None
+    if sorted(data_names) == sorted(model_names):
+        i = next(k for k, (a, b) in enumerate(zip(data_names, model_names)) if a != b)
+        return (f"its classes are the model's in another order (label {i} is {data_names[i]!r} in the data, "
+                f"{model_names[i]!r} in the model)")
+    extra = [n for n in data_names if n not in model_names][:3]
+    if not extra:
+        return f"its class names {data_names[:5]} are not the model's {model_names[:5]}"
+    return f"its classes are not the model's (the data has {', '.join(map(repr, extra))}, which the model does not)"
+
+
 def as_spec(obj: Any) -> InputSpec:
     """``obj`` as an :class:`InputSpec`: a spec, a :class:`~kdedge.bundle.Bundle` or a manifest dict."""
     if isinstance(obj, InputSpec):

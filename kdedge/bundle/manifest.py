@@ -194,6 +194,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
                           "(from kdedge export)")
     mpath = path / MANIFEST
     if not mpath.exists() and not mpath.is_symlink():
+        if (path / "run.json").is_file():
+            raise BundleError(f"{path} is a training run directory, not a bundle; make one with "
+                              f"`kdedge export {path} --out BUNDLE.kdedge`")
         raise BundleError(f"{path} is not a complete bundle: {MANIFEST} is missing (an interrupted export?)")
     try:
         manifest = read_json_strict(mpath, what=str(mpath))

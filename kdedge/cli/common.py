@@ -55,7 +55,9 @@ def handle_errors(fn: F) -> F:
         except NotYetAvailable as e:
             fail(str(e), code=3)
         except KeyboardInterrupt:
-            fail("interrupted; files already written are intact (training resumes with --resume)", code=130)
+            again = ("training resumes with --resume" if fn.__module__.endswith(".train") else
+                     "nothing half-written is left; rerun the command")
+            fail(f"interrupted; files already written are intact ({again})", code=130)
         except FloatingPointError as e:
             fail(one_line(e), code=1)
         except USER_ERRORS as e:

@@ -39,6 +39,8 @@ def command(
         raise ValueError(f"--split must be test or val, got {split!r}")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if plot is not None:
+        _check_plot_path(plot)
     if _is_bundle(path):
         result = _eval_bundle(path, data, data_root, split)
     else:
@@ -47,6 +49,26 @@ def command(
         print_json(result)
     else:
         _print(result)
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_plot_path(plot: Path) -> None:
+    """Before any work: ``--plot`` names a new file or an earlier plot (a PNG) in an existing
+    directory; anything else already there (the run's weights, a user's file) is never replaced."""
+    if plot.is_dir():
+        raise ValueError(f"--plot {plot} is a directory; give the PNG file's path")
+    if not plot.parent.is_dir():
+        raise ValueError(f"--plot {plot}: the directory {plot.parent} does not exist")
+    if plot.exists() or plot.is_symlink():
+        try:
+            with open(plot, "rb") as f:
+                is_png = plot.is_file() and not plot.is_symlink() and f.read(8) == PNG_MAGIC
+        except OSError:
+            is_png = False
+        if not is_png:
+            raise ValueError(f"--plot {plot} exists and is not a PNG plot; it is left as it is: give a new path")
 
 
 def _split_dataset(cfg_data: Any, seed: int, data: Optional[str], data_root: Optional[str], split: str) -> Any:
@@ -60,9 +82,15 @@ def _split_dataset(cfg_data: Any, seed: int, data: Optional[str], data_root: Opt
 
 
 def _check_compatible(info: Any, trained: Any) -> None:
+    from kdedge.bundle.inputs import class_mismatch
+
     if (info.num_classes, info.in_channels, tuple(info.input_size)) != (trained.num_classes, trained.in_channels, tuple(trained.input_size)):
         raise ValueError(f"dataset {info.name} ({info.num_classes} classes, {info.in_channels}x{tuple(info.input_size)}) does not fit "
                          f"the model trained on {trained.name} ({trained.num_classes} classes, {trained.in_channels}x{tuple(trained.input_size)})")
+    why = class_mismatch(info.class_names, trained.class_names)
+    if why is not None:
+        raise ValueError(f"dataset {info.name} does not fit the model trained on {trained.name}: {why}; its accuracy "
+                         f"would be scored against the wrong labels")
 
 
 def _eval_run(path: Path, data: Optional[str], data_root: Optional[str], split: str, plot: Optional[Path]) -> dict[str, Any]:

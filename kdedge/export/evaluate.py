@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kdedge.bundle.errors import BundleError
+from kdedge.bundle.inputs import class_mismatch
 from kdedge.bundle.manifest import Bundle
 from kdedge.export.data import Batches
 from kdedge.export.metrics import chain_accuracy
@@ -139,6 +140,10 @@ def bundle_splits(bundle: Bundle, data: str | None = None, data_root: str | None
                           f"{tuple(info.input_size)}) does not fit bundle {bundle.path} ({bundle.num_classes} classes, "
                           f"input {list(bundle.input_shape[1:])}); use the dataset it was exported for "
                           f"({bundle.manifest['preprocessing'].get('dataset')})")
+    why = class_mismatch(info.class_names, bundle.classes)
+    if why is not None:
+        raise BundleError(f"dataset {info.name} does not fit bundle {bundle.path}: {why}; its accuracy would be "
+                          f"scored against the wrong labels")
     return splits, seed
 
 

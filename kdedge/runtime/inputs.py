@@ -4,8 +4,9 @@ from the same files); this module is the runtime's name for them."""
 
 from __future__ import annotations
 
-from kdedge.bundle.input_files import (IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, MAX_INPUT_BYTES, MAX_INPUT_FILES, InputError,
-                                       Inputs, check_batch, list_images, load_inputs, preprocess, read_image)
+from kdedge.bundle.input_files import (IMAGE_SUFFIXES, LOSSY_FORMATS, MAX_IMAGE_PIXELS, MAX_INPUT_BYTES, MAX_INPUT_FILES,
+                                       InputError, Inputs, check_batch, grey_of, list_images, load_inputs, preprocess,
+                                       read_image)
 
-__all__ = ["IMAGE_SUFFIXES", "InputError", "Inputs", "MAX_IMAGE_PIXELS", "MAX_INPUT_BYTES", "MAX_INPUT_FILES",
-           "check_batch", "list_images", "load_inputs", "preprocess", "read_image"]
+__all__ = ["IMAGE_SUFFIXES", "InputError", "Inputs", "LOSSY_FORMATS", "MAX_IMAGE_PIXELS", "MAX_INPUT_BYTES",
+           "MAX_INPUT_FILES", "check_batch", "grey_of", "list_images", "load_inputs", "preprocess", "read_image"]

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 
 from kdedge.runtime import InputError, check_batch, preprocess
+from kdedge.runtime.inputs import LOSSY_FORMATS, MAX_IMAGE_PIXELS, grey_of
 
 __all__ = ["BodyError", "MAX_IMAGE_PIXELS", "NPY_MAGIC", "decode_body", "opencv"]
 
 NPY_MAGIC = b"\x93NUMPY"
-MAX_IMAGE_PIXELS = 64 << 20  # the runtime's bound on one image (64 Mi pixels), checked before decoding
 _FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 # a body whose first bytes name its format is opened by that format's plugin alone (Pillow
 # otherwise asks each plugin in turn); anything else, a damaged header included, by all of them
@@ -281,12 +281,14 @@ def _convert(im: Any, order: str) -> np.ndarray:
         return _pixels(im if mode == "RGB" else im.convert("RGB"))
     if mode in ("L", "1", "LA"):
         return _pixels(im if mode == "L" else im.convert("L"))
-    return _grey(_pixels(im.convert("RGB")))
+    return _grey(_pixels(im.convert("RGB")), im.format in LOSSY_FORMATS)
 
 
-def _grey(rgb: np.ndarray) -> np.ndarray:
-    """One channel of an HWC RGB picture for a grey model, refused when it is in colour."""
-    if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
+def _grey(rgb: np.ndarray, lossy: bool = False) -> np.ndarray:
+    """One channel of an HWC RGB picture for a grey model (:func:`kdedge.runtime.inputs.grey_of`),
+    refused when it is in colour."""
+    grey = grey_of(rgb, lossy)
+    if grey is None:
         raise BodyError("the image is in colour, the model takes greyscale (1 channel); convert it first, e.g. "
                         "PIL.Image.open(p).convert('L')")
-    return np.ascontiguousarray(rgb[:, :, :1])
+    return grey

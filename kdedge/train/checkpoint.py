@@ -13,6 +13,7 @@ parameter order is the optimiser's own.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kdedge.io import atomic_write, atomic_write_json, read_json_strict, sha256_file
+from kdedge.io import atomic_write, atomic_write_bytes, atomic_write_json, read_json_strict, sha256_file
 
 POINTER = "checkpoint.json"
 KEEP = 2  # checkpoints kept on disk: the newest and one to fall back to
@@ -38,9 +39,27 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its metadata keys in sorted order: safetensors writes
+    them in hash order, which changes with the process, so equal weights would hash unequal in
+    ``run.json``. The header keeps its length (the tensors' offsets do not move)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    if not meta:
+        return data
+    out = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                     ensure_ascii=False).encode()
+    if len(out) > n:  # not the serializer we know: keep the file as written
+        return data
+    return data[:8] + out.ljust(n, b" ") + data[8 + n:]
+
+
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
     tensors = state_tensors(model)
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata or {}))
+    atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata or {})))
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:

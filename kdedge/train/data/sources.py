@@ -51,11 +51,27 @@ class FileSource:
         return len(self.paths)
 
     def load(self, i: int) -> Any:
-        """The image as an RGB PIL image (what the transforms take)."""
+        """The image as an RGB PIL image (what the transforms take); a damaged, truncated or
+        oversized file (more than :data:`~kdedge.bundle.inputs.MAX_IMAGE_PIXELS`, checked from
+        its header before decoding) is a one-line :class:`DataError` naming it."""
         from PIL import Image
 
-        with Image.open(self.paths[i]) as img:
-            return img.convert("RGB")
+        from kdedge.bundle.inputs import MAX_IMAGE_PIXELS, pixels
+
+        path = self.paths[i]
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise DataError(f"{path}: the image is {w}x{h} pixels, more than the {pixels(MAX_IMAGE_PIXELS)} "
+                                    "kdedge decodes; shrink it or take it out of the dataset")
+                return img.convert("RGB")
+        except DataError:
+            raise
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what Pillow raises on a bad file
+            why = (str(e) or type(e).__name__).splitlines()[0]
+            raise DataError(f"{path}: cannot be read as an image ({why}); replace it or take it out of the "
+                            "dataset") from None
 
     def raw(self, i: int) -> np.ndarray:
         """The image as a uint8 HWC array (what ``preprocess`` takes)."""
