@@ -522,6 +522,8 @@ def test_cli_profile_merges_batches(base, tmp_path: Path) -> None:
     (("--batch", "1,,x"), "got '1,,x'"),
     (("--batch", "1e3"), "got '1e3'"),
     (("--batch", "+3"), "got '+3'"),
+    (("--batch", "1,,2"), "got '1,,2'"),
+    (("--batch", "1,"), "got '1,'"),
     (("--batch", str(MAX_BATCH + 1)), f"from 1 to {MAX_BATCH}"),
     (("--batch", "9" * 40), "--batch takes"),
     (("--runs", "0"), "--runs must be from 1 to"),

@@ -161,6 +161,16 @@ def _foreign(env, tmp_path: Path) -> Path:
                      _foreign(env, t)], "measured on device 'nvidia-jetson-agx-orin'"),
     (lambda env, t: ["--input", env["root"] / "x.npy", "--confidence", "1.5"], "in \\[0, 1\\]"),
     (lambda env, t: ["--data", "digits", "--limit", "0"], "--limit"),
+    # options that would change nothing are refused, not ignored
+    (lambda env, t: ["--input", env["root"] / "x.npy", "--limit", "3", "--seed", "5"],
+     "--limit, --seed apply to --data"),
+    (lambda env, t: ["--input", env["root"] / "x.npy", "--split", "val", "--data-root", str(t)],
+     "--data-root, --split apply to --data"),
+    (lambda env, t: ["--input", env["root"] / "x.npy", "--margin-ms", "2", "--stat", "max"],
+     "--margin-ms, --stat apply to --deadline-ms"),
+    (lambda env, t: ["--input", env["root"] / "x.npy", "--measure", "margin"], "--measure applies to --confidence"),
+    (lambda env, t: ["--input", env["root"] / "x.npy", "--confidence", "0.5", "--fused"],
+     "--fused/--no-fused choose how --stages or --deadline-ms run"),
 ])
 def test_bad_input_gives_one_clear_line(env, tmp_path: Path, setup, needle: str) -> None:
     import re

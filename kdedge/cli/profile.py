@@ -53,7 +53,7 @@ def parse_batches(text: str) -> list[int]:
     """``"1,32"`` -> [1, 32]; a clear error otherwise (also above ``MAX_BATCH``)."""
     from kdedge.profile.latency import MAX_BATCH
 
-    parts = [v for v in text.replace(" ", "").split(",") if v]
+    parts = text.replace(" ", "").split(",")  # an empty item ("1,,2", "1,") is a typo: refused
     # digits only: int() would also take "+3", "1_000" and "٣"
     values = [int(v) for v in parts if v.isascii() and v.isdigit() and len(v) <= 9]
     if not values or len(values) != len(parts) or any(not 1 <= v <= MAX_BATCH for v in values):

@@ -50,6 +50,27 @@ def _policy(deadline_ms: Optional[float], confidence: Optional[float], stages: O
                        margin_ms=margin_ms, stat=stat, measure=measure, energy_mj=energy_mj, online=online)
 
 
+def _check_unused(input_path: Optional[Path], data_root: Optional[str], split: str, limit: Optional[int], seed: int,
+                  deadline_ms: Optional[float], margin_ms: float, stat: str, confidence: Optional[float],
+                  measure: str, stages: Optional[int], fused: Optional[bool]) -> None:
+    """An option that would change nothing is an error, not silently ignored: the user meant
+    something by it."""
+    unused = []
+    if input_path is not None:
+        unused += [f for f, given in (("--data-root", data_root is not None), ("--split", split != "test"),
+                                      ("--limit", limit is not None), ("--seed", seed != 0)) if given]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} apply to --data (a dataset split), not to --input; drop them")
+    if deadline_ms is None:
+        unused = [f for f, given in (("--margin-ms", margin_ms != 0.1), ("--stat", stat != "p99")) if given]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} apply to --deadline-ms, which is not given")
+    if confidence is None and measure != "max":
+        raise ValueError("--measure applies to --confidence, which is not given")
+    if fused is not None and stages is None and deadline_ms is None:
+        raise ValueError("--fused/--no-fused choose how --stages or --deadline-ms run; give one of them")
+
+
 def _mode_follower(exe: str, conf: str, period_s: float = 1.0) -> Any:
     """A mode callable for the runner: the nvpmodel mode's setting name, re-read at most every
     ``period_s`` (``nvpmodel -q`` is a subprocess, too slow to run per request)."""
@@ -189,6 +210,8 @@ def command(
         raise ValueError(f"--limit must be at least 1, got {limit}")
     if online and deadline_ms is None:
         raise ValueError("--online applies to --deadline-ms")
+    _check_unused(input_path, data_root, split, limit, seed, deadline_ms, margin_ms, stat, confidence, measure,
+                  stages, fused)
     policy = _policy(deadline_ms, confidence, stages, fused, margin_ms, stat, measure, energy_mj, online)
     mode = _mode_follower(nvpmodel_exe, nvpmodel_conf) if follow_power_mode else None
     rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock, cpu_latency)
