@@ -506,9 +506,9 @@ def _png_header(w: int, h: int) -> bytes:
 
 
 @pytest.mark.parametrize("damage, words", [
-    ("truncated", "cannot be read as an image"),
-    ("oversized", "9000x8000 pixels, more than the 67 MP kdedge decodes"),
-    ("bomb", "cannot be read as an image"),  # beyond Pillow's own limit: refused by Pillow's open
+    ("truncated", "cannot read image"),
+    ("oversized", "is 9000x8000 pixels (72 MP), more than the 67 MP kdedge decodes"),
+    ("bomb", "too large to decode safely"),  # beyond Pillow's own limit: refused by Pillow's open
 ])
 def test_a_bad_image_in_a_folder_is_named_in_one_line(tmp_path: Path, damage: str, words: str) -> None:
     _png_tree(tmp_path, {"train": 2, "val": 1}, np.random.default_rng(0))
@@ -519,7 +519,7 @@ def test_a_bad_image_in_a_folder_is_named_in_one_line(tmp_path: Path, damage: st
     with pytest.raises(DataError) as e:
         for i in range(len(s.train)):
             s.train[i]
-    assert str(e.value).startswith(str(bad)) and words in str(e.value) and "\n" not in str(e.value)
+    assert str(bad) in str(e.value) and words in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------- configuration errors

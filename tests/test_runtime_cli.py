@@ -169,6 +169,8 @@ def _foreign(env, tmp_path: Path) -> Path:
     (lambda env, t: ["--input", env["root"] / "x.npy", "--margin-ms", "2", "--stat", "max"],
      "--margin-ms, --stat apply to --deadline-ms"),
     (lambda env, t: ["--input", env["root"] / "x.npy", "--measure", "margin"], "--measure applies to --confidence"),
+    (lambda env, t: ["--input", env["root"] / "x.npy", "--online"], "--online applies to --deadline-ms"),
+    (lambda env, t: ["--input", env["root"] / "x.npy", "--seed", "0"], "--seed applies to --data"),  # given, if default
     (lambda env, t: ["--input", env["root"] / "x.npy", "--confidence", "0.5", "--fused"],
      "--fused/--no-fused choose how --stages or --deadline-ms run"),
 ])

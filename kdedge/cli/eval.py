@@ -61,14 +61,18 @@ def _check_plot_path(plot: Path) -> None:
         raise ValueError(f"--plot {plot} is a directory; give the PNG file's path")
     if not plot.parent.is_dir():
         raise ValueError(f"--plot {plot}: the directory {plot.parent} does not exist")
-    if plot.exists() or plot.is_symlink():
-        try:
-            with open(plot, "rb") as f:
-                is_png = plot.is_file() and not plot.is_symlink() and f.read(8) == PNG_MAGIC
-        except OSError:
-            is_png = False
-        if not is_png:
-            raise ValueError(f"--plot {plot} exists and is not a PNG plot; it is left as it is: give a new path")
+    if plot.is_symlink() or (plot.exists() and not _is_png(plot)):
+        raise ValueError(f"--plot {plot} exists and is not a PNG plot; it is left as it is: give a new path")
+
+
+def _is_png(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with path.open("rb") as f:
+            return f.read(8) == PNG_MAGIC
+    except OSError:
+        return False
 
 
 def _split_dataset(cfg_data: Any, seed: int, data: Optional[str], data_root: Optional[str], split: str) -> Any:

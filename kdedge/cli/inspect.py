@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from kdedge.cli.common import fail, handle_errors, print_json
+from kdedge.cli.common import USER_ERRORS, fail, handle_errors, one_line, print_json
 
 HELP = """Show a bundle: stages, members, FLOPs, accuracy per stage, files, sizes and the
 verification result. The manifest and every checksum are verified first. A damaged bundle (a
@@ -28,7 +28,6 @@ def command(
     bundle: Path = typer.Argument(..., help="A bundle directory (from kdedge export)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    from kdedge.cli.common import USER_ERRORS, one_line
     from kdedge.export.inspect import format_inspect, inspect_bundle
 
     try:

@@ -50,25 +50,27 @@ def _policy(deadline_ms: Optional[float], confidence: Optional[float], stages: O
                        margin_ms=margin_ms, stat=stat, measure=measure, energy_mj=energy_mj, online=online)
 
 
-def _check_unused(input_path: Optional[Path], data_root: Optional[str], split: str, limit: Optional[int], seed: int,
-                  deadline_ms: Optional[float], margin_ms: float, stat: str, confidence: Optional[float],
-                  measure: str, stages: Optional[int], fused: Optional[bool]) -> None:
-    """An option that would change nothing is an error, not silently ignored: the user meant
-    something by it."""
-    unused = []
-    if input_path is not None:
-        unused += [f for f, given in (("--data-root", data_root is not None), ("--split", split != "test"),
-                                      ("--limit", limit is not None), ("--seed", seed != 0)) if given]
-        if unused:
-            raise ValueError(f"{', '.join(unused)} apply to --data (a dataset split), not to --input; drop them")
-    if deadline_ms is None:
-        unused = [f for f, given in (("--margin-ms", margin_ms != 0.1), ("--stat", stat != "p99")) if given]
-        if unused:
-            raise ValueError(f"{', '.join(unused)} apply to --deadline-ms, which is not given")
-    if confidence is None and measure != "max":
+def _check_unused(ctx: typer.Context, input_path: Optional[Path], deadline_ms: Optional[float],
+                  confidence: Optional[float], stages: Optional[int]) -> None:
+    """An option given on the command line that would change nothing is an error, not silently
+    ignored: the user meant something by it."""
+    def given(*names: str) -> list[str]:  # by the enum's name: typer carries its own copy of click
+        return [f"--{n.replace('_', '-')}" for n in names
+                if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") in ("COMMANDLINE", "ENVIRONMENT")]
+
+    if input_path is not None and (unused := given("data_root", "split", "limit", "seed")):
+        raise ValueError(f"{', '.join(unused)} {_apply(unused)} to --data (a dataset split), not to --input; drop "
+                         f"{'it' if len(unused) == 1 else 'them'}")
+    if deadline_ms is None and (unused := given("margin_ms", "stat", "online")):
+        raise ValueError(f"{', '.join(unused)} {_apply(unused)} to --deadline-ms, which is not given")
+    if confidence is None and given("measure"):
         raise ValueError("--measure applies to --confidence, which is not given")
-    if fused is not None and stages is None and deadline_ms is None:
+    if stages is None and deadline_ms is None and given("fused"):
         raise ValueError("--fused/--no-fused choose how --stages or --deadline-ms run; give one of them")
+
+
+def _apply(options: list[str]) -> str:
+    return "applies" if len(options) == 1 else "apply"
 
 
 def _mode_follower(exe: str, conf: str, period_s: float = 1.0) -> Any:
@@ -151,6 +153,7 @@ def _summary(rows: list[dict[str, Any]], budget: Optional[float]) -> dict[str, A
 
 @handle_errors
 def command(
+    ctx: typer.Context,
     bundle: Path = typer.Argument(..., help="A bundle directory (from kdedge export)."),
     input_path: Optional[Path] = typer.Option(None, "--input", "-i", help="An image file, a directory of images, or a .npy batch (uint8 raw images or float32 preprocessed [N, C, H, W])."),
     data: Optional[str] = typer.Option(None, "--data", help="Evaluate over a dataset split instead (mnist5k, digits, cifar10, ...; needs the train extra)."),
@@ -208,10 +211,7 @@ def command(
         raise ValueError(f"--batch must be at least 1, got {batch}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
-    if online and deadline_ms is None:
-        raise ValueError("--online applies to --deadline-ms")
-    _check_unused(input_path, data_root, split, limit, seed, deadline_ms, margin_ms, stat, confidence, measure,
-                  stages, fused)
+    _check_unused(ctx, input_path, deadline_ms, confidence, stages)
     policy = _policy(deadline_ms, confidence, stages, fused, margin_ms, stat, measure, energy_mj, online)
     mode = _mode_follower(nvpmodel_exe, nvpmodel_conf) if follow_power_mode else None
     rt = realtime_options(realtime, rt_priority, rt_policy, cpus, mlock, cpu_latency)

@@ -12,8 +12,8 @@ Routes:
 - ``POST /v1/classify``: the body is an image file or a ``.npy`` (see :mod:`kdedge.serve.decode`);
   ``X-Deadline-Ms`` header or ``?deadline_ms=`` query: this request's deadline; ``?top_k=``
   (default 5). 200 with the answer; 503 when refused (``shed``, ``queue_full``, ``closed``,
-  ``starting``; ``overloaded`` beyond ``limit_concurrency``), with ``Retry-After``; 4xx for bad input; every error body is ``{"status",
-  "error"}`` with one line.
+  ``starting``; ``overloaded`` beyond ``limit_concurrency``), with ``Retry-After``; 4xx for
+  bad input; every error body is ``{"status", "error"}`` with one line.
 - ``GET /v1/health``: 200 ``{"status": "ready"}`` once warmed up, else 503.
 - ``GET /v1/model``: the bundle's summary and the scheduler's configuration.
 - ``GET /metrics``: Prometheus text format (:mod:`kdedge.serve.metrics`).
@@ -129,22 +129,16 @@ class _Limit:
     counted; the other endpoints are not limited (health and metrics stay readable)."""
 
     def __init__(self, app: Any, limit: int, metrics: Any) -> None:
-        import orjson
-
         self.app, self.limit, self.metrics, self.active = app, limit, metrics, 0
-        self.body = orjson.dumps({"status": "overloaded", "error": f"more than {limit} requests are in progress "
-                                  "(--limit-concurrency); retry later"})
+        self.refusal = _error(503, "overloaded", f"more than {limit} requests are in progress "
+                              "(--limit-concurrency); retry later", {"Retry-After": "1"})  # one response, sent again
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/v1/classify":
             return await self.app(scope, receive, send)
         if self.active >= self.limit:
             self.metrics.count("overloaded")
-            await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
-                                    (b"content-length", str(len(self.body)).encode())]})
-            await send({"type": "http.response.body", "body": self.body})
-            return
+            return await self.refusal(scope, receive, send)
         self.active += 1
         try:
             await self.app(scope, receive, send)

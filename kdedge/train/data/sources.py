@@ -51,31 +51,23 @@ class FileSource:
         return len(self.paths)
 
     def load(self, i: int) -> Any:
-        """The image as an RGB PIL image (what the transforms take); a damaged, truncated or
-        oversized file (more than :data:`~kdedge.bundle.inputs.MAX_IMAGE_PIXELS`, checked from
-        its header before decoding) is a one-line :class:`DataError` naming it."""
+        """The image as an RGB PIL image (what the transforms take)."""
         from PIL import Image
 
-        from kdedge.bundle.inputs import MAX_IMAGE_PIXELS, pixels
-
-        path = self.paths[i]
-        try:
-            with Image.open(path) as img:
-                w, h = img.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise DataError(f"{path}: the image is {w}x{h} pixels, more than the {pixels(MAX_IMAGE_PIXELS)} "
-                                    "kdedge decodes; shrink it or take it out of the dataset")
-                return img.convert("RGB")
-        except DataError:
-            raise
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what Pillow raises on a bad file
-            why = (str(e) or type(e).__name__).splitlines()[0]
-            raise DataError(f"{path}: cannot be read as an image ({why}); replace it or take it out of the "
-                            "dataset") from None
+        return Image.fromarray(self.raw(i))
 
     def raw(self, i: int) -> np.ndarray:
-        """The image as a uint8 HWC array (what ``preprocess`` takes)."""
-        return np.asarray(self.load(i))
+        """The image as a uint8 HWC array (what ``preprocess`` takes), read by the runtime's
+        :func:`~kdedge.bundle.input_files.read_image`: a damaged, truncated or oversized file
+        (its size checked from the header, before decoding) is a one-line :class:`DataError`
+        naming it."""
+        from kdedge.bundle.input_files import read_image
+        from kdedge.bundle.inputs import InputError
+
+        try:
+            return read_image(self.paths[i], "RGB")
+        except InputError as e:  # the training side's type for the same one line
+            raise DataError(str(e)) from None
 
 
 ImageSource = TensorSource | FileSource
