@@ -7,6 +7,7 @@ the runtime test modules through :func:`toy_bundle`; tests that modify a bundle 
 from __future__ import annotations
 
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -136,3 +137,15 @@ def fake_factory(clock: FakeClock, latencies_ms: dict[str, float], logits: dict[
         return s
 
     return factory
+
+
+def png16(a: np.ndarray, mode: str) -> bytes:
+    """A PNG of 16 bits per channel (RGB or LA; Pillow writes neither), values as given."""
+    h, w, c = a.shape
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([16, {"RGB": 2, "LA": 4}[mode], 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers_runtime import GREY, RGB
+from helpers_runtime import GREY, RGB, png16
 from kdedge.runtime.inputs import InputError, check_batch, load_inputs, preprocess, read_image
 
 
@@ -77,6 +77,10 @@ def test_grey_stored_as_rgb_is_accepted_and_rgb_model_resizes(tmp_path: Path) ->
     (lambda p: Image.fromarray((np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8), "RGB").save(p / "bad.png"),
      "colour image"),
     (lambda p: Image.fromarray(np.zeros((9, 8), np.uint8), "L").save(p / "bad.png"), "size 9x8"),
+    (lambda p: (p / "bad.png").write_bytes(png16(np.full((8, 8, 3), 200, np.uint16), "RGB")), "a 16-bit RGB PNG"),
+    (lambda p: (p / "bad.png").write_bytes(png16(np.full((8, 8, 2), 200, np.uint16), "LA")),
+     "a 16-bit greyscale\\+alpha PNG"),
+    (lambda p: Image.fromarray(np.full((8, 8), 300, np.uint16)).save(p / "bad.png"), "a 16-bit greyscale PNG"),
     (lambda p: (p / "bad.txt").write_text("hi"), "unknown input type"),
     (lambda p: (p / "bad").mkdir(), "holds no image files"),
 ])

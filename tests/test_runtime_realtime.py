@@ -133,6 +133,20 @@ def test_cpu_sets_parse_and_are_checked() -> None:
         rt.parse_cpus(f"{cpus[0]}-10000000000000")
 
 
+def test_realtime_options_fill_defaults_and_refuse_what_needs_realtime() -> None:
+    from kdedge.cli.common import realtime_options
+
+    assert realtime_options(False, None, None, None, None, None) is None
+    assert realtime_options(True, None, None, None, None, None) == rt.Realtime()
+    got = realtime_options(True, 7, "rr", "0", False, "off")
+    assert (got.priority, got.policy, got.cpus, got.lock_memory, got.cpu_latency_us) == (7, "rr", (0,), False, None)
+    # a value equal to the default is still "given": without --realtime it would change nothing
+    with pytest.raises(ValueError, match=r"^--rt-priority applies only with --realtime$"):
+        realtime_options(False, 50, None, None, None, None)
+    with pytest.raises(ValueError, match=r"^--mlock/--no-mlock and --cpu-latency apply only with --realtime$"):
+        realtime_options(False, None, None, None, False, "0")
+
+
 def test_thread_policy_reads_proc() -> None:
     name, prio = rt.thread_policy(threading.get_native_id())
     assert name in ("SCHED_OTHER", "SCHED_FIFO", "SCHED_RR", "SCHED_BATCH", "SCHED_IDLE") and prio >= 0
@@ -373,9 +387,9 @@ def test_cli_profile_and_run_in_real_time(bundle, tmp_path) -> None:
     res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--threads", "1", "--deadline-ms", "1000")
     assert res.returncode == 2 and "no latency profile" in res.stderr  # ordinary runs need an ordinary profile
     res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--rt-priority", "3")
-    assert res.returncode == 2 and "apply with --realtime" in res.stderr
+    assert res.returncode == 2 and "applies only with --realtime" in res.stderr
     res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--cpu-latency", "0")
-    assert res.returncode == 2 and "apply with --realtime" in res.stderr
+    assert res.returncode == 2 and "applies only with --realtime" in res.stderr
     res = cli("run", str(b), "--input", str(tmp_path / "x.npy"), "--realtime", "--cpu-latency", "soon")
     assert res.returncode == 2 and res.stderr.strip() == "error: --cpu-latency takes microseconds >= 0 or off, got 'soon'"
 

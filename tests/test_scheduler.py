@@ -15,6 +15,7 @@ import pytest
 from helpers_runtime import FakeClock, toy_bundle
 from kdedge.runtime import InputError, Runner, open_bundle
 from kdedge.runtime.costs import _interpolate
+from kdedge.runtime.online import LoadEstimate
 from kdedge.runtime.scheduler import CLOSED, FAILED, OK, QUEUE_FULL, SHED, Answer, Costs, Scheduler
 from kdedge.runtime.tickets import RANKED, rank
 
@@ -278,6 +279,47 @@ def test_the_online_factor_plans_shallower_on_a_slow_device(bundle) -> None:
     (t2,) = plain.submit(1, deadline_ms=10.0)
     plain.sched.step()
     assert t2.result(0).stage == 2 and not t2.result(0).budget_met  # planned 6 + 3 <= 9.5 ms, took 6 + 6
+
+
+def test_the_load_factor_is_forgotten_when_nothing_ran_for_a_horizon(bundle) -> None:
+    # a burst on a slow device leaves a factor of 4; what it sheds runs no stage, so without a
+    # horizon an idle server would shed every short request from then on
+    from kdedge.runtime.scheduler import LOAD_HORIZON_S
+
+    rig = Rig(bundle, online=4)
+    rig.slow[0] = 4.0
+    (t,) = rig.submit(1, deadline_ms=100.0)
+    rig.drain()
+    assert t.result(0).status == OK and rig.sched.stats()["load_factor"] == pytest.approx(4.0)
+    rig.slow[0] = 1.0
+    (shed,) = rig.submit(1, deadline_ms=3.0)  # stage 0 planned at 4 x 1 ms + the margin
+    assert shed.result(0).status == SHED
+    rig.clock.advance_ms(LOAD_HORIZON_S * 1e3 * 0.9)
+    assert rig.sched.precheck(3.0) is not None and rig.sched.stats()["load_factor"] == pytest.approx(4.0)
+    rig.clock.advance_ms(LOAD_HORIZON_S * 1e3 * 0.2)
+    assert rig.sched.precheck(3.0) is None and rig.sched.stats()["load_factor"] == 1.0
+    (t2,) = rig.submit(1, deadline_ms=3.0)
+    rig.drain()
+    assert t2.result(0).status == OK and t2.result(0).budget_met
+
+
+def test_load_estimate_horizon() -> None:
+    now = [0.0]
+    est = LoadEstimate(4, horizon_s=2.0, clock=lambda: now[0])
+    est.observe(3.0, 1.0)
+    now[0] = 1.9
+    assert est.factor() == 3.0
+    est.observe(2.0, 1.0)  # a new observation keeps the window alive
+    now[0] = 3.8
+    assert est.factor() == 3.0
+    now[0] = 4.0
+    assert est.factor() == 1.0
+    est.observe(1.5, 1.0)
+    assert est.factor() == 1.5  # the forgotten ratios do not come back
+    assert LoadEstimate(4).factor() == 1.0
+    for bad in (0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="online horizon"):
+            LoadEstimate(4, horizon_s=bad)
 
 
 def test_a_lone_slow_stage_does_not_move_the_load_factor() -> None:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zlib
 import threading
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 pytest.importorskip("orjson")
 
-from helpers_runtime import GREY, RGB, toy_bundle  # noqa: E402
+from helpers_runtime import GREY, RGB, png16, toy_bundle  # noqa: E402
 from kdedge.runtime import Fixed, Runner  # noqa: E402
 from kdedge.runtime.scheduler import Costs, Scheduler  # noqa: E402
 from kdedge.serve import BackgroundServer, create_app, decode_body  # noqa: E402
@@ -146,6 +147,13 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served) ->
     assert after["ok"] - before["ok"] == 48 and after["queue"] == 0
 
 
+def _raw_npy(header: str, data: bytes) -> bytes:
+    """A .npy of format 1.0 with any header numpy.save would not write (e.g. negative dimensions)."""
+    text = header.encode("latin1")
+    text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + data
+
+
 BAD = [
     # (name, body, headers, query, status, words in the error)
     ("empty body", b"", {}, "", 400, "empty"),
@@ -158,6 +166,10 @@ BAD = [
     ("npy with NaN", npy(np.full((1, 1, 8, 8), np.nan, np.float32)), {}, "", 422, "NaN"),
     ("two samples", npy(np.zeros((2, 1, 8, 8), np.float32)), {}, "", 422, "one sample per request"),
     ("object npy", None, {}, "", 422, "object"),
+    ("npy with negative dimensions", _raw_npy("{'descr': '|u1', 'fortran_order': False, 'shape': (-8, -8), }",
+                                              bytes(64)), {}, "", 400, "negative dimension [-8, -8]"),
+    ("npy with negative samples", _raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': (-1, -1, 8, 8), }",
+                                           bytes(256)), {}, "", 400, "negative dimension"),
     ("colour image for a grey model", None, {}, "", 422, "colour"),
     ("image of the wrong size", None, {}, "", 422, "8x8"),
     ("oversized body", b"\x89PNG" + b"0" * (70 << 10), {}, "", 413, "larger than"),
@@ -173,6 +185,7 @@ BAD = [
     ("top_k out of range", None, {}, "top_k=11", 400, "top_k"),
     ("top_k with an underscore", None, {}, "top_k=1_0", 400, "top_k"),
     ("two different top_k", None, {}, "top_k=1&top_k=2", 400, "given 2 times"),
+    ("top_k of 5000 digits", None, {}, "top_k=" + "9" * 5000, 400, "top_k must be an integer from 1 to 10"),
 ]
 
 
@@ -328,7 +341,6 @@ def test_png_gamma_colour_space_and_transparency_chunks_do_not_change_the_pixels
 
 
 def test_a_damaged_or_outsized_png_gets_the_same_error_from_either_decoder(decoder: str) -> None:
-    import zlib
 
     from PIL import Image
 
@@ -340,7 +352,10 @@ def test_a_damaged_or_outsized_png_gets_the_same_error_from_either_decoder(decod
              ]
     buf = io.BytesIO()
     Image.fromarray(np.full((8, 8), 300, np.uint16)).save(buf, format="PNG")
-    cases.append((buf.getvalue(), 422, "16/32-bit"))
+    cases.append((buf.getvalue(), 422, "16-bit greyscale PNG"))
+    for mode, shape, kind in (("RGB", (8, 8, 3), "RGB"), ("LA", (8, 8, 2), "greyscale+alpha")):
+        # Pillow would keep only the high bytes of each value: a black picture
+        cases.append((png16(np.full(shape, 200, np.uint16), mode), 422, f"16-bit {kind} PNG"))
     buf = io.BytesIO()
     Image.new("L", (8, 8)).save(buf, format="PNG")
     for side in (9000, 40000):  # an IHDR claiming 81 M pixels (below Pillow's bound), then 1.6 G (above it)
@@ -731,6 +746,34 @@ def test_a_client_that_leaves_mid_body_is_counted_not_logged_as_an_error(toy) ->
                 time.sleep(0.05)
             assert left()
             assert post(srv.url + "/v1/classify", png(digit_images(1)[0]))[0] == 200
+        assert notes == []
+    finally:
+        sched.close()
+        runner.close()
+
+
+def test_a_body_still_arriving_when_the_drain_timeout_ends_gets_a_json_503(toy) -> None:
+    import socket
+
+    runner = Runner(toy, threads=1)
+    sched = Scheduler(runner, deadline_ms=30_000, costs=Costs.from_function(lambda g, n: 0.05, GRAPHS, 32))
+    notes: list[str] = []
+    try:
+        assert sched.wait_ready(60)
+        app = create_app(runner, sched, log=notes.append)
+        srv = BackgroundServer(app, graceful_s=0.3).start()
+        u = urlsplit(srv.url)
+        with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+            s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"\x89PNG" * 25)
+            time.sleep(0.2)  # the handler is reading the body
+            srv.stop()       # uvicorn cancels it once the drain timeout has passed
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), reply
+        d = json.loads(body)
+        assert d["status"] == "closed" and "--drain-timeout" in d["error"]
         assert notes == []
     finally:
         sched.close()

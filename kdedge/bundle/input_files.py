@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,11 @@ def read_image(path: str | Path, channel_order: str, size: tuple[int, int] | Non
     path = Path(path)
     with _open(path, "image") as fh, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # a warning would print, not fail
+        deep = deep_png(fh.read(26))
+        if deep is not None:
+            raise InputError(f"{path} is {deep}; the bundle expects 8-bit "
+                             f"{'greyscale' if channel_order == 'L' else 'RGB'} images")
+        fh.seek(0)
         try:
             with Image.open(fh) as im:
                 w, h = im.size
@@ -185,6 +191,30 @@ def read_image(path: str | Path, channel_order: str, size: tuple[int, int] | Non
             raise InputError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
                              "is it a valid image file?") from None
     return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_header(head: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) from a PNG's IHDR chunk, which the format puts
+    first (``head``: at least the file's first 26 bytes); None when it is not a PNG or the chunk
+    is not there as it should be."""
+    if len(head) < 26 or not head.startswith(PNG_SIGNATURE) or head[8:16] != b"\x00\x00\x00\rIHDR":
+        return None
+    iw, ih, depth, colour = struct.unpack(">IIBB", head[16:26])
+    return iw, ih, depth, colour
+
+
+def deep_png(head: bytes) -> str | None:
+    """The refusal's words for a PNG of 16 bits per channel, or None. Pillow opens an RGB, RGBA or
+    grey+alpha PNG of 16 bits as 8-bit RGB / RGBA / LA, keeping only each value's high byte (a
+    picture whose values stay below 256 comes out black); a grey one it opens as ``I;16``."""
+    info = png_header(head)
+    if info is None or info[2] != 16:
+        return None
+    kind = {0: "greyscale", 2: "RGB", 4: "greyscale+alpha", 6: "RGBA"}.get(info[3], "colour")
+    return f"a 16-bit {kind} PNG"
 
 
 def _convert(im: Any, path: Path, channel_order: str) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -85,28 +85,55 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def realtime_options(realtime: bool, priority: int, policy: str, cpus: str | None, mlock: bool,
-                     cpu_latency: str | None = None) -> Any:
-    """The :class:`~kdedge.runtime.realtime.Realtime` that ``--realtime --rt-priority --rt-policy
-    --cpus --mlock/--no-mlock --cpu-latency`` ask for, or None without ``--realtime``."""
-    from kdedge.runtime.realtime import Realtime, parse_cpu_latency, parse_cpus
-
-    if not realtime:
-        if cpus is not None or priority != 50 or policy != "fifo" or cpu_latency is not None:
-            raise ValueError("--rt-priority, --rt-policy, --cpus and --cpu-latency apply with --realtime")
-        return None
-    return Realtime(priority=priority, policy=policy, cpus=parse_cpus(cpus) if cpus is not None else None,
-                    lock_memory=mlock, cpu_latency_us=None if cpu_latency is None else parse_cpu_latency(cpu_latency))
-
-
 REALTIME_HELP = {
     "realtime": "Real-time execution: SCHED_FIFO for the request thread and onnxruntime's threads, memory "
                 "locked, gc kept out of requests (needs root or CAP_SYS_NICE; refused with what to grant "
                 "otherwise). Part of the profile's key.",
-    "rt_priority": "With --realtime: the real-time priority, 1..98.",
-    "rt_policy": "With --realtime: fifo (SCHED_FIFO) or rr (SCHED_RR).",
+    "rt_priority": "With --realtime: the real-time priority, 1..98 (default 50).",
+    "rt_policy": "With --realtime: fifo (SCHED_FIFO, the default) or rr (SCHED_RR).",
     "cpus": "With --realtime: the CPUs the request threads run on, e.g. 0,1 or 1-3.",
-    "mlock": "With --realtime: lock the process's memory (mlockall).",
+    "mlock": "With --realtime: lock the process's memory (mlockall; the default).",
     "cpu_latency": "With --realtime: keep idle CPUs able to wake within US microseconds while it runs "
                    "(/dev/cpu_dma_latency, root only; 0: they poll, which costs idle power); default off.",
 }
+
+# The real-time options of ``run``, ``profile`` and ``serve``, defined once. A command declares
+# them as ``realtime: RealtimeOpt = False, rt_priority: RtPriorityOpt = None, rt_policy:
+# RtPolicyOpt = None, cpus: CpusOpt = None, mlock: MlockOpt = None, cpu_latency: CpuLatencyOpt
+# = None`` and passes them to :func:`realtime_options`, which fills in the defaults; None means
+# "not given", so that an option given without ``--realtime`` is refused rather than ignored.
+RealtimeOpt = Annotated[bool, typer.Option("--realtime", help=REALTIME_HELP["realtime"])]
+RtPriorityOpt = Annotated[Optional[int], typer.Option("--rt-priority", show_default=False,
+                                                      help=REALTIME_HELP["rt_priority"])]
+RtPolicyOpt = Annotated[Optional[str], typer.Option("--rt-policy", show_default=False,
+                                                    help=REALTIME_HELP["rt_policy"])]
+CpusOpt = Annotated[Optional[str], typer.Option("--cpus", help=REALTIME_HELP["cpus"])]
+MlockOpt = Annotated[Optional[bool], typer.Option("--mlock/--no-mlock", show_default=False,
+                                                  help=REALTIME_HELP["mlock"])]
+CpuLatencyOpt = Annotated[Optional[str], typer.Option("--cpu-latency", metavar="US|off",
+                                                      help=REALTIME_HELP["cpu_latency"])]
+
+
+def realtime_options(realtime: bool, priority: int | None, policy: str | None, cpus: str | None,
+                     mlock: bool | None, cpu_latency: str | None = None) -> Any:
+    """The :class:`~kdedge.runtime.realtime.Realtime` that ``--realtime --rt-priority --rt-policy
+    --cpus --mlock/--no-mlock --cpu-latency`` ask for, or None without ``--realtime`` (None for
+    an option: not given)."""
+    from kdedge.runtime.realtime import Realtime, parse_cpu_latency, parse_cpus
+
+    if not realtime:
+        given = [flag for flag, value in (("--rt-priority", priority), ("--rt-policy", policy), ("--cpus", cpus),
+                                          ("--mlock/--no-mlock", mlock), ("--cpu-latency", cpu_latency))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --realtime")
+        return None
+    kwargs: dict[str, Any] = {}
+    if priority is not None:
+        kwargs["priority"] = priority
+    if policy is not None:
+        kwargs["policy"] = policy
+    if mlock is not None:
+        kwargs["lock_memory"] = mlock
+    return Realtime(cpus=parse_cpus(cpus) if cpus is not None else None,
+                    cpu_latency_us=None if cpu_latency is None else parse_cpu_latency(cpu_latency), **kwargs)

@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from kdedge.cli.common import REALTIME_HELP, err, handle_errors, out, print_json, realtime_options
+from kdedge.cli.common import (CpuLatencyOpt, CpusOpt, MlockOpt, RealtimeOpt, RtPolicyOpt, RtPriorityOpt,
+                               err, handle_errors, out, print_json, realtime_options)
 
 HELP = """Measure the latency of every stage and fused prefix of a bundle on this device, after
 warm-up: min, mean, median, p90, p95, p99 and max at each batch size. The profile is written
@@ -124,12 +125,12 @@ def command(
                                       envvar="KDEDGE_NVPMODEL_CONF"),
     jetson_clocks_exe: str = typer.Option("jetson_clocks", "--jetson-clocks-exe", hidden=True,
                                           envvar="KDEDGE_JETSON_CLOCKS"),
-    realtime: bool = typer.Option(False, "--realtime", help=REALTIME_HELP["realtime"]),
-    rt_priority: int = typer.Option(50, "--rt-priority", help=REALTIME_HELP["rt_priority"]),
-    rt_policy: str = typer.Option("fifo", "--rt-policy", help=REALTIME_HELP["rt_policy"]),
-    cpus: Optional[str] = typer.Option(None, "--cpus", help=REALTIME_HELP["cpus"]),
-    mlock: bool = typer.Option(True, "--mlock/--no-mlock", help=REALTIME_HELP["mlock"]),
-    cpu_latency: Optional[str] = typer.Option(None, "--cpu-latency", metavar="US|off", help=REALTIME_HELP["cpu_latency"]),
+    realtime: RealtimeOpt = False,
+    rt_priority: RtPriorityOpt = None,
+    rt_policy: RtPolicyOpt = None,
+    cpus: CpusOpt = None,
+    mlock: MlockOpt = None,
+    cpu_latency: CpuLatencyOpt = None,
     json_out: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:

@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from kdedge.cli.common import REALTIME_HELP, err, handle_errors, out, print_json, realtime_options
+from kdedge.cli.common import (CpuLatencyOpt, CpusOpt, MlockOpt, RealtimeOpt, RtPolicyOpt, RtPriorityOpt,
+                               err, handle_errors, out, print_json, realtime_options)
 
 HELP = """Run a bundle's stages one by one on this device and stop when the budget says so:
 a deadline per request (--deadline-ms, needs a latency profile from kdedge profile), a
@@ -188,12 +189,12 @@ def command(
     follow_power_mode: bool = typer.Option(False, "--follow-power-mode", help="On a Jetson: read the nvpmodel mode (at most once a second) and use that mode's profile; a mode change applies from the next request."),
     nvpmodel_exe: str = typer.Option("nvpmodel", "--nvpmodel-exe", hidden=True, envvar="KDEDGE_NVPMODEL"),
     nvpmodel_conf: str = typer.Option("/etc/nvpmodel.conf", "--nvpmodel-conf", hidden=True, envvar="KDEDGE_NVPMODEL_CONF"),
-    realtime: bool = typer.Option(False, "--realtime", help=REALTIME_HELP["realtime"]),
-    rt_priority: int = typer.Option(50, "--rt-priority", help=REALTIME_HELP["rt_priority"]),
-    rt_policy: str = typer.Option("fifo", "--rt-policy", help=REALTIME_HELP["rt_policy"]),
-    cpus: Optional[str] = typer.Option(None, "--cpus", help=REALTIME_HELP["cpus"]),
-    mlock: bool = typer.Option(True, "--mlock/--no-mlock", help=REALTIME_HELP["mlock"]),
-    cpu_latency: Optional[str] = typer.Option(None, "--cpu-latency", metavar="US|off", help=REALTIME_HELP["cpu_latency"]),
+    realtime: RealtimeOpt = False,
+    rt_priority: RtPriorityOpt = None,
+    rt_policy: RtPolicyOpt = None,
+    cpus: CpusOpt = None,
+    mlock: MlockOpt = None,
+    cpu_latency: CpuLatencyOpt = None,
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     from kdedge.runtime import Runner

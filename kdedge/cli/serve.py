@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from kdedge.cli.common import REALTIME_HELP, err, handle_errors, realtime_options
+from kdedge.cli.common import (CpuLatencyOpt, CpusOpt, MlockOpt, RealtimeOpt, RtPolicyOpt, RtPriorityOpt,
+                               err, handle_errors, realtime_options)
 
 HELP = """Serve a bundle over HTTP (needs the serve extra: pip install 'kdedge\\[serve]').
 Requests queue and are batched (up to --max-batch samples per micro-batch); before every stage
@@ -68,12 +69,12 @@ def command(
                                                     "reading the body (when the HTTP layer itself cannot keep up)."),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="At shutdown: seconds to answer what is "
                                         "in flight and queued; what remains then is refused."),
-    realtime: bool = typer.Option(False, "--realtime", help=REALTIME_HELP["realtime"]),
-    rt_priority: int = typer.Option(50, "--rt-priority", help=REALTIME_HELP["rt_priority"]),
-    rt_policy: str = typer.Option("fifo", "--rt-policy", help=REALTIME_HELP["rt_policy"]),
-    cpus: Optional[str] = typer.Option(None, "--cpus", help=REALTIME_HELP["cpus"]),
-    mlock: bool = typer.Option(True, "--mlock/--no-mlock", help=REALTIME_HELP["mlock"]),
-    cpu_latency: Optional[str] = typer.Option(None, "--cpu-latency", metavar="US|off", help=REALTIME_HELP["cpu_latency"]),
+    realtime: RealtimeOpt = False,
+    rt_priority: RtPriorityOpt = None,
+    rt_policy: RtPolicyOpt = None,
+    cpus: CpusOpt = None,
+    mlock: MlockOpt = None,
+    cpu_latency: CpuLatencyOpt = None,
     gc_freeze: bool = typer.Option(True, "--gc-freeze/--no-gc-freeze", help="After the warm-up, move every "
                                    "object alive then into Python's permanent gc generation, so that full "
                                    "collections while serving stay short (48-58 ms each otherwise on 2 cores: "

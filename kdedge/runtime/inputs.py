@@ -5,8 +5,9 @@ from the same files); this module is the runtime's name for them."""
 from __future__ import annotations
 
 from kdedge.bundle.input_files import (IMAGE_SUFFIXES, LOSSY_FORMATS, MAX_IMAGE_PIXELS, MAX_INPUT_BYTES, MAX_INPUT_FILES,
-                                       InputError, Inputs, check_batch, grey_of, list_images, load_inputs, preprocess,
-                                       read_image)
+                                       PNG_SIGNATURE, InputError, Inputs, check_batch, deep_png, grey_of, list_images,
+                                       load_inputs, png_header, preprocess, read_image)
 
 __all__ = ["IMAGE_SUFFIXES", "InputError", "Inputs", "LOSSY_FORMATS", "MAX_IMAGE_PIXELS", "MAX_INPUT_BYTES",
-           "MAX_INPUT_FILES", "check_batch", "grey_of", "list_images", "load_inputs", "preprocess", "read_image"]
+           "MAX_INPUT_FILES", "PNG_SIGNATURE", "check_batch", "deep_png", "grey_of", "list_images", "load_inputs",
+           "png_header", "preprocess", "read_image"]

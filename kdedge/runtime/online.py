@@ -14,9 +14,17 @@ next stage at ``profiled x max(1, largest recent ratio)``.
 - Relative to the planning statistic: on a quiet device measured times stay below their p99,
   the factor is 1 and the plan is the profile's.
 - A maximum, not a mean: what breaks deadlines is the tail.
+- Optionally forgetful (``horizon_s``): a server sheds what it cannot serve in time, and a shed
+  request runs no stage, so after a burst nothing would ever bring a high factor down again.
+  With a horizon, an estimate whose newest observation is older than ``horizon_s`` is forgotten
+  and the plan is the profile's again; the next stages measure the device afresh.
 """
 
 from __future__ import annotations
+
+import math
+import time
+from typing import Callable
 
 DEFAULT_WINDOW = 32
 
@@ -35,23 +43,34 @@ class LoadEstimate:
             make every request of the next ``window`` stages shallow, while a device busy for
             longer slows most stages and the factor follows it.
 
+        horizon_s: forget every observation when none came for this many seconds of ``clock``
+            (None: never; the runner, whose every request runs stage 0, needs none).
+        clock: the time source of ``horizon_s``, in seconds.
+
     Example:
         >>> est = LoadEstimate(window=4)
         >>> est.observe(2.0, 1.0); est.factor()
         2.0
     """
 
-    __slots__ = ("window", "clip", "rank", "_ring", "_i", "_max", "_stale")
+    __slots__ = ("window", "clip", "rank", "horizon_s", "_clock", "_ring", "_i", "_max", "_stale", "_last")
 
-    def __init__(self, window: int = DEFAULT_WINDOW, clip: float = 1e3, rank: int = 1) -> None:
+    def __init__(self, window: int = DEFAULT_WINDOW, clip: float = 1e3, rank: int = 1,
+                 horizon_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 1_000_000:
             raise ValueError(f"the online window must be an integer from 1 to 1000000 observations, got {window!r}")
         if not (isinstance(clip, (int, float)) and 1.0 <= clip < float("inf")):
             raise ValueError(f"the online clip must be a finite number >= 1, got {clip!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= window:
             raise ValueError(f"the online rank must be an integer from 1 to the window ({window}), got {rank!r}")
+        if horizon_s is not None and not (isinstance(horizon_s, (int, float)) and not isinstance(horizon_s, bool)
+                                          and 0.0 < horizon_s < float("inf")):
+            raise ValueError(f"the online horizon must be a finite number of seconds > 0, got {horizon_s!r}")
         self.window = window
         self.clip = float(clip)
+        self.horizon_s = None if horizon_s is None else float(horizon_s)
+        self._clock = clock
+        self._last = -math.inf
         self.rank = rank
         self._ring = [0.0] * window
         self._i = 0
@@ -63,6 +82,8 @@ class LoadEstimate:
         if not expected_ms > 0 or not measured_ms >= 0:  # also refuses NaN
             return
         r = min(measured_ms / expected_ms, self.clip)
+        if self.horizon_s is not None:
+            self._last = self._clock()
         i = self._i
         old = self._ring[i]
         self._ring[i] = r
@@ -76,6 +97,11 @@ class LoadEstimate:
 
     def factor(self) -> float:
         """max(1, the largest (``rank``-th largest) recent ratio): what planned latencies are multiplied by."""
+        if self.horizon_s is not None and self._last > -math.inf and self._clock() - self._last > self.horizon_s:
+            self._ring = [0.0] * self.window  # nothing ran for a horizon: what the window says is stale
+            self._max = 0.0
+            self._stale = False
+            self._last = -math.inf
         if self._stale:
             self._max = max(self._ring) if self.rank == 1 else sorted(self._ring)[-self.rank]
             self._stale = False

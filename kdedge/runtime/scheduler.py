@@ -81,10 +81,16 @@ def _positive(v: Any, what: str, integer: bool = False, upper: float = math.inf)
     return int(v) if integer else float(v)
 
 
-def _server_load(window: int) -> LoadEstimate:
+LOAD_HORIZON_S = 1.0
+"""The server forgets its load factor when no stage ran for this long: requests it shed because
+of the factor run no stage, so only time can show that a burst is over."""
+
+
+def _server_load(window: int, clock: Callable[[], float] = time.perf_counter) -> LoadEstimate:
     """The server's online load factor: :class:`~kdedge.runtime.online.LoadEstimate` taking the
-    ``1 + window // 8``-th largest ratio (robust to a lone preempted stage; see its ``rank``)."""
-    return LoadEstimate(window, rank=min(window, 1 + window // 8))
+    ``1 + window // 8``-th largest ratio (robust to a lone preempted stage; see its ``rank``),
+    forgotten after :data:`LOAD_HORIZON_S` without a stage."""
+    return LoadEstimate(window, rank=min(window, 1 + window // 8), horizon_s=LOAD_HORIZON_S, clock=clock)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +233,7 @@ class Scheduler:
         self._costs = costs if costs is not None else self._profile_costs(stat)
         self.clock: Callable[[], float] = clock or time.perf_counter
         self._clock = self.clock
-        self._load = _server_load(online) if online else None
+        self._load = _server_load(online, self._clock) if online else None
         # cumulative stage costs per depth and batch size, before the load factor (seconds)
         self._cum: list[list[float]] | None = None
         if self._costs is not None and stages is None:

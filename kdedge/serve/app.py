@@ -100,7 +100,7 @@ def _top_k(request: Any, classes: int) -> int:
     raw, _ = _one(request, "top_k", "top_k")
     if raw is None:
         return min(DEFAULT_TOP_K, classes)
-    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= classes):
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and 1 <= int(raw) <= classes):
         raise ValueError(f"top_k must be an integer from 1 to {classes} (the model's classes), got {raw[:40]!r}")
     return int(raw)
 
@@ -195,6 +195,12 @@ def create_app(runner: Any, scheduler: Any, *, max_body: int = DEFAULT_MAX_BODY,
         async def wrapper(request: Any) -> Any:
             try:
                 return await handler(request)
+            except asyncio.CancelledError:
+                # uvicorn cancels what is still in progress when the shutdown's --drain-timeout ends
+                # (a body still arriving, say): answer it rather than let uvicorn log a traceback
+                metrics.count("closed")
+                return _error(503, "closed", "the server shut down before this request was answered "
+                                             "(--drain-timeout ended)", {"Retry-After": "1"})
             except Exception as e:
                 return await internal(request, e)
 
@@ -281,6 +287,7 @@ def create_app(runner: Any, scheduler: Any, *, max_body: int = DEFAULT_MAX_BODY,
     async def internal(request: Any, exc: Exception) -> Any:
         line = f"internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         note(f"{request.method} {request.url.path}: {line}")
+        metrics.count("internal_error")
         return _error(500, "error", line)
 
     @contextlib.asynccontextmanager

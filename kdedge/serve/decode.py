@@ -27,14 +27,13 @@ from __future__ import annotations
 import io
 import math
 import os
-import struct
 import warnings
 from typing import Any
 
 import numpy as np
 
 from kdedge.runtime import InputError, check_batch, preprocess
-from kdedge.runtime.inputs import LOSSY_FORMATS, MAX_IMAGE_PIXELS, grey_of
+from kdedge.runtime.inputs import LOSSY_FORMATS, MAX_IMAGE_PIXELS, PNG_SIGNATURE, deep_png, grey_of, png_header
 
 __all__ = ["BodyError", "MAX_IMAGE_PIXELS", "NPY_MAGIC", "decode_body", "opencv"]
 
@@ -42,7 +41,7 @@ NPY_MAGIC = b"\x93NUMPY"
 _FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 # a body whose first bytes name its format is opened by that format's plugin alone (Pillow
 # otherwise asks each plugin in turn); anything else, a damaged header included, by all of them
-_PNG = b"\x89PNG\r\n\x1a\n"
+_PNG = PNG_SIGNATURE
 _MAGIC = ((_PNG, ("PNG",)), (b"\xff\xd8\xff", ("JPEG",)))
 _OPENCV: dict[str, Any] = {}  # {"module": cv2 or None} once looked for
 
@@ -117,6 +116,8 @@ def _npy(body: bytes, bundle: Any) -> np.ndarray:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BodyError(f"the body's .npy header cannot be read ({why})", 400) from None
     shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise BodyError(f"the body's .npy header gives a negative dimension {list(shape)}", 400)
     if dtype.hasobject or dtype.fields is not None:
         raise BodyError(f"the body's .npy holds dtype {dtype}; object and structured arrays are refused (they "
                         "would need unpickling); send uint8 or float32")
@@ -152,6 +153,9 @@ def _npy(body: bytes, bundle: Any) -> np.ndarray:
 def _image(body: bytes, bundle: Any) -> np.ndarray:
     prep, (c, h, w) = _geometry(bundle)
     order = prep["channel_order"]
+    deep = deep_png(body)
+    if deep is not None:
+        raise BodyError(f"the image is {deep}; the model takes 8-bit {'greyscale' if order == 'L' else 'RGB'} images")
     arr = _png_opencv(body, prep, h, w) if body.startswith(_PNG) else None
     if arr is None:
         arr = _pillow(body, prep, h, w)
@@ -219,22 +223,13 @@ def opencv() -> Any:
     return _OPENCV["module"]
 
 
-def _png_header(body: bytes) -> tuple[int, int, int, int] | None:
-    """(width, height, bit depth, colour type) from a PNG's IHDR chunk, which the format puts first;
-    None when it is not there as it should be."""
-    if len(body) < 33 or body[8:16] != b"\x00\x00\x00\rIHDR":
-        return None
-    iw, ih, depth, colour = struct.unpack(">IIBB", body[16:26])
-    return iw, ih, depth, colour
-
-
 def _png_opencv(body: bytes, prep: dict[str, Any], h: int, w: int) -> np.ndarray | None:
     """An 8-bit grey, grey+alpha, RGB or RGBA PNG decoded by OpenCV (HW or HWC, OpenCV's BGR(A)
     order), its size checked from the header first; None where Pillow is to decode the body (no
     OpenCV, another bit depth or a palette, a header or data OpenCV does not take: Pillow then
     decodes it or says what is wrong)."""
     cv2 = opencv()
-    head = _png_header(body) if cv2 is not None else None
+    head = png_header(body) if cv2 is not None else None
     if head is None or head[2] != 8 or head[3] not in (0, 2, 4, 6):
         return None
     _check_size(head[0], head[1], prep, h, w)
