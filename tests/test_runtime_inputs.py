@@ -74,6 +74,7 @@ def test_grey_stored_as_rgb_is_accepted_and_rgb_model_resizes(tmp_path: Path) ->
     (lambda p: np.save(p / "bad.npy", np.array([{"a": 1}], dtype=object)), "object arrays are refused"),
     (lambda p: (p / "bad.npy").write_bytes(b"not numpy"), "not a valid .npy"),
     (lambda p: (p / "bad.png").write_bytes(b"\x89PNG garbage"), "cannot read image"),
+    (lambda p: (p / "bad.png").write_bytes(b""), r"bad.png: it is empty or in no format Pillow knows \(PNG, JPEG"),
     (lambda p: Image.fromarray((np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8), "RGB").save(p / "bad.png"),
      "colour image"),
     (lambda p: Image.fromarray(np.zeros((9, 8), np.uint8), "L").save(p / "bad.png"), "size 9x8"),

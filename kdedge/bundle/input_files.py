@@ -187,6 +187,9 @@ def read_image(path: str | Path, channel_order: str, size: tuple[int, int] | Non
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise InputError(f"image {path} is too large to decode safely ({str(e).split(',')[0]}); resize it "
                              "first") from None
+        except Image.UnidentifiedImageError:  # its message names Pillow's file object, not the file
+            raise InputError(f"cannot read image {path}: it is empty or in no format Pillow knows (PNG, JPEG, BMP, "
+                             "GIF, TIFF, WebP, PNM); is it a valid image file?") from None
         except Exception as e:  # Pillow's decoders raise many types on damaged files (OSError, SyntaxError, ...)
             raise InputError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
                              "is it a valid image file?") from None
