@@ -440,7 +440,7 @@ def test_every_numeric_field_refuses_nan_inf_and_out_of_range_values_by_name(cls
     ("optim.warmup_epochs=-1", "optim.warmup_epochs must be an integer >= 0, got -1"),
     ("train.threads=-1", "train.threads must be an integer in [1, 1024] (or null), got -1"),
     ("train.threads=100000", "train.threads must be an integer in [1, 1024] (or null), got 100000"),
-    ("train.epochs=0", "train.epochs must be an integer >= 1, got 0"),
+    ("train.epochs=0", "train.epochs must be an integer in [1, 1000000], got 0"),
     ("train.eval_every=0", "train.eval_every must be an integer >= 1, got 0"),
     ("train.checkpoint_every=-3", "train.checkpoint_every must be an integer >= 1, got -3"),
     ("train.device=cuda:x", "train.device must be auto, cpu, cuda or cuda:N; got 'cuda:x'"),
@@ -716,3 +716,13 @@ def test_train_help_names_real_models() -> None:
     help_text = inspect.signature(train_cli.command).parameters["model"].default.help
     named = re.findall(r"[a-z][a-z0-9_]+", help_text.split("e.g.")[1].split("(")[0])
     assert named and all(n in MODELS for n in named), named
+
+
+@pytest.mark.parametrize("model", ["5", "[hne]", "hne"])
+def test_a_recipe_whose_model_is_not_a_mapping_is_refused_in_one_line(model: str, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: hne\ndata: {{name: synthetic}}\nmodel: {model}\n")
+    res = invoke("train", "-c", str(recipe), "--out", str(tmp_path / "run"))
+    assert res.exit_code == 2, res.output
+    assert "model: expected a mapping" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()

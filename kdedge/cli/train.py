@@ -50,7 +50,7 @@ def command(
         raw = read_yaml(config)
     elif resume and (out / "config.yaml").is_file():
         raw = read_yaml(out / "config.yaml")  # resuming: the run's own recipe
-    recipe_model = (raw.get("model") or {}).get("name")
+    recipe_model = raw["model"].get("name") if isinstance(raw.get("model"), dict) else None  # else refused below
     if method is not None and config is None and not resume:
         raw["model"] = dict(get_task_class(method).default_model)  # the method's default architecture
     typed = {"method": method, "data.name": data, "data.root": data_root, "train.epochs": epochs,

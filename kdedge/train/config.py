@@ -74,7 +74,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = number(10, ge=1)
+    epochs: int = number(10, ge=1, le=1_000_000)
     amp: str = "auto"                 # auto (bf16/fp16 autocast on CUDA only) | on | off
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     eval_every: int = number(1, ge=1)        # epochs between validations
