@@ -178,8 +178,13 @@ def test_the_tests_part_runs_the_files_that_hold_cuda_tests(tmp_path: Path) -> N
     assert ROOT / "tests" / "test_targets_contract.py" in gc.cuda_test_files(ROOT / "tests")
     (tmp_path / "test_a.py").write_text("import pytest\n\n@pytest.mark.cuda\ndef test_x():\n    pass\n")
     (tmp_path / "test_b.py").write_text("def test_y():\n    pass\n")
+    (tmp_path / "test_c.py").write_text("pytestmark = [pytest.mark.cuda]\n")
     (tmp_path / "helper.py").write_text("# pytest.mark.cuda\n")
-    assert gc.cuda_test_files(tmp_path) == [tmp_path / "test_a.py"]
+    # a test that writes such a file holds the words in a string, not a cuda test (the check's
+    # own tests did, and its slow CPU rehearsal ran out the tests part's time on the GPU)
+    (tmp_path / "test_d.py").write_text('def test_z(p):\n    p.write_text("@pytest.mark.cuda\\ndef test_x(): pass")\n')
+    assert gc.cuda_test_files(tmp_path) == [tmp_path / "test_a.py", tmp_path / "test_c.py"]
+    assert ROOT / "tests" / "test_gpu_check.py" not in gc.cuda_test_files(ROOT / "tests")
 
 
 def test_the_summary_tables_read_the_report(tmp_path: Path) -> None:
@@ -233,3 +238,27 @@ def test_the_env_part_reads_the_declared_torch_floor(tmp_path: Path) -> None:
     assert gc.declared_torch(p) == "2.11"
     assert gc._release("2.11.0+cu130") >= gc._release("2.11") > gc._release("2.9.1")
     assert gc.declared_torch(tmp_path / "missing.toml") is None
+
+
+class _Replies:
+    """Stands in for a Check: ``kdedge run`` answers with the given per-stage times."""
+
+    def __init__(self, stage_ms: list[list[float]], rehearsal: bool = False) -> None:
+        self.stage_ms, self.rehearsal, self.device = stage_ms, rehearsal, "cuda"
+
+    def kdedge(self, *args: Any, what: str) -> subprocess.CompletedProcess[str]:
+        rows = [{"stage": len(ms) - 1, "budget_met": True, "stage_ms": ms} for ms in self.stage_ms]
+        return subprocess.CompletedProcess(list(args), 0, json.dumps({"results": rows}), "")
+
+
+@pytest.mark.parametrize(("first", "rehearsal", "slow"), [([1.0, 1.0], False, False), ([335.0, 1.0], False, True),
+                                                          ([335.0, 1.0], True, False)])
+def test_a_stage_far_over_the_profile_after_warm_up_fails_the_deadline_step_on_a_gpu(
+        first: list[float], rehearsal: bool, slow: bool) -> None:
+    lat = {"stage0": {"8": {"median": 1.0, "p99": 2.0}}, "stage1": {"8": {"median": 1.0, "p99": 2.0}},
+           "chain": {"8": {"median": 2.0, "p99": 2.2}}}  # the chain is too close to stage 0 for a tight run
+    out = gc._deadline_runs(_Replies([first, [1.0, 1.0]], rehearsal), "hne", Path("b"), Path("x"), [], lat, 2)
+    assert out["first_request_stage_ms"] == first and out["worst_stage_over_p99"] == max(first) / 2.0
+    assert ("slow" in out) == slow
+    if slow:
+        assert out["slow"].startswith("after the warm-up, a request's stage0 took 168x the profile's p99")

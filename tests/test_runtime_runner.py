@@ -217,6 +217,27 @@ def test_evaluate_and_warmup(runner: Runner, toy) -> None:
     assert out["latency_ms"]["p50"] > 0
 
 
+def test_warmup_ends_with_a_full_collection_so_none_is_due_in_the_first_requests(runner: Runner) -> None:
+    import gc
+
+    full: list[int] = []
+
+    def seen(phase: str, info: dict) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            full.append(1)
+
+    gc.callbacks.append(seen)
+    try:
+        runner.warmup((1,), runs=1)
+        counts = gc.get_count()
+    finally:
+        gc.callbacks.remove(seen)
+    # one full collection at the end of the warm-up: no younger collection since has counted
+    # towards the next one
+    assert full and counts[2] == 0
+    assert not gc.get_freeze_count() or runner.realtime is not None  # no freeze without --realtime
+
+
 def test_tampered_bundle_and_closed_runner(toy, tmp_path: Path) -> None:
     import shutil
 

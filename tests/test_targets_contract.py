@@ -242,6 +242,9 @@ def test_torch_cuda_graphs_match_eager(multi: Path) -> None:
         eager = t.open_entry(b, e, {"device": "cuda", "host_outputs": [o.tensor for o in e.outputs]})
         graphed = t.open_entry(b, e, {"device": "cuda", "cuda_graphs": True,
                                       "host_outputs": [o.tensor for o in e.outputs]})
+        import torch
+
+        assert not torch.backends.cudnn.allow_tf32  # an FP32 CUDA session runs FP32 convolutions
         for _ in range(2):
             a, g = eager.run({"input": xv[:8]}), graphed.run({"input": xv[:8]})
             for k in a:
@@ -390,3 +393,16 @@ def test_export_verifies_a_target_on_validation_images_within_its_batch_range(tm
             Runner(out, target="torch")
         with Runner(out, target="torch", device="cpu") as r:
             assert r.run_key == "torch-cpu" and r.run(xv[:3]).stage.tolist() == [2, 2, 2]
+
+
+def test_an_fp32_cuda_session_turns_tf32_off() -> None:
+    torch = pytest.importorskip("torch")
+    from kdedge.targets.torch_export import exact_fp32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        exact_fp32(torch)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -92,9 +92,14 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
+# a line that marks a test or a module ``cuda`` (not the words inside a string, such as a test
+# that writes a test file of its own)
+_CUDA_MARK = re.compile(r"^[ \t]*(?:@pytest\.mark\.cuda\b|pytestmark\s*=.*\bpytest\.mark\.cuda\b)", re.MULTILINE)
+
+
 def cuda_test_files(tests: Path) -> list[Path]:
-    """Test files that hold a test marked ``cuda``."""
-    return sorted(p for p in tests.glob("test_*.py") if "pytest.mark.cuda" in p.read_text(encoding="utf-8"))
+    """Test files that hold a test marked ``cuda`` (a decorator or a module's ``pytestmark``)."""
+    return sorted(p for p in tests.glob("test_*.py") if _CUDA_MARK.search(p.read_text(encoding="utf-8")))
 
 
 def read_junit(path: Path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import time
 from collections import OrderedDict
@@ -503,10 +504,17 @@ class Runner:
         self.settle()
 
     def settle(self) -> None:
-        """Call once after warm-up: with ``realtime``, every object alive now moves to the
-        permanent generation (``gc.freeze``), so later collections stay short."""
+        """Call once after warm-up: one full garbage collection now, between requests. With torch
+        and a bundle's programs loaded, the collector's oldest generation is often due by then,
+        and a full collection takes a few hundred milliseconds (225 ms for 411,000 objects on
+        this project's CPU machine), which would otherwise land in an early request (see
+        docs/targets.md, "GPU check", on the first requests measured on an H200). With ``realtime``, every
+        object alive then also moves to the permanent generation (``gc.freeze``), so later
+        collections stay short."""
         if self.realtime is not None and self.realtime.freeze_gc:
             self._gc.freeze()
+        else:
+            gc.collect()
 
     def evaluate(self, x: np.ndarray, labels: np.ndarray | None = None, policy: Policy | None = None,
                  batch: int = 1, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:

@@ -26,6 +26,19 @@ from kdedge.targets.base import Capabilities, CompiledFile, CompileSpec, GraphSo
 _META = "kdedge.json"
 
 
+def exact_fp32(torch: Any) -> None:
+    """Turn TF32 off for CUDA convolutions and matrix products, process-wide.
+
+    torch lets cuDNN run FP32 convolutions in TF32 by default (10-bit mantissa) on Ampere and
+    later GPUs; the probabilities then differ from onnxruntime's by about 1e-3, up to 22 times
+    the FP32 tolerance a bundle is verified at (measured on an H200, docs/targets.md). An FP32
+    bundle promises FP32 numerics, so an FP32 CUDA session sets both flags off when it opens. The
+    flags are global in torch; they are not restored, since another thread may be running a stage.
+    """
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def cuda_available() -> bool:
     """torch is installed and sees a CUDA device (imports torch)."""
     try:
@@ -80,6 +93,8 @@ class TorchSession:
                               "re-export the bundle")
         self.precision = meta.get("precision", "fp32")
         self._dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        if self.device.type == "cuda" and self.precision == "fp32":
+            exact_fp32(torch)
         self._fn = program.module().to(self.device)
         self._host = set(self.outputs if host_outputs is None else host_outputs)
         self._graphs: dict[int, Any] = {}

@@ -89,7 +89,7 @@ class _BufferSet:
 
 
 class _Lease:
-    """A buffer set checked out by one call and held by the call's carried :class:`DeviceTensor`\ s;
+    """A buffer set checked out by one call and held by the call's carried :class:`DeviceTensor` objects;
     it returns to the session's pool when the last of them is released (CPython frees it as
     soon as the runner drops the request's carried tensors)."""
 

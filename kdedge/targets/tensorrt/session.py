@@ -21,7 +21,7 @@ class TensorRTSession:
     Memory: for each batch size, a pool of buffer sets (one device buffer per input and output).
     A call checks a set out, copies host inputs into it (a carried :class:`DeviceTensor` is bound
     by its address instead), runs the engine, copies the host outputs (the logits) back and
-    returns the other outputs as :class:`DeviceTensor`\ s that keep the set checked out until they
+    returns the other outputs as :class:`DeviceTensor` objects that keep the set checked out until they
     are released. In a single-threaded loop the same set comes back every call (no allocation,
     stable addresses, so a captured CUDA graph is replayed); concurrent requests, or a caller
     holding an earlier call's outputs, get a set of their own instead of having their carried
