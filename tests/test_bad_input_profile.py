@@ -618,6 +618,42 @@ def test_cli_run_profile_fifo_does_not_hang(base, tmp_path: Path) -> None:
     assert "not a regular file" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_in_place_of_the_bundles_own_profile_is_named_not_called_missing(base, tmp_path: Path) -> None:
+    bundle = tmp_path / "toy.kdedge"
+    shutil.copytree(base["bundle"], bundle)
+    own = bundle / "profiles" / base["path"].name
+    own.unlink()
+    os.mkfifo(own)
+    cmd = [sys.executable, "-m", "kdedge.cli.main", "run", str(bundle), "--input", str(base["npy"]),
+           "--deadline-ms", "1", "--threads", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "200", "KDEDGE_DEBUG": ""})
+    assert res.returncode == 2, res.stderr
+    assert "not a regular file" in res.stderr and "no latency profile" not in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_a_profiles_folder_that_links_elsewhere_is_neither_written_nor_read(base, tmp_path: Path) -> None:
+    """``kdedge profile`` wrote through a linked ``profiles/`` to wherever it pointed."""
+    bundle = tmp_path / "toy.kdedge"
+    shutil.copytree(base["bundle"], bundle)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(bundle / "profiles", elsewhere)
+    (bundle / "profiles").symlink_to(elsewhere, target_is_directory=True)
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    res = invoke("profile", bundle, "--batch", "2", "--runs", "3", "--warmup", "0", "--threads", "1", "--no-plot")
+    one_line_error(res, "profiles is a symbolic link", "only inside the bundle")
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == before
+    res = invoke("run", bundle, "--input", base["npy"], "--deadline-ms", "1", "--threads", "1")
+    one_line_error(res, "profiles is a symbolic link")
+    # a file where the folder should be
+    (bundle / "profiles").unlink()
+    (bundle / "profiles").write_text("x")
+    res = invoke("profile", bundle, "--batch", "2", "--runs", "3", "--warmup", "0", "--threads", "1", "--no-plot")
+    one_line_error(res, "profiles is a regular file, not a directory")
+
+
 # ---------------------------------------------------------------------------------------------
 # (4) strict JSON out
 

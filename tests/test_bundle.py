@@ -148,6 +148,12 @@ def test_newer_schema_names_the_release_to_upgrade_to(tmp_path: Path) -> None:
     (lambda m: m["stages"][0]["files"]["onnx"].update(path="../outside.onnx"), "without '..'"),
     (lambda m: m["stages"][0]["files"]["onnx"].update(path="/etc/passwd"), "at stages/0/files/onnx/path"),
     (lambda m: m["preprocessing"].update(mean=[0.5]), "mean/std need 3 values"),
+    # 10**400 parses as a Python int; inspect's MAC column overflowed converting it to a float
+    (lambda m: m["stages"][0].update(macs=10**400), r"an integer beyond 2\*\*63 at stages/0/macs"),
+    (lambda m: m["stages"][1].update(params=-(2**64)), r"an integer beyond 2\*\*63 at stages/1/params"),
+    # a NUL byte reached os.path as a bare "embedded null byte"
+    (lambda m: m["stages"][0]["files"]["onnx"].update(path="onnx/stage0\x00.onnx"),
+     r"stage0 \(onnx\): file path 'onnx/stage0\\x00.onnx' holds a control character"),
 ])
 def test_invalid_manifests_fail_with_one_clear_line(tmp_path: Path, mutate: Any, message: str) -> None:
     m = write_bundle(tmp_path / "b")
@@ -184,6 +190,20 @@ def test_not_a_bundle(tmp_path: Path) -> None:
     (tmp_path / "garbage" / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         open_bundle(tmp_path / "garbage")
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+def test_a_manifest_that_links_outside_the_bundle_is_refused(tmp_path: Path, where: str) -> None:
+    m = write_bundle(tmp_path / "b")
+    real = tmp_path / "elsewhere.json" if where == "outside" else tmp_path / "b" / "reports" / "m.json"
+    real.write_text(json.dumps(m))
+    (tmp_path / "b" / "manifest.json").unlink()
+    (tmp_path / "b" / "manifest.json").symlink_to(real)
+    if where == "inside":  # a link within the bundle is the bundle's own file
+        assert [s.name for s in open_bundle(tmp_path / "b", verify=False).stages] == ["stage0", "stage1"]
+        return
+    with pytest.raises(BundleError, match=r"manifest.json is a symbolic link to '.*elsewhere.json', outside the bundle"):
+        open_bundle(tmp_path / "b")
 
 
 def test_validate_manifest_accepts_a_copy_and_does_not_mutate(tmp_path: Path) -> None:

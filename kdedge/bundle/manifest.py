@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -198,6 +199,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             raise BundleError(f"{path} is a training run directory, not a bundle; make one with "
                               f"`kdedge export {path} --out BUNDLE.kdedge`")
         raise BundleError(f"{path} is not a complete bundle: {MANIFEST} is missing (an interrupted export?)")
+    if mpath.is_symlink():  # the manifest is the bundle's own file, as its stage files are
+        try:
+            inside = path.resolve() in mpath.resolve().parents
+        except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13)
+            inside = False
+        if not inside:
+            raise BundleError(f"bundle {path}: {MANIFEST} is a symbolic link to {os.readlink(mpath)!r}, outside the "
+                              "bundle; a bundle's manifest must be its own file, re-export or copy the bundle")
     try:
         manifest = read_json_strict(mpath, what=str(mpath))
     except JSONError as e:

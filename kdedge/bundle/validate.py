@@ -228,6 +228,9 @@ def _check_paths(manifest: dict[str, Any]) -> None:
         p = PurePosixPath(f["path"])
         if p.is_absolute() or ".." in p.parts or f["path"] in ("", ".") or "\\" in f["path"]:
             raise BundleError(f"{what}: file path {f['path']!r} must be relative to the bundle, without '..'")
+        if any(ord(c) < 32 or c == "\x7f" for c in f["path"]):
+            raise BundleError(f"{what}: file path {f['path']!r} holds a control character (a NUL byte, a newline, …); "
+                              "no file of a bundle has one, re-export the bundle")
         seen.setdefault(f["path"], []).append((what, target, f))
     for path, users in seen.items():
         if len(users) == 1:
@@ -265,8 +268,13 @@ def _strict_validator() -> Any:
     return jsonschema.validators.extend(base, type_checker=checker)(load_schema())
 
 
+MAX_INT = 2**63 - 1  # the largest integer a manifest may hold (file sizes, MACs, counts)
+
+
 def _nonfinite(obj: Any) -> str | None:
-    """The path (``stages/0/accuracy/last``) of the first non-finite float inside ``obj``, or None.
+    """The path (``stages/0/accuracy/last``) of the first non-finite float, or of an integer
+    beyond ±(2**63 - 1) (``10**400`` parses as a Python int, and no count or size is that big;
+    a float conversion of it overflows far from the manifest), inside ``obj``, or None.
 
     Iterative, so a deeply nested dict built in Python cannot overflow the stack. Strict JSON
     refuses ``NaN`` literals, but ``1e400`` still parses as infinity, and a manifest dict may
@@ -275,6 +283,8 @@ def _nonfinite(obj: Any) -> str | None:
     while stack:
         where, v = stack.pop()
         if isinstance(v, float) and not math.isfinite(v):
+            return where or "(top level)"
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
             return where or "(top level)"
         if isinstance(v, dict):
             stack.extend((f"{where}/{k}" if where else str(k), x) for k, x in v.items())
@@ -294,8 +304,8 @@ def validate_manifest(manifest: dict[str, Any], where: str = "manifest") -> None
     check_version(manifest, where)
     bad = _nonfinite(manifest)
     if bad is not None:
-        raise BundleError(f"{where}: the manifest holds a non-finite number (NaN or infinity) at {bad}; "
-                          "a kdedge manifest never does (damaged or hand-edited?), re-export the bundle")
+        raise BundleError(f"{where}: the manifest holds a non-finite number (NaN or infinity) or an integer beyond "
+                          f"2**63 at {bad}; a kdedge manifest never does (damaged or hand-edited?), re-export the bundle")
     errors = sorted(_strict_validator().iter_errors(manifest), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]
@@ -317,8 +327,8 @@ def _entry_problem(path: Path, what: str, f: dict[str, Any]) -> tuple[type[Bundl
     try:
         root = path.resolve()
         full = (path / f["path"]).resolve()
-    except (OSError, RuntimeError) as e:  # a symbolic-link loop (RuntimeError before Python 3.13)
-        return BundleError, f"bundle {path}: {what} file {f['path']} cannot be resolved ({e})"
+    except (OSError, RuntimeError, ValueError) as e:  # a link loop (RuntimeError before 3.13), a NUL byte
+        return BundleError, f"bundle {path}: {what} file {f['path']!r} cannot be resolved ({e})"
     if root not in full.parents:
         return BundleError, f"bundle {path}: {what} file {f['path']!r} points outside the bundle"
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Callable, Iterator
 from kdedge.bundle.profile.merge import merge_profiles
 from kdedge.bundle.profile.spec import (CHAIN, STATS, ForeignProfileError, MissingProfileError, NewerProfileError, ProfileError, StaleProfileError)
 from kdedge.bundle.profile.validate import check_coverage, validate_profile
+from kdedge.bundle.files import file_kind
 from kdedge.io import JSONError, atomic_write_json, read_json_strict
 
 __all__ = ["LatencyProfile", "bundle_fingerprint", "check_profile", "current_key", "demo_deadlines", "profile_filename",
@@ -335,8 +337,8 @@ def resolve_profile(bundle: Any, arg: Any, target: str, threads: int, setting: s
     elif str(arg) != "auto":
         prof = LatencyProfile.load(arg)
     else:
-        path = Path(bundle.path) / "profiles" / profile_filename(device, setting, key)
-        if not path.is_file():
+        path = profiles_dir(bundle) / profile_filename(device, setting, key)
+        if not os.path.lexists(path):  # a FIFO or a directory there is named by load(), not called missing
             have = sorted(p.stem for p in (Path(bundle.path) / "profiles").glob("*.json"))
             others = f"; it has profiles for: {', '.join(have)}" if have else ""
             runs = f", run as {key}" if key else ""
@@ -405,6 +407,29 @@ def thread_choice(bundle: Any, target: str, key: str = "", batch: int = 1,
     return per_graph, LatencyProfile(data)
 
 
+def profiles_dir(bundle: Any) -> Path:
+    """``BUNDLE/profiles``, where a bundle's own profiles are read and written.
+
+    Raises:
+        ProfileError: it is a symbolic link (profiles would be read from, and written to,
+            wherever it points, outside the bundle) or not a directory.
+    """
+    d = Path(bundle.path) / "profiles"
+    try:
+        mode = os.lstat(d).st_mode
+    except FileNotFoundError:
+        return d
+    except OSError as e:
+        raise ProfileError(f"cannot read {d}: {e.strerror or e}") from None
+    if stat.S_ISLNK(mode):
+        raise ProfileError(f"{d} is a symbolic link (to {os.readlink(d)!r}); kdedge reads and writes a bundle's "
+                           "profiles only inside the bundle: replace the link with a directory, or give --profile "
+                           "PATH to use a profile kept elsewhere")
+    if not stat.S_ISDIR(mode):
+        raise ProfileError(f"{d} is {file_kind(mode)}, not a directory; move it away so that profiles can be stored")
+    return d
+
+
 def write_profile(bundle: Any, profile: LatencyProfile, path: str | Path | None = None,
                   report: Callable[[str], None] | None = None) -> Path:
     """Store ``profile`` (default ``BUNDLE/profiles/<device>-<setting>[-<run key>].json``), merged
@@ -433,7 +458,7 @@ def store_profile(bundle: Any, profile: LatencyProfile, path: str | Path | None 
     Raises:
         NewerProfileError: the stored profile is of a newer version (not overwritten).
     """
-    out = Path(path) if path is not None else Path(bundle.path) / "profiles" / profile_filename(
+    out = Path(path) if path is not None else profiles_dir(bundle) / profile_filename(
         profile.device, profile.setting, profile.run_key)
     with _locked(out.parent):
         old = _stored(out, report)
