@@ -37,6 +37,39 @@ def test_each_command_has_help_with_an_example(name: str) -> None:
         assert "Example" in module.HELP and f"kdedge {name}" in module.HELP
 
 
+def test_reflow_joins_prose_and_keeps_what_is_laid_out_by_hand() -> None:
+    from kdedge.cli.main import reflow
+
+    text = "First line\nof the first.\n\nA second\nparagraph.\n\nExamples:\n\n  kdedge run a\n  kdedge run b\n\n" \
+           "name    kind\nonnx    graph"
+    assert reflow(text).split("\n\n") == ["First line of the first.", "A second paragraph.", "Examples:",
+                                          "  kdedge run a\n  kdedge run b", "name    kind\nonnx    graph"]
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_prose_wraps_at_the_terminal_width_not_at_the_source_lines(name: str) -> None:
+    """At 80 columns no line of a prose paragraph ends short of the width except its last (the
+    renderer used to keep the source's line breaks and wrap again: 'device, setting,')."""
+    res = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert res.exit_code == 0, res.output
+    text = res.output.split("╭")[0]  # the description, before the option panels
+    body = [ln.rstrip() for ln in text.splitlines()][3:]  # after the usage line
+    paragraphs: list[list[str]] = [[]]
+    for ln in body:
+        if ln.strip():
+            paragraphs[-1].append(ln)
+        elif paragraphs[-1]:
+            paragraphs.append([])
+    assert len([p for p in paragraphs if p]) >= 2, res.output
+    for par in paragraphs:
+        laid_out = any(ln.startswith("  ") or "   " in ln.strip() for ln in par)
+        if laid_out:
+            continue
+        # a line broken early: the next line's first word would have fitted on it
+        short = [ln for ln, nxt in zip(par, par[1:]) if len(ln) + 1 + len(nxt.split()[0]) < 79]
+        assert not short, f"{name}: {short} in\n" + "\n".join(par)
+
+
 def test_one_epoch_training_run_and_eval(tmp_path: Path) -> None:
     out = tmp_path / "run"
     res = invoke("train", "--data", "synthetic", "--epochs", "1", "--out", str(out), "--json", *TINY)

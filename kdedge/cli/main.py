@@ -30,10 +30,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def reflow(text: str) -> str:
+    """``text`` with each prose paragraph on one line, so that the terminal wraps it.
+
+    The help renderer keeps the single line breaks of every paragraph after the first, then
+    wraps those lines again at the terminal's width: source lines of 96 characters came out
+    at 80 columns as a full line and a stub of two words. Paragraphs that are laid out by hand
+    (a line that starts with a space, or columns aligned with runs of spaces: examples,
+    tables) keep their lines.
+    """
+    paragraphs = text.strip("\n").split("\n\n")
+    out = []
+    for par in paragraphs:
+        lines = par.split("\n")
+        laid_out = any(ln.startswith((" ", "\t")) or "   " in ln.strip() for ln in lines)
+        out.append(par if laid_out else " ".join(ln.strip() for ln in lines))
+    return "\n\n".join(out)
+
+
 def _register() -> None:
     for name, (module_name, short) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        app.command(name, help=getattr(module, "HELP", short), short_help=short)(module.command)
+        app.command(name, help=reflow(getattr(module, "HELP", short)), short_help=short)(module.command)
 
 
 _register()
