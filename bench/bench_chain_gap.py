@@ -3,8 +3,8 @@ docs/performance.md). Not a test: it times things.
 
 On one bundle with a fused full graph (default: the paper-size CIFAR HNE that
 ``bench/bench_paper_size.py`` exports), in one process, the paths in interleaved rounds of one
-block each, their order rotated from round to round (the first requests after a switch of
-path run slower, and a fixed order would charge that to the same path every round):
+block each, in a new random order each round (seeded): a block runs slower after some paths than
+after others, and a fixed or rotated order would give each path the same predecessor every round:
 
 - the runner's chain (``Full()``) and its fused graph (``Fixed(S, fused=True)``): the whole
   request, the time spent inside onnxruntime's calls (the bound run wrapped with a timer), and
@@ -12,6 +12,8 @@ path run slower, and a fixed order would charge that to the same path every roun
 - each stage graph inside the chain (the runner's ``stage_ms``) against the same graph run
   alone, over and over with its own inputs (its weights and activations stay in the caches);
 - numpy's first call right after a session run against its second;
+- the runner's chain with its carried tensors in onnxruntime's blocked layout
+  (``KDEDGE_ORT_BLOCKED=1``, :mod:`kdedge.targets.ort_blocked`);
 - the chain through a runner with ``bind=False`` (numpy feeds instead of bound buffers), and
   through plain sessions (numpy feeds), each session with its own memory arena (as the
   runner's) against one arena shared by all of them (onnxruntime's ``session.use_env_allocators``);
@@ -158,8 +160,15 @@ def main() -> None:
               for e in r.bundle.stages]
 
     so_pre = OrtOptions(threads=args.threads, optimization="disable").session_options()
-    blocked = [ort.InferenceSession(g, so_pre, providers=["CPUExecutionProvider"])
-               for g in blocked_graphs(r.bundle, args.threads)]
+    blocked_bytes = blocked_graphs(r.bundle, args.threads)
+    blocked = [ort.InferenceSession(g, so_pre, providers=["CPUExecutionProvider"]) for g in blocked_bytes]
+    # the runner with its carried tensors in the blocked layout (opt-in; kdedge/targets/ort_blocked.py)
+    os.environ["KDEDGE_ORT_BLOCKED"] = "1"
+    r_blk = Runner(path, threads=args.threads)
+    del os.environ["KDEDGE_ORT_BLOCKED"]
+    if any(s.blocked for s in r.sessions) or not any(s.blocked for s in r_blk.sessions):
+        raise SystemExit("expected the KDEDGE_ORT_BLOCKED=1 runner's chain blocked, and the default one not")
+    r_blk.warmup((1,))
 
     def plain_chain(sessions: list[Any]) -> list[np.ndarray]:
         c: dict[str, np.ndarray] = {"input": x}
@@ -171,7 +180,10 @@ def main() -> None:
 
     if not all(np.array_equal(a, b) for a, b in zip(plain_chain(alone), plain_chain(blocked))):
         raise SystemExit("the chain with blocked carried tensors answers differently")
+    if not np.array_equal(r.run(x, Full()).probs, r_blk.run(x, Full()).probs):
+        raise SystemExit("the runner with blocked carried tensors answers differently")
     plain = {"the runner, bind=False (numpy feeds)": lambda: unbound.run(x, Full()),
+             "the runner, carried tensors blocked (KDEDGE_ORT_BLOCKED=1)": lambda: r_blk.run(x, Full()),
              "plain sessions, an arena each": lambda: plain_chain(alone),
              "plain sessions, one shared arena": lambda: plain_chain(shared),
              "plain sessions, carried tensors blocked (NCHWc)": lambda: plain_chain(blocked)}
@@ -215,9 +227,12 @@ def main() -> None:
 
     blocks = [lambda n=n: runner_block(n) for n in policies] + [lambda n=n: plain_block(n) for n in plain] + \
         [lambda k=k: alone_block(k) for k in range(S)]
-    for i in range(args.rounds):  # the order rotates: a block right after another path runs slower
-        for j in range(len(blocks)):
-            blocks[(i + j) % len(blocks)]()
+    import random
+
+    order = random.Random(0)
+    for _ in range(args.rounds):  # a new order each round: a block runs slower right after certain others, and
+        for block in order.sample(blocks, len(blocks)):  # a rotated fixed order would give each the same one
+            block()
     # numpy right after a session run: its first call against its second (both checks of [1, K] logits)
     lg = np.zeros((1, len(r.classes)), np.float32)
     first: list[float] = []
@@ -233,6 +248,7 @@ def main() -> None:
         second.append((t2 - t1) * 1e6)
     r.close()
     unbound.close()
+    r_blk.close()
 
     med = lambda v: float(np.median(v))  # noqa: E731
     cpu = cpu_model()
@@ -245,7 +261,8 @@ def main() -> None:
     for name, v in plain_ms.items():
         print(f"| chain: {name} | {med(v):.3f} | | |")
     ratio = med(rows["chain"]["total"]) / med(rows["fused"]["total"])
-    print(f"\nchain / fused: {ratio:.3f}\n")
+    ratio_b = med(plain_ms["the runner, carried tensors blocked (KDEDGE_ORT_BLOCKED=1)"]) / med(rows["fused"]["total"])
+    print(f"\nchain / fused: {ratio:.3f}; with the carried tensors blocked: {ratio_b:.3f}\n")
     print("| stage | in the chain | alone, repeated | ratio |\n|---|---|---|---|")
     chain_ms = np.median(np.asarray(in_chain), axis=0)
     for k in range(S):

@@ -122,6 +122,54 @@ class ToyAnytime(nn.Module):
         return [l0, l1 / 2, l2]  # per-stage mean logits (training target for every exit)
 
 
+class _TreeStage0(Stage):
+    def __init__(self, m: ToyTree) -> None:
+        super().__init__()
+        self.stem, self.trunk, self.head = m.stem, m.trunk, m.head0
+        self.spec = StageSpec("stage0", (INPUT,), ("logits", "f"), "logits", 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.stem(x)
+        return self.head(_pool(self.trunk(f))), f  # f is carried: only convolutions read it
+
+
+class _TreeStage1(Stage):
+    def __init__(self, m: ToyTree) -> None:
+        super().__init__()
+        self.branch, self.head = m.branch, m.head1
+        self.spec = StageSpec("stage1", ("stage0:f",), ("logits",), "logits", 1)
+
+    def forward(self, f: Tensor) -> tuple[Tensor]:
+        return (self.head(_pool(self.branch(f))),)
+
+
+class ToyTree(nn.Module):
+    """Two stages shaped like an HNE tree: stage0 carries the feature map ``f`` at its branch
+    point (``width`` channels, a multiple of 16, so onnxruntime's NCHWc convolutions read it)
+    and stage1 is the second member's branch from there. Nothing but convolutions reads ``f``."""
+
+    family = "toy"
+    combine_rules = ("mean_logits", "mean_probs", "last")
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.stem = _block(in_channels, width)
+        self.trunk, self.branch = _block(width, width), _block(width, width)
+        self.head0, self.head1 = nn.Linear(width, num_classes), nn.Linear(width, num_classes)
+        self.width = width
+
+    def stages(self) -> list[Stage]:
+        return [_TreeStage0(self), _TreeStage1(self)]
+
+    def stage_meta(self) -> dict[str, Any]:
+        return {"family": "toy", "width": self.width}
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        s0, s1 = self.stages()
+        l0, f = s0(x)
+        return [l0, s1(f)[0]]
+
+
 class _StudentStage(Stage):
     def __init__(self, shared: nn.Module, branch: nn.Module, head: nn.Module) -> None:
         super().__init__()

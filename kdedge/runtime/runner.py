@@ -215,8 +215,11 @@ class Runner:
             if self.realtime is not None:
                 self._enter_realtime()
             with self._adopting():
-                for e in self.entries:
-                    self.sessions.append(self._factory(self.bundle, e, self._options_for(e.name)))
+                if session_factory is None:  # the target opens the chain (it may link the stages)
+                    self.sessions = list(get_target(target).open_stages(self.bundle, self.entries, self._options_for))
+                else:
+                    for e in self.entries:
+                        self.sessions.append(self._factory(self.bundle, e, self._options_for(e.name)))
         except BaseException:
             self.close()
             raise

@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["Capabilities", "CompileSpec", "CompiledFile", "GraphSource", "RunSpec", "Target", "TargetError",
            "TargetUnavailable", "PRECISIONS"]
@@ -280,6 +280,21 @@ class Target:
         opts = dict(options or {}) if not hasattr(options, "__dataclass_fields__") else {"options": options}
         return self.open(bundle.file(entry, self.name), name=entry.name, inputs=[i.tensor for i in entry.inputs],
                          outputs=[o.tensor for o in entry.outputs], **opts)
+
+    def open_stages(self, bundle: Any, entries: Sequence[Any], options_for: Callable[[str], Any]) -> list[Any]:
+        """The runner's sessions for a bundle's chain of stages (``options_for(name)``: each
+        graph's options). A target may open the stages together to link them (the ``onnx``
+        target keeps carried tensors in onnxruntime's blocked layout); by default each stage is
+        :meth:`open_entry` on its own. Sessions opened before a failure are closed."""
+        sessions: list[Any] = []
+        try:
+            for e in entries:
+                sessions.append(self.open_entry(bundle, e, options_for(e.name)))
+        except BaseException:
+            for s in sessions:
+                s.close()
+            raise
+        return sessions
 
     # -- running -------------------------------------------------------------------------------
     def run_device(self, run: RunSpec, bundle: Any = None) -> str:

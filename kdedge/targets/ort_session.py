@@ -177,6 +177,9 @@ class OrtSession:
         outputs: graph tensor names it writes (checked against the file).
         name: graph name for messages (default: the file stem).
         options: :class:`OrtOptions`.
+        model: the graph's bytes to load instead of ``path`` (still named by it in messages).
+        optimised_to: where onnxruntime writes the graph as it optimised it (for
+            :mod:`kdedge.targets.ort_blocked`).
 
     Raises:
         ValueError: the file's inputs or outputs differ from the manifest's, or a provider is
@@ -185,10 +188,12 @@ class OrtSession:
 
     can_abort = True
     can_bind = True
+    blocked: tuple[str, ...] = ()  # carried tensors it exchanges in onnxruntime's blocked layout
 
     def __init__(self, path: str | Path, inputs: Sequence[str], outputs: Sequence[str], name: str | None = None,
                  options: OrtOptions | None = None,
-                 declared: Mapping[str, tuple[Sequence[int | None], str]] | None = None) -> None:
+                 declared: Mapping[str, tuple[Sequence[int | None], str]] | None = None,
+                 model: bytes | None = None, optimised_to: str | Path | None = None) -> None:
         import onnxruntime as ort
 
         self._ort = ort
@@ -197,8 +202,11 @@ class OrtSession:
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self.options = options or OrtOptions()
+        so = self.options.session_options()
+        if optimised_to is not None:
+            so.optimized_model_filepath = str(optimised_to)
         try:
-            self._sess = ort.InferenceSession(str(self.path), sess_options=self.options.session_options(),
+            self._sess = ort.InferenceSession(str(self.path) if model is None else model, sess_options=so,
                                               providers=self.options.resolved_providers())
         except ValueError:
             raise
