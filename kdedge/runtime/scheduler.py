@@ -63,7 +63,8 @@ from kdedge.runtime.online import LoadEstimate
 from kdedge.runtime.policies import CONTINUE, STOP, Decision, Fixed
 from kdedge.runtime.realtime import GcGuard
 from kdedge.runtime.results import OutputError
-from kdedge.runtime.tickets import CLOSED, FAILED, OK, QUEUE_FULL, RANKED, SHED, STATUSES, Answer, Ticket, rank
+from kdedge.runtime.tickets import (_FULL_SORT, CLOSED, FAILED, OK, QUEUE_FULL, RANKED, SHED, STATUSES, Answer, Ticket, rank,
+                                    rank_row)
 
 __all__ = ["Answer", "CLOSED", "Costs", "FAILED", "OK", "QUEUE_FULL", "SHED", "STATUSES", "Scheduler", "Ticket"]
 
@@ -594,6 +595,9 @@ class Scheduler:
                 self._counts["batches"] += 1
                 self._counts["batched"] += len(pending)
             done = getattr(policy, "delivered", None)
+            if len(pending) == 1 and (done is None or not done[0]):  # one request: no fancy indexing
+                self._answer_many(pending, res.probs, [int(res.stage[0])], [int(res.members[0])], 1, start, now)
+                return
             left = [i for i in range(len(pending)) if done is None or not done[i]]
             if left:
                 self._answer_many([pending[i] for i in left], res.probs[left], res.stage[left].tolist(),
@@ -606,8 +610,13 @@ class Scheduler:
         most probable classes of every row come from a few numpy calls per batch, here where
         numpy's code is warm, not from calls per answer in the thread that sends it."""
         p = np.array(probs, dtype=np.float64)  # their own copy: never a view of the runner's arrays
-        top, vals = rank(p, RANKED)  # the first column is the label (argmax: ties go to the lower label)
-        top, vals = top.tolist(), vals.tolist()
+        if len(tickets) == 1 and p.shape[1] <= _FULL_SORT:  # one answer: a Python sort, fewer cold numpy calls
+            row = p[0].tolist()
+            best = rank_row(row, RANKED)
+            top, vals = [best], [[row[j] for j in best]]
+        else:
+            top, vals = rank(p, RANKED)  # the first column is the label (argmax: ties go to the lower label)
+            top, vals = top.tolist(), vals.tolist()
         answers = []
         for i, t in enumerate(tickets):
             label = top[i][0]
