@@ -4,7 +4,7 @@
 One fused HNE graph exported without padding, then padded by :mod:`kdedge.export.pad` with
 several limits on how much a group may grow (``round_up(c, block) <= (1 + limit) * c``, block 16
 unless ``--blocks`` says otherwise), all variants timed in plain onnxruntime sessions (one
-thread), in rounds whose order rotates, at batch 1 and 32; outputs are checked equal first.
+thread), in rounds in a new random order each (seeded), at batch 1 and 32; outputs are checked equal first.
 
 Graphs:
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -98,9 +99,9 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in sess}
         names = list(sess)
         per = 20 if batch == 1 else 5
-        for i in range(args.rounds):
-            for j in range(len(names)):
-                k = names[(i + j) % len(names)]
+        order = random.Random(0)
+        for _ in range(args.rounds):  # a new order each round: no graph always follows the same one
+            for k in order.sample(names, len(names)):
                 s = sess[k]
                 s.run(None, {name: x})
                 for _ in range(per):

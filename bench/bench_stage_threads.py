@@ -6,7 +6,7 @@ Python API has one intra-op pool per process once a shared pool is made
 (``set_global_thread_pool_sizes``): every session of the process must then use it, so a
 session cannot opt out to run on its caller's thread. What remains is a pool per session. This
 compares, each against the fused full graph on two threads in the same process, interleaved
-(rounds of one block per path, the order rotated):
+(rounds of one block per path, in a new random order each round, seeded):
 
 - ``shared``: every stage in one shared pool of two threads (``Runner(threads=2, shared_pool=True)``);
 - ``own``: a pool per session: every stage on one thread; stages below ``--small`` on one
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import time
@@ -88,8 +89,9 @@ def measure(bundle: Path, setting: str, small: int, rounds: int, per_round: int)
             p()
     times: dict[str, list[float]] = {n: [] for n in paths}
     names = list(paths)
-    for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+    order = random.Random(0)
+    for _ in range(rounds):  # a new order each round: no path always follows the same one
+        for n in order.sample(names, len(names)):
             for i in range(per_round):
                 t = time.perf_counter()
                 paths[n]()
