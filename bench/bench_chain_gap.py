@@ -46,14 +46,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_paper_size import DEFAULT_WORK, bundle_path  # noqa: E402
 
 
-def _rewire(nodes: list[Any], old: str, new: str) -> None:
-    for n in nodes:
-        for names in (n.input, n.output):
-            for i, v in enumerate(names):
-                if v == old:
-                    names[i] = new
-
-
 def optimised(bundle: Any, entries: list[Any], threads: int) -> list[Any]:
     """The graphs of ``entries`` as onnxruntime optimises them here (ONNX models)."""
     import tempfile
@@ -74,41 +66,15 @@ def optimised(bundle: Any, entries: list[Any], threads: int) -> list[Any]:
 
 
 def blocked_graphs(bundle: Any, threads: int) -> list[bytes]:
-    """The bundle's stage graphs optimised by onnxruntime here (so for this CPU's NCHWc block), with
-    every carried tensor left in the blocked layout: a carried output made by a ReorderOutput is
-    that node's input instead, and a consumer whose carried input only feeds a ReorderInput takes
-    it directly. A tensor is kept in NCHW unless its producer and all its consumers agree and its
-    channels are a multiple of 16 (so the blocked tensor has the declared shape)."""
-    import onnx
+    """The bundle's stage graphs as onnxruntime optimises them here, with the carried tensors
+    left in the blocked layout by the runtime's own edit (:func:`kdedge.targets.ort_blocked.block_carried`;
+    the graphs it does not change as onnxruntime saved them)."""
+    from kdedge.targets.onnxruntime import carried_tensors
+    from kdedge.targets.ort_blocked import block_carried
 
-    graphs = optimised(bundle, list(bundle.stages), threads)
-    attrs = lambda n: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
-    made: dict[str, Any] = {}  # carried tensor -> its producer's ReorderOutput
-    for g in graphs:
-        for n in g.graph.node:
-            if n.op_type == "ReorderOutput" and not attrs(n).get("channels_last", 0):
-                made[n.output[0]] = (g, n)
-    takes: dict[str, list[tuple[Any, Any]]] = {}  # carried tensor -> the ReorderInputs that read it
-    ok: dict[str, bool] = {}
-    for e, g in zip(bundle.stages, graphs):
-        for t in e.inputs:
-            if t.tensor not in made:
-                continue
-            readers = [n for n in g.graph.node if t.tensor in n.input]
-            good = len(readers) == 1 and readers[0].op_type == "ReorderInput" and \
-                not attrs(readers[0]).get("channels_last", 0) and len(t.shape) == 4 and t.shape[1] % 16 == 0
-            ok[t.tensor] = ok.get(t.tensor, True) and good
-            takes.setdefault(t.tensor, []).extend([(g, readers[0])] if good else [])
-    for tensor, fine in ok.items():
-        if not fine:
-            continue
-        g, n = made[tensor]
-        g.graph.node.remove(n)
-        _rewire(list(g.graph.node), n.input[0], tensor)
-        for g2, n2 in takes[tensor]:
-            g2.graph.node.remove(n2)
-            _rewire(list(g2.graph.node), n2.output[0], tensor)
-    return [g.SerializeToString() for g in graphs]
+    models = [g.SerializeToString() for g in optimised(bundle, list(bundle.stages), threads)]
+    edited, _ = block_carried(models, carried_tensors(bundle.stages))
+    return [edited.get(k, m) for k, m in enumerate(models)]
 
 
 def main() -> None:

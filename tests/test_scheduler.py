@@ -17,7 +17,7 @@ from kdedge.runtime import InputError, Runner, open_bundle
 from kdedge.runtime.costs import _interpolate
 from kdedge.runtime.online import LoadEstimate
 from kdedge.runtime.scheduler import CLOSED, FAILED, OK, QUEUE_FULL, SHED, Answer, Costs, Scheduler
-from kdedge.runtime.tickets import RANKED, rank, rank_row
+from kdedge.runtime.tickets import RANKED, rank, rank_lists, rank_row
 
 K = 10
 # per-stage latency (ms) at batch 1 and per extra sample: stage k at batch n takes base + slope * (n - 1)
@@ -443,11 +443,16 @@ def test_rank_orders_by_p_then_label_on_both_paths() -> None:
 
 def test_rank_row_orders_one_answer_as_rank_does() -> None:
     rng = np.random.default_rng(1)
-    for n in (1, 2, 5, 10, 128):
+    for n in (1, 2, 5, 10, 128, 129):
         for _ in range(20):
             row = rng.random(n).round(1)  # many ties
             for k in (1, 3, RANKED, n, n + 4):
-                assert rank_row(row.tolist(), k) == rank(row[None], k)[0][0].tolist()
+                ref = rank(row[None], k)
+                if n <= 128:  # beyond, rank partitions first: which of several tied at the cut is kept is numpy's
+                    assert rank_row(row.tolist(), k) == ref[0][0].tolist()
+                assert rank_lists(row[None], k) == (ref[0].tolist(), ref[1].tolist())
+    two = rng.random((2, 10)).round(1)
+    assert rank_lists(two, 3) == tuple(a.tolist() for a in rank(two, 3))
 
 
 def test_scheduler_answers_rank_like_top_k_on_demand(bundle) -> None:

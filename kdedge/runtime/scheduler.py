@@ -63,8 +63,7 @@ from kdedge.runtime.online import LoadEstimate
 from kdedge.runtime.policies import CONTINUE, STOP, Decision, Fixed
 from kdedge.runtime.realtime import GcGuard
 from kdedge.runtime.results import OutputError
-from kdedge.runtime.tickets import (_FULL_SORT, CLOSED, FAILED, OK, QUEUE_FULL, RANKED, SHED, STATUSES, Answer, Ticket, rank,
-                                    rank_row)
+from kdedge.runtime.tickets import CLOSED, FAILED, OK, QUEUE_FULL, RANKED, SHED, STATUSES, Answer, Ticket, rank_lists
 
 __all__ = ["Answer", "CLOSED", "Costs", "FAILED", "OK", "QUEUE_FULL", "SHED", "STATUSES", "Scheduler", "Ticket"]
 
@@ -607,16 +606,11 @@ class Scheduler:
     def _answer_many(self, tickets: Sequence[Ticket], probs: np.ndarray, stages: Sequence[int],
                      members: Sequence[int], batch: int, start: float, now: float) -> None:
         """Answer ``tickets`` (rows of ``probs``) together: the labels and the :data:`RANKED`
-        most probable classes of every row come from a few numpy calls per batch, here where
-        numpy's code is warm, not from calls per answer in the thread that sends it."""
+        most probable classes of every row come from a few numpy calls per batch (a Python sort
+        for a batch of one: :func:`~kdedge.runtime.tickets.rank_lists`), here in the worker, not
+        from calls per answer in the thread that sends it."""
         p = np.array(probs, dtype=np.float64)  # their own copy: never a view of the runner's arrays
-        if len(tickets) == 1 and p.shape[1] <= _FULL_SORT:  # one answer: a Python sort, fewer cold numpy calls
-            row = p[0].tolist()
-            best = rank_row(row, RANKED)
-            top, vals = [best], [[row[j] for j in best]]
-        else:
-            top, vals = rank(p, RANKED)  # the first column is the label (argmax: ties go to the lower label)
-            top, vals = top.tolist(), vals.tolist()
+        top, vals = rank_lists(p, RANKED)  # the first column is the label (argmax: ties go to the lower label)
         answers = []
         for i, t in enumerate(tickets):
             label = top[i][0]

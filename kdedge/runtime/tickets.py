@@ -40,9 +40,20 @@ def rank(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def rank_row(values: Sequence[float], k: int) -> list[int]:
     """:func:`rank`'s order for one row given as Python floats (most probable first, equal
-    probabilities by label), in plain Python: for one answer of up to :data:`_FULL_SORT` classes
-    it costs less than numpy's calls, each of which runs cold right after a model's run."""
+    probabilities by label), in plain Python."""
     return sorted(range(len(values)), key=lambda j: -values[j])[:max(1, min(int(k), len(values)))]
+
+
+def rank_lists(probs: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """:func:`rank` as Python lists. One row of up to :data:`_FULL_SORT` classes is ranked in
+    plain Python: one ``tolist`` and a sort cost less than numpy's several calls, each of which
+    runs cold right after a model's run (the worker answering a batch of one)."""
+    if len(probs) == 1 and probs.shape[1] <= _FULL_SORT:
+        row = probs[0].tolist()
+        best = rank_row(row, k)
+        return [best], [[row[j] for j in best]]
+    top, vals = rank(probs, k)
+    return top.tolist(), vals.tolist()
 
 
 @dataclass(slots=True)

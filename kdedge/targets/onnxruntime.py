@@ -114,16 +114,19 @@ class OnnxRuntimeTarget(Target):
         the layout conversions at the carried tensors. The edited chain is checked against the
         bundle's graphs on a sample (identical logits of every stage) before it replaces them.
         Only with ``KDEDGE_ORT_BLOCKED=1`` (opt-in), the CPU provider and the full optimisation
-        level; otherwise the bundle's graphs run as they are. A session's ``blocked`` lists the tensors it
-        exchanges blocked."""
+        level; otherwise the bundle's graphs run as they are. A session's ``blocked`` lists the
+        tensors it exchanges blocked."""
         import tempfile
 
         from kdedge.targets.ort_blocked import block_carried, blocked_carry_enabled
 
-        options = [_as_ort_options(options_for(e.name)) for e in entries]
-        carried = carried_tensors(entries)
-        if not carried or not blocked_carry_enabled() or not all(o is not None and _blockable(o) for o in options):
+        if not blocked_carry_enabled():
             return super().open_stages(bundle, entries, options_for)
+        given = {e.name: options_for(e.name) for e in entries}
+        options = [_as_ort_options(given[e.name]) for e in entries]
+        carried = carried_tensors(entries)
+        if not carried or not all(o is not None and _blockable(o) for o in options):
+            return super().open_stages(bundle, entries, given.__getitem__)
         sessions: list[Any] = []
         edited_sessions: dict[int, Any] = {}
         try:
