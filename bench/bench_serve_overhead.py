@@ -432,7 +432,7 @@ def breakdown(bundle: Path, n: int, threads: int, decoder: str = "") -> dict[str
     pc = time.perf_counter
     cur: dict[str, float] = {}
     rec: dict[str, list[float]] = {}
-    saved = (app_mod._deadline, app_mod.decode_body, app_mod._json)
+    saved = (app_mod._deadline, app_mod.decode_body, app_mod._dump)
 
     def deadline(request: Any) -> Any:  # the handler's first call after taking the arrival time
         cur.clear()
@@ -445,15 +445,15 @@ def breakdown(bundle: Path, n: int, threads: int, decoder: str = "") -> dict[str
         cur["decoded"] = pc()
         return x
 
-    def as_json(obj: Any, *a: Any, **k: Any) -> Any:
-        r = saved[2](obj, *a, **k)
+    def as_json(obj: Any) -> bytes:
+        r = saved[2](obj)
         if "compute_ms" in obj and "resumed" in cur:  # an answer, every step of it timed
             cur["json"] = pc()
             for key, v in cur.items():
                 rec.setdefault(key, []).append(v)
         return r
 
-    app_mod._deadline, app_mod.decode_body, app_mod._json = deadline, decode, as_json
+    app_mod._deadline, app_mod.decode_body, app_mod._dump = deadline, decode, as_json
     looked_up = dict(decode_mod._OPENCV)
     if decoder:
         decode_mod._OPENCV.clear()
@@ -512,7 +512,7 @@ def breakdown(bundle: Path, n: int, threads: int, decoder: str = "") -> dict[str
                     f"for i in range({n + 50}):\n    c.request(bodies[i % len(bodies)]); time.sleep({GAP_S!r})\n")
             subprocess.run([sys.executable, "-c", code], check=True)
     finally:
-        app_mod._deadline, app_mod.decode_body, app_mod._json = saved
+        app_mod._deadline, app_mod.decode_body, app_mod._dump = saved
         decode_mod._OPENCV.clear()
         decode_mod._OPENCV.update(looked_up)
         sched.close()
