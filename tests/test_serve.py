@@ -777,6 +777,45 @@ def test_a_client_that_leaves_mid_body_is_counted_not_logged_as_an_error(toy) ->
         runner.close()
 
 
+def test_an_unexpected_error_in_classify_is_a_one_line_json_500_and_the_server_keeps_serving(
+        toy, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdedge.runtime.tickets as tickets_mod
+    import kdedge.serve.app as app_mod
+
+    runner = Runner(toy, threads=1)
+    sched = Scheduler(runner, deadline_ms=30_000, costs=Costs.from_function(lambda g, n: 0.05, GRAPHS, 32))
+    notes: list[str] = []
+    body = png(digit_images(1)[0])
+    try:
+        assert sched.wait_ready(60)
+        with BackgroundServer(create_app(runner, sched, log=notes.append)) as srv:
+            decode = app_mod.decode_body
+
+            def broken_decode(*a: Any) -> Any:
+                raise RuntimeError("decoder state lost\nsecond line")
+
+            monkeypatch.setattr(app_mod, "decode_body", broken_decode)
+            status, d = post(srv.url + "/v1/classify", body)
+            assert status == 500 and d == {"status": "error", "error": "internal error (RuntimeError: decoder state lost)"}
+            monkeypatch.setattr(app_mod, "decode_body", decode)
+
+            def broken_top_k(self: Any, k: int, classes: Any) -> Any:  # after the model ran, as the answer is made
+                raise KeyError("top")
+
+            monkeypatch.setattr(tickets_mod.Answer, "top_k", broken_top_k)
+            status, d = post(srv.url + "/v1/classify", body)
+            assert status == 500 and d["error"] == "internal error (KeyError: 'top')"
+            monkeypatch.undo()
+            assert post(srv.url + "/v1/classify", body)[0] == 200
+            text = request(srv.url + "/metrics")[2].decode()
+            assert re.search(r'^kdedge_requests_total\{status="internal_error"\} 2\.0$', text, re.M)
+        assert notes == ["POST /v1/classify: internal error (RuntimeError: decoder state lost)",
+                         "POST /v1/classify: internal error (KeyError: 'top')"]
+    finally:
+        sched.close()
+        runner.close()
+
+
 def test_a_body_still_arriving_when_the_drain_timeout_ends_gets_a_json_503(toy) -> None:
     import socket
 

@@ -64,18 +64,20 @@ class _Reply:
     def __init__(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
         self.status, self.obj, self.headers = status, obj, headers
 
-    async def send(self, send: Any) -> None:
+    def messages(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The two ASGI messages that send it: the start (status, headers) and the body."""
         body = _dump(self.obj) if self.obj is not None else b""
         head = [(b"content-length", str(len(body)).encode())]
         if self.obj is not None:
             head.append((b"content-type", b"application/json"))
         if self.headers:
             head += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
-        await send({"type": "http.response.start", "status": self.status, "headers": head})
-        await send({"type": "http.response.body", "body": body})
+        return {"type": "http.response.start", "status": self.status, "headers": head}, \
+            {"type": "http.response.body", "body": body}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # an ASGI app, as Starlette's are
-        await self.send(send)
+        for message in self.messages():
+            await send(message)
 
 
 def _refusal(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> _Reply:
@@ -358,16 +360,17 @@ def create_app(runner: Any, scheduler: Any, *, max_body: int = DEFAULT_MAX_BODY,
         """``POST /v1/classify`` as an ASGI callable, guarded like the other routes: an
         unexpected error is a one-line JSON 500, a cancellation at shutdown a 503."""
         try:
-            reply = await classify(_Call(scope), receive)
+            messages = (await classify(_Call(scope), receive)).messages()  # its JSON written here, guarded too
         except asyncio.CancelledError:
             # uvicorn cancels what is still in progress when the shutdown's --drain-timeout ends
             # (a body still arriving, say): answer it rather than let uvicorn log a traceback
             metrics.count("closed")
-            reply = _refusal(503, "closed", "the server shut down before this request was answered "
-                                            "(--drain-timeout ended)", {"Retry-After": "1"})
+            messages = _refusal(503, "closed", "the server shut down before this request was answered "
+                                               "(--drain-timeout ended)", {"Retry-After": "1"}).messages()
         except Exception as e:
-            reply = _refusal(500, "error", unexpected("POST", scope.get("path", ""), e))
-        await reply.send(send)
+            messages = _refusal(500, "error", unexpected("POST", scope.get("path", ""), e)).messages()
+        for message in messages:
+            await send(message)
 
     async def health(request: Any) -> Any:
         if scheduler.failure is not None:
